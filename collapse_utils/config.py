@@ -1,0 +1,405 @@
+"""Typed, frozen run configuration and its loader.
+
+A run is described by one :class:`RunConfig`, built by :func:`load_config` from two YAML files:
+``params/profiles/<profile>.yaml`` (hardware/scale: model, data root, epochs, default learning
+rates) and ``params/experiments/<id>.yaml`` (what the experiment changes). Every field is
+checked before anything is loaded; a bad file raises :class:`ConfigError` naming the file and
+the dotted field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
+
+DATASETS = ("eurosat", "pets", "cifar100", "flowers102", "synthetic")
+METHODS = ("none", "full", "lora")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+REGULARIZERS = ("none", "apr", "entropy_floor")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+TEMPLATE_SETS = ("single", "ensemble")
+FAMILIES = (
+    "baseline",
+    "full_vs_lora",
+    "lr_sweep",
+    "layer_freezing",
+    "lora_targets",
+    "regularization",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration file is invalid; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which CLIP to load. ``source='hub'`` reads ``name`` (hub id or local folder);
+    ``source='tiny'`` builds a random CLIP with the ``tiny_*`` sizes (224 px, patch 32)."""
+
+    source: str = "hub"
+    name: str = "openai/clip-vit-base-patch32"
+    vision_layers: int = 12
+    tiny_hidden: int = 64
+    tiny_heads: int = 4
+    attn_implementation: str = "sdpa"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Dataset and splits. ``synthetic_stand_in`` replaces the real dataset by the synthetic one
+    (smoke profile) while keeping the experiment's dataset name for labels."""
+
+    dataset: str = "eurosat"
+    root: str = "data"
+    download: bool = False
+    val_fraction: float = 0.2
+    metric_subset: int = 200
+    image_size: int = 224
+    synthetic_stand_in: bool = False
+    synthetic_classes: int = 10
+    synthetic_per_class: int = 40
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Optimisation. ``lr`` and ``epochs`` of ``None`` take the profile's defaults per method and
+    dataset. ``freeze_layers`` freezes the patch embedding and the first k vision layers."""
+
+    method: str = "full"
+    lr: float | None = None
+    epochs: int | None = None
+    weight_decay: float = 0.01
+    batch_size: int = 64
+    warmup_fraction: float = 0.05
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    freeze_layers: int = 0
+    evals_per_epoch: int = 5
+    compile: bool = False
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.1
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class RegSpec:
+    """Attention regularizer on the [CLS] row: ``apr`` (KL to pre-trained) or ``entropy_floor``."""
+
+    kind: str = "none"
+    lam: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    zeroshot_datasets: tuple[str, ...] = ("cifar100",)
+    templates: str = "ensemble"
+    zeroshot_max_images: int | None = None
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Profile-level defaults filled into a run: learning rate per method, epochs per dataset."""
+
+    lr: dict[str, float] = field(default_factory=lambda: {"full": 1e-5, "lora": 1e-4})
+    epochs: dict[str, int] = field(default_factory=lambda: {"eurosat": 20, "pets": 30})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    id: str
+    family: str
+    description: str = ""
+    profile: str = "smoke"
+    seed: int = 42
+    output_root: str = "outputs"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    reg: RegSpec = field(default_factory=RegSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+    @property
+    def run_dir(self) -> Path:
+        """``<output_root>/runs/<id>/seed<k>/``: seeds never overwrite each other."""
+        return Path(self.output_root) / "runs" / self.id / f"seed{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        """Stable 12-hex-digit hash of everything that changes results (not the description)."""
+        payload = self.to_dict()
+        payload.pop("description")
+        text = json.dumps(payload, sort_keys=True, default=list)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def with_seed(self, seed: int) -> RunConfig:
+        return dataclasses.replace(self, seed=seed)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+_PROFILE_KEYS = {"output_root", "seed", "model", "data", "train", "lora", "reg", "eval", "defaults"}
+_EXPERIMENT_KEYS = {"id", "family", "description", "seed"} | (_PROFILE_KEYS - {"defaults"})
+_SECTIONS = {
+    "model": ModelSpec,
+    "data": DataSpec,
+    "train": TrainSpec,
+    "lora": LoraSpec,
+    "reg": RegSpec,
+    "eval": EvalSpec,
+    "defaults": Defaults,
+}
+
+
+def available_profiles(params_dir: Path = PARAMS_DIR) -> list[str]:
+    return sorted(p.stem for p in (params_dir / "profiles").glob("*.yaml"))
+
+
+def available_experiments(params_dir: Path = PARAMS_DIR) -> list[str]:
+    return sorted(p.stem for p in (params_dir / "experiments").glob("*.yaml"))
+
+
+def load_config(
+    profile: str,
+    experiment_id: str,
+    params_dir: Path | str = PARAMS_DIR,
+    seed: int | None = None,
+) -> RunConfig:
+    """Merge ``profiles/<profile>.yaml`` with ``experiments/<experiment_id>.yaml`` into a
+    validated :class:`RunConfig`. Experiment values override profile values field by field."""
+    params_dir = Path(params_dir)
+    profile_file = params_dir / "profiles" / f"{profile}.yaml"
+    experiment_file = params_dir / "experiments" / f"{experiment_id}.yaml"
+    if not profile_file.exists():
+        raise ConfigError(
+            f"{profile_file}: unknown profile {profile!r}; "
+            f"available: {available_profiles(params_dir)}"
+        )
+    if not experiment_file.exists():
+        raise ConfigError(
+            f"{experiment_file}: unknown experiment {experiment_id!r}; "
+            f"available: {available_experiments(params_dir)}"
+        )
+    prof = _read_yaml(profile_file, _PROFILE_KEYS)
+    exp = _read_yaml(experiment_file, _EXPERIMENT_KEYS)
+    for name in ("id", "family"):
+        if name not in exp:
+            raise ConfigError(f"{experiment_file}: field {name!r} is required")
+    if exp["id"] != experiment_id:
+        raise ConfigError(
+            f"{experiment_file}: field 'id' is {exp['id']!r} but the file is named "
+            f"{experiment_id!r}"
+        )
+
+    # Which file each section field came from, so semantic errors can name it.
+    origin: dict[str, Path] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    for section in _SECTIONS:
+        merged: dict[str, Any] = {}
+        for source, raw in ((profile_file, prof), (experiment_file, exp)):
+            block = raw.get(section) or {}
+            if not isinstance(block, dict):
+                raise ConfigError(f"{source}: field {section!r} must be a mapping")
+            for key, value in block.items():
+                merged[key] = value
+                origin[f"{section}.{key}"] = source
+        sections[section] = merged
+    built = {
+        name: _build(cls, sections[name], name, origin, profile_file)
+        for name, cls in _SECTIONS.items()
+    }
+    defaults: Defaults = built.pop("defaults")
+
+    top: dict[str, Any] = {"profile": profile}
+    for key in ("output_root", "seed"):
+        for source, raw in ((profile_file, prof), (experiment_file, exp)):
+            if key in raw:
+                top[key] = _check_type(raw[key], _hints(RunConfig)[key], key, source)
+                origin[key] = source
+    for key in ("id", "family", "description"):
+        if key in exp:
+            top[key] = _check_type(exp[key], str, key, experiment_file)
+            origin[key] = experiment_file
+    if seed is not None:
+        top["seed"] = seed
+    built["train"] = _fill_defaults(built["train"], built["data"], defaults, origin)
+    config = RunConfig(**top, **built)
+    _validate(config, origin, experiment_file)
+    return config
+
+
+def load_family(profile: str, family: str, params_dir: Path | str = PARAMS_DIR) -> list[RunConfig]:
+    """All experiment configs of one family, in id order."""
+    configs = [load_config(profile, i, params_dir) for i in available_experiments(Path(params_dir))]
+    return [c for c in configs if c.family == family]
+
+
+def _read_yaml(path: Path, allowed: set[str]) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"{path}: unknown field {key!r}; allowed: {sorted(allowed)}")
+    return raw
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, raw: dict[str, Any], section: str, origin: dict[str, Path], fallback: Path):
+    hints = _hints(cls)
+    values = {}
+    for key, value in raw.items():
+        source = origin.get(f"{section}.{key}", fallback)
+        if key not in hints:
+            raise ConfigError(
+                f"{source}: unknown field '{section}.{key}'; allowed: {sorted(hints)}"
+            )
+        values[key] = _check_type(value, hints[key], f"{section}.{key}", source)
+    return cls(**values)
+
+
+def _check_type(value: Any, hint: Any, name: str, source: Path) -> Any:
+    """Return ``value`` converted to ``hint`` (int→float, list→tuple) or raise ConfigError."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], name, source)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{source}: field {name!r} must be a list, got {value!r}")
+        return tuple(_check_type(v, args[0], name, source) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: field {name!r} must be a mapping, got {value!r}")
+        return {
+            _check_type(k, args[0], name, source): _check_type(v, args[1], f"{name}.{k}", source)
+            for k, v in value.items()
+        }
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-5" (no dot) as a string; accept it as a number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{source}: field {name!r} must be true/false, got {value!r}")
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"{source}: field {name!r} must be an integer, got {value!r}")
+    if not isinstance(value, hint):
+        raise ConfigError(
+            f"{source}: field {name!r} must be {hint.__name__}, got {type(value).__name__} "
+            f"{value!r}"
+        )
+    return value
+
+
+def _fill_defaults(
+    train: TrainSpec, data: DataSpec, defaults: Defaults, origin: dict[str, Path]
+) -> TrainSpec:
+    lr, epochs = train.lr, train.epochs
+    if train.method != "none":
+        if lr is None:
+            lr = defaults.lr.get(train.method)
+            origin["train.lr"] = origin.get("defaults.lr", Path("defaults.lr"))
+        if epochs is None:
+            epochs = defaults.epochs.get(data.dataset)
+            origin["train.epochs"] = origin.get("defaults.epochs", Path("defaults.epochs"))
+    return dataclasses.replace(train, lr=lr, epochs=epochs)
+
+
+def _choice(value: Any, allowed: tuple[str, ...], name: str, origin: dict[str, Path], fb: Path):
+    if value not in allowed:
+        raise ConfigError(
+            f"{origin.get(name, fb)}: field {name!r} is {value!r}; must be one of {list(allowed)}"
+        )
+
+
+def _validate(c: RunConfig, origin: dict[str, Path], fb: Path) -> None:
+    def fail(name: str, message: str) -> None:
+        raise ConfigError(f"{origin.get(name, fb)}: field {name!r} {message}")
+
+    _choice(c.family, FAMILIES, "family", origin, fb)
+    _choice(c.data.dataset, DATASETS, "data.dataset", origin, fb)
+    _choice(c.train.method, METHODS, "train.method", origin, fb)
+    _choice(c.train.precision, PRECISIONS, "train.precision", origin, fb)
+    _choice(c.reg.kind, REGULARIZERS, "reg.kind", origin, fb)
+    _choice(c.eval.templates, TEMPLATE_SETS, "eval.templates", origin, fb)
+    _choice(c.model.source, ("hub", "tiny"), "model.source", origin, fb)
+    _choice(c.model.attn_implementation, ("sdpa", "eager"), "model.attn_implementation", origin, fb)
+    for target in c.lora.targets:
+        if target not in LORA_TARGETS:
+            fail("lora.targets", f"has unknown target module {target!r}; allowed {LORA_TARGETS}")
+    for name in c.eval.zeroshot_datasets:
+        if name not in DATASETS:
+            fail("eval.zeroshot_datasets", f"has unknown dataset {name!r}; allowed {DATASETS}")
+    if c.train.method != "none":
+        if c.train.lr is None or c.train.lr <= 0:
+            fail("train.lr", f"must be > 0, got {c.train.lr!r}")
+        if c.train.epochs is None or c.train.epochs < 1:
+            fail("train.epochs", f"must be >= 1, got {c.train.epochs!r}")
+    if c.train.batch_size < 1:
+        fail("train.batch_size", f"must be >= 1, got {c.train.batch_size}")
+    if c.train.weight_decay < 0:
+        fail("train.weight_decay", f"must be >= 0, got {c.train.weight_decay}")
+    if not 0 <= c.train.warmup_fraction < 1:
+        fail("train.warmup_fraction", f"must be in [0, 1), got {c.train.warmup_fraction}")
+    if c.train.evals_per_epoch < 1:
+        fail("train.evals_per_epoch", f"must be >= 1, got {c.train.evals_per_epoch}")
+    if not 0 <= c.train.freeze_layers <= c.model.vision_layers:
+        fail(
+            "train.freeze_layers",
+            f"must be between 0 and the number of vision layers ({c.model.vision_layers}), "
+            f"got {c.train.freeze_layers}",
+        )
+    if c.train.freeze_layers and c.train.method != "full":
+        fail("train.freeze_layers", "only applies to method 'full'")
+    if c.lora.rank < 1:
+        fail("lora.rank", f"must be >= 1, got {c.lora.rank}")
+    if c.lora.alpha <= 0:
+        fail("lora.alpha", f"must be > 0, got {c.lora.alpha}")
+    if not 0 <= c.lora.dropout < 1:
+        fail("lora.dropout", f"must be in [0, 1), got {c.lora.dropout}")
+    if not c.lora.targets:
+        fail("lora.targets", "must name at least one module")
+    if c.reg.lam < 0:
+        fail("reg.lam", f"must be >= 0, got {c.reg.lam}")
+    if c.reg.kind != "none" and c.train.method == "none":
+        fail("reg.kind", "needs a training method")
+    if not 0 < c.data.val_fraction < 1:
+        fail("data.val_fraction", f"must be in (0, 1), got {c.data.val_fraction}")
+    if c.data.metric_subset < 1:
+        fail("data.metric_subset", f"must be >= 1, got {c.data.metric_subset}")
+    if c.model.vision_layers < 1:
+        fail("model.vision_layers", f"must be >= 1, got {c.model.vision_layers}")
+    if c.model.tiny_hidden % c.model.tiny_heads:
+        fail("model.tiny_hidden", f"must be divisible by model.tiny_heads ({c.model.tiny_heads})")

@@ -1,0 +1,177 @@
+"""CLIP loading, the image classifier, training modes (full, LoRA, frozen layers) and merging.
+
+``load_clip`` reads a hub id or local folder, or builds a tiny random CLIP for the smoke
+profile. :class:`CLIPClassifier` is the fine-tuned model: the CLIP vision tower, its projection
+and a linear head. ``merged_clip`` turns a fine-tuned classifier back into a plain
+:class:`~transformers.CLIPModel` (LoRA merged) for zero-shot evaluation with the original text
+tower.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import Tensor, nn
+from transformers import CLIPConfig, CLIPModel
+
+from .config import LoraSpec, ModelSpec, TrainSpec
+
+# Vocabulary of the offline smoke tokenizer (see ``zeroshot.tiny_tokenizer``): 256 byte symbols,
+# their end-of-word forms and the two special tokens.
+TINY_VOCAB_SIZE = 2 * 256 + 2
+
+
+class ModelUnavailableError(RuntimeError):
+    """The requested CLIP weights cannot be loaded (offline, wrong path)."""
+
+
+def tiny_clip_config(spec: ModelSpec) -> CLIPConfig:
+    """A random CLIP with ViT-B/32 geometry (224 px, patch 32 → 7×7 = 49 patches) but tiny
+    widths; ``spec.vision_layers`` layers and ``spec.tiny_heads`` heads."""
+    hidden = spec.tiny_hidden
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": TINY_VOCAB_SIZE,
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": 2,
+            "num_attention_heads": spec.tiny_heads,
+            "max_position_embeddings": 77,
+            "bos_token_id": TINY_VOCAB_SIZE - 2,
+            "eos_token_id": TINY_VOCAB_SIZE - 1,
+            "pad_token_id": TINY_VOCAB_SIZE - 1,
+        },
+        vision_config={
+            "image_size": 224,
+            "patch_size": 32,
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": spec.vision_layers,
+            "num_attention_heads": spec.tiny_heads,
+        },
+        projection_dim=hidden,
+    )
+    config._attn_implementation = spec.attn_implementation
+    return config
+
+
+def load_clip(spec: ModelSpec, seed: int = 0) -> CLIPModel:
+    """Load CLIP per ``spec``: hub id / local folder, or a tiny random model seeded by ``seed``."""
+    if spec.source == "tiny":
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = CLIPModel._from_config(
+                tiny_clip_config(spec), attn_implementation=spec.attn_implementation
+            )
+    else:
+        try:
+            model = CLIPModel.from_pretrained(
+                spec.name, attn_implementation=spec.attn_implementation
+            )
+        except OSError as err:
+            raise ModelUnavailableError(
+                f"cannot load CLIP {spec.name!r}: {err}. Offline, point model.name at a local "
+                "folder saved with save_pretrained(), or pre-fill the Hugging Face cache "
+                "(HF_HOME) on a machine with hub access; the smoke profile needs no download."
+            ) from err
+    layers = model.config.vision_config.num_hidden_layers
+    if layers != spec.vision_layers:
+        raise ModelUnavailableError(
+            f"{spec.name!r} has {layers} vision layers but model.vision_layers is "
+            f"{spec.vision_layers}; fix the profile"
+        )
+    return model.eval()
+
+
+class CLIPClassifier(nn.Module):
+    """CLIP vision tower → visual projection → linear head.
+
+    The vision tower and projection are copies of the pre-trained CLIP's. The head is an
+    ``nn.Linear(projection_dim, n_classes)`` with PyTorch's default (Kaiming-uniform) init drawn
+    under the run's seed, applied to the un-normalised projected image embedding.
+    """
+
+    def __init__(self, clip: CLIPModel, n_classes: int, seed: int = 0):
+        super().__init__()
+        self.vision_model = copy.deepcopy(clip.vision_model)
+        self.visual_projection = copy.deepcopy(clip.visual_projection)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.head = nn.Linear(clip.config.projection_dim, n_classes)
+
+    def features(self, pixel_values: Tensor) -> Tensor:
+        """pixel_values: (B, 3, 224, 224) normalised → (B, projection_dim)."""
+        pooled = self.vision_model(pixel_values=pixel_values).pooler_output
+        return self.visual_projection(pooled)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, 224, 224) → logits (B, n_classes)."""
+        return self.head(self.features(pixel_values))
+
+
+def vision_layers(model: nn.Module) -> nn.ModuleList:
+    """The vision encoder's layer list of a classifier, plain or PEFT-wrapped."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return base.vision_model.encoder.layers
+
+
+def freeze_first_layers(classifier: CLIPClassifier, k: int) -> None:
+    """Freeze the patch/position embeddings, the pre-norm and the first ``k`` vision layers."""
+    if k == 0:
+        return
+    vision = classifier.vision_model
+    for module in (vision.embeddings, vision.pre_layrnorm, *vision.encoder.layers[:k]):
+        module.requires_grad_(False)
+
+
+def lora_target_pattern(targets: tuple[str, ...]) -> str:
+    """Regex PEFT full-matches against module names: only the **vision** tower's attention."""
+    return rf".*vision_model\.encoder\.layers\.\d+\.self_attn\.({'|'.join(targets)})"
+
+
+def prepare_for_training(classifier: CLIPClassifier, train: TrainSpec, lora: LoraSpec) -> nn.Module:
+    """Set trainable parameters per method; returns the model to train (PEFT-wrapped for LoRA).
+
+    full: everything trains except ``train.freeze_layers`` first layers (see freeze_first_layers).
+    lora: only the LoRA matrices on ``lora.targets`` of the vision attention and the head train.
+    none: nothing trains (baseline analysis).
+    """
+    if train.method == "full":
+        classifier.requires_grad_(True)
+        freeze_first_layers(classifier, train.freeze_layers)
+        return classifier
+    if train.method == "lora":
+        config = LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora_target_pattern(lora.targets),
+        )
+        model = get_peft_model(classifier, config)
+        model.base_model.model.head.requires_grad_(True)
+        return model
+    classifier.requires_grad_(False)
+    return classifier
+
+
+def unwrap_classifier(model: nn.Module) -> CLIPClassifier:
+    """The classifier with LoRA merged into its weights (a copy if merging was needed)."""
+    if isinstance(model, PeftModel):
+        return copy.deepcopy(model).merge_and_unload()
+    return model
+
+
+def merged_clip(model: nn.Module, base_clip: CLIPModel) -> CLIPModel:
+    """A plain CLIPModel with the fine-tuned vision tower and projection (LoRA merged) and the
+    original text tower of ``base_clip``. ``base_clip`` is not modified."""
+    classifier = unwrap_classifier(model)
+    clip = copy.deepcopy(base_clip)
+    clip.vision_model.load_state_dict(classifier.vision_model.state_dict())
+    clip.visual_projection.load_state_dict(classifier.visual_projection.state_dict())
+    return clip.eval()
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from collapse_utils.attention import capture_cls_attention, vision_attention_modules
+from collapse_utils.config import LoraSpec, TrainSpec
+from collapse_utils.metrics import layer_metrics
+from collapse_utils.model import CLIPClassifier, load_clip, prepare_for_training
+
+
+@pytest.fixture(scope="module")
+def eager_clip(tiny_clip, tiny_spec):
+    """The same weights as ``tiny_clip`` with eager attention (which returns attention maps)."""
+    eager = load_clip(dataclasses.replace(tiny_spec, attn_implementation="eager"), seed=0)
+    eager.load_state_dict(tiny_clip.state_dict())
+    return eager
+
+
+def eager_cls_rows(eager_clip, pixels):
+    out = eager_clip.vision_model(pixel_values=pixels, output_attentions=True)
+    return torch.stack([a[:, :, 0, :] for a in out.attentions], dim=1)
+
+
+def test_capture_matches_eager_attention_under_sdpa(tiny_clip, eager_clip, pixels):
+    expected = eager_cls_rows(eager_clip, pixels)
+    with torch.no_grad(), capture_cls_attention(tiny_clip) as cap:
+        tiny_clip.vision_model(pixel_values=pixels)
+    assert cap.tensor.shape == (6, 3, 4, 50)
+    assert torch.allclose(cap.tensor, expected, atol=1e-6)
+
+
+def test_capture_matches_eager_attention_under_eager(eager_clip, pixels):
+    expected = eager_cls_rows(eager_clip, pixels)
+    with torch.no_grad(), capture_cls_attention(eager_clip) as cap:
+        eager_clip.vision_model(pixel_values=pixels)
+    assert torch.allclose(cap.tensor, expected, atol=1e-6)
+
+
+def test_capture_is_differentiable_through_lora(tiny_clip, pixels):
+    model = prepare_for_training(
+        CLIPClassifier(tiny_clip, n_classes=3), TrainSpec(method="lora"), LoraSpec(rank=2)
+    )
+    assert len(vision_attention_modules(model)) == 3
+    with capture_cls_attention(model) as cap:
+        model(pixels)
+    assert torch.allclose(cap.tensor.sum(-1), torch.ones(6, 3, 4), atol=1e-5)
+    cap.tensor[..., 1:].pow(2).sum().backward()
+    # lora_B starts at zero, so the gradient shows up on B first.
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n and "q_proj" in n]
+    assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
+
+
+def test_hooks_are_removed_after_the_block(tiny_clip, pixels):
+    with capture_cls_attention(tiny_clip):
+        pass
+    assert all(not m._forward_pre_hooks for m in vision_attention_modules(tiny_clip))
+
+
+def test_tiny_clip_capture_gives_four_finite_per_layer_metrics(tiny_clip, pixels):
+    with torch.no_grad(), capture_cls_attention(tiny_clip) as cap:
+        tiny_clip.vision_model(pixel_values=pixels)
+    metrics = layer_metrics(cap.tensor)
+    assert len(metrics) == 4
+    assert all(v.shape == (3,) and torch.isfinite(v).all() for v in metrics.values())

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from collapse_utils.config import (
+    PARAMS_DIR,
+    ConfigError,
+    available_experiments,
+    load_config,
+    load_family,
+)
+
+BAD = sorted((Path(__file__).parent / "bad_configs").glob("*.yaml"))
+
+
+def test_study_has_every_configuration_of_the_report():
+    ids = available_experiments()
+    assert len(ids) == 23  # 21 configurations + E1 on two datasets
+    families = {}
+    for i in ids:
+        families.setdefault(load_config("full", i).family, []).append(i)
+    assert len(families["lr_sweep"]) == 4
+    assert len(families["layer_freezing"]) == 3
+    assert len(families["regularization"]) == 7
+    assert len(families["full_vs_lora"]) == 6
+    assert len(families["baseline"]) == 2
+
+
+@pytest.mark.parametrize("profile", ["full", "smoke"])
+@pytest.mark.parametrize("experiment", available_experiments())
+def test_every_experiment_loads_and_validates(profile, experiment):
+    config = load_config(profile, experiment)
+    assert config.id == experiment
+    assert config.profile == profile
+    assert config.seed == 42
+    if config.train.method != "none":
+        assert config.train.lr > 0 and config.train.epochs >= 1
+
+
+def test_full_profile_carries_the_report_hyper_parameters():
+    e2, e5, e3 = (load_config("full", i) for i in ("E2", "E5", "E3"))
+    assert (e2.train.lr, e5.train.lr) == (1e-5, 1e-4)
+    assert (e2.train.epochs, e3.train.epochs) == (20, 30)
+    assert e2.train.batch_size == 64 and e2.train.weight_decay == 0.01
+    assert e2.train.warmup_fraction == 0.05 and e2.train.grad_clip == 1.0
+    assert e2.data.metric_subset == 200 and e2.model.name == "openai/clip-vit-base-patch32"
+    assert load_config("full", "A1_lr5e-5").train.lr == 5e-5
+    assert load_config("full", "A2_qkvo").lora.targets == ("q_proj", "k_proj", "v_proj", "out_proj")
+    assert load_config("full", "A3_freeze9").train.freeze_layers == 9
+    assert load_config("full", "R1_apr0.1").reg.lam == 0.1
+    assert load_config("full", "R3_wd0.0").train.weight_decay == 0.0
+
+
+def test_config_hash_is_stable_and_tracks_changes():
+    a, b = load_config("smoke", "E2"), load_config("smoke", "E2")
+    assert a.config_hash() == b.config_hash()
+    assert a.config_hash() != load_config("smoke", "R3_wd0.1").config_hash()
+    assert a.config_hash() != a.with_seed(7).config_hash()
+    assert a.config_hash() != load_config("full", "E2").config_hash()
+
+
+def test_run_directory_includes_the_seed():
+    config = load_config("smoke", "E5", seed=3)
+    assert config.run_dir == Path("outputs/smoke/runs/E5/seed3")
+
+
+def test_configs_are_frozen():
+    config = load_config("smoke", "E2")
+    with pytest.raises(AttributeError):
+        config.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_load_family_returns_only_that_family():
+    ids = [c.id for c in load_family("smoke", "lr_sweep")]
+    assert ids == ["A1_lr1e-4", "A1_lr1e-6", "A1_lr5e-5", "A1_lr5e-6"]
+
+
+def test_unknown_profile_names_the_profile():
+    with pytest.raises(ConfigError, match="unknown profile 'laptop'"):
+        load_config("laptop", "E2")
+
+
+def test_unknown_experiment_names_the_experiment():
+    with pytest.raises(ConfigError, match="unknown experiment 'E99'"):
+        load_config("smoke", "E99")
+
+
+def test_bad_config_corpus_is_large_enough():
+    assert len(BAD) >= 10
+
+
+@pytest.mark.parametrize("bad", BAD, ids=[p.stem for p in BAD])
+def test_bad_config_fails_naming_file_and_field(bad: Path, tmp_path: Path):
+    expected = bad.read_text().splitlines()[0].removeprefix("# expect:").strip()
+    (tmp_path / "experiments").mkdir()
+    shutil.copytree(PARAMS_DIR / "profiles", tmp_path / "profiles")
+    shutil.copy(bad, tmp_path / "experiments" / bad.name)
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", bad.stem, params_dir=tmp_path)
+    message = str(err.value)
+    assert bad.name in message
+    assert f"'{expected}'" in message
+
+
+def test_bad_profile_value_names_the_profile_file(tmp_path: Path):
+    shutil.copytree(PARAMS_DIR, tmp_path / "params")
+    profile = tmp_path / "params" / "profiles" / "smoke.yaml"
+    profile.write_text(profile.read_text().replace("batch_size: 32", "batch_size: 0"))
+    with pytest.raises(ConfigError, match=r"smoke\.yaml: field 'train\.batch_size'"):
+        load_config("smoke", "E2", params_dir=tmp_path / "params")

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPImageProcessor
+
+from collapse_utils.config import DataSpec
+from collapse_utils.data import (
+    DatasetUnavailableError,
+    balanced_subset,
+    load_splits,
+    load_test_set,
+    normalize,
+    resize_center_crop,
+    stratified_split,
+    synthetic_images,
+)
+from collapse_utils.labels import CLASS_NAMES
+
+# Measured with transformers 5.24 (its CLIPImageProcessor resizes tensors with torchvision too):
+# max |difference| 2.4e-7, mean 7e-8 in normalised units. The tolerance leaves room for float
+# order of operations, not for a different resampling filter.
+MAX_ABS, MEAN_ABS = 1e-4, 1e-5
+
+
+@pytest.mark.parametrize("size", [(64, 64), (300, 200), (500, 375)])
+def test_batched_preprocessing_matches_clip_image_processor(size):
+    rng = np.random.default_rng(0)
+    # Smooth images (upsampled noise), like photographs rather than white noise.
+    small = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize(size, Image.BILINEAR)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
+    )
+    expected = processor(images=image, return_tensors="pt")["pixel_values"]
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    ours = normalize(resize_center_crop(tensor)[None])
+    assert ours.shape == expected.shape == (1, 3, 224, 224)
+    difference = (ours - expected).abs()
+    assert difference.max() < MAX_ABS
+    assert difference.mean() < MEAN_ABS
+
+
+def test_stratified_split_is_disjoint_proportional_and_seeded():
+    labels = torch.arange(4).repeat_interleave(25)
+    train, val = stratified_split(labels, 0.2, seed=42)
+    assert len(set(train.tolist()) & set(val.tolist())) == 0
+    assert len(train) + len(val) == 100
+    assert torch.bincount(labels[val]).tolist() == [5, 5, 5, 5]
+    again, _ = stratified_split(labels, 0.2, seed=42)
+    other, _ = stratified_split(labels, 0.2, seed=1)
+    assert torch.equal(train, again) and not torch.equal(train, other)
+
+
+def test_balanced_subset_spreads_evenly_over_classes():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 100)
+    subset = balanced_subset(labels, 31, seed=0)
+    counts = torch.bincount(labels[subset])
+    assert len(subset) == 31 and counts.max() - counts.min() <= 1
+    assert torch.equal(subset, balanced_subset(labels, 31, seed=0))
+
+
+def test_synthetic_images_are_deterministic_and_class_dependent():
+    a, labels = synthetic_images(4, 6, seed=3)
+    b, _ = synthetic_images(4, 6, seed=3)
+    assert a.dtype == torch.uint8 and a.shape == (24, 3, 64, 64)
+    assert torch.equal(a, b)
+    means = torch.stack([a[labels == c].float().mean(dim=(0, 2, 3)) for c in range(4)])
+    assert torch.cdist(means, means).fill_diagonal_(1e9).min() > 1  # colours differ by class
+
+
+def test_smoke_splits_have_a_fixed_metric_subset():
+    data = DataSpec(
+        synthetic_stand_in=True, synthetic_classes=5, synthetic_per_class=20, metric_subset=10
+    )
+    splits = load_splits(data, seed=42)
+    assert len(splits.train) == 80 and len(splits.val) == 20
+    assert torch.bincount(splits.metric.labels).tolist() == [2] * 5
+    assert splits.train.images.shape[1:] == (3, 224, 224)
+    assert torch.equal(splits.metric.images, load_splits(data, seed=42).metric.images)
+    assert splits.train.class_names == CLASS_NAMES["synthetic"][:5]
+    assert "synthetic" in splits.train.name
+
+
+def test_missing_dataset_offline_names_dataset_root_and_fix(tmp_path):
+    data = DataSpec(dataset="eurosat", root=str(tmp_path), download=False)
+    with pytest.raises(DatasetUnavailableError) as err:
+        load_splits(data, seed=42)
+    message = str(err.value)
+    assert "'eurosat'" in message and str(tmp_path) in message and "download=True" in message
+
+
+def test_test_set_can_be_capped_to_a_balanced_subset():
+    data = DataSpec(synthetic_stand_in=True, synthetic_classes=4, synthetic_per_class=10)
+    test = load_test_set(data, "cifar100", seed=0, max_images=8)
+    assert torch.bincount(test.labels).tolist() == [2, 2, 2, 2]
+
+
+def test_class_name_lists_have_the_dataset_sizes():
+    sizes = {name: len(names) for name, names in CLASS_NAMES.items()}
+    assert sizes == {
+        "eurosat": 10,
+        "pets": 37,
+        "cifar100": 100,
+        "flowers102": 102,
+        "synthetic": 100,
+    }
