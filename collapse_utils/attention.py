@@ -46,20 +46,22 @@ class ClsAttention:
 
     @property
     def tensor(self) -> Tensor:
-        """(images, layers, heads, tokens) float32 [CLS] attention of the last forward."""
+        """(images, layers, heads, tokens) [CLS] attention of the last forward (≥ float32)."""
         if any(r is None for r in self._rows):
             raise RuntimeError("no forward pass ran inside capture_cls_attention")
         return torch.stack(self._rows, dim=1)
 
 
 def _cls_row(module: nn.Module, hidden: Tensor) -> Tensor:
-    """softmax(q_cls·Kᵀ·scale) for one layer. hidden: (B, T, D) → (B, heads, T) in float32."""
+    """softmax(q_cls·Kᵀ·scale) for one layer. hidden: (B, T, D) → (B, heads, T), ≥ float32."""
     batch, tokens, _ = hidden.shape
     heads = module.num_heads
     head_dim = module.head_dim
     q = module.q_proj(hidden[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)
     k = module.k_proj(hidden).view(batch, tokens, heads, head_dim).transpose(1, 2)
-    scores = (q.float() @ k.float().transpose(-1, -2)).squeeze(-2) * module.scale
+    # At least float32: under bf16/fp16 autocast the softmax of a peaked row loses the tail.
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)).squeeze(-2) * module.scale
     return scores.softmax(dim=-1)
 
 

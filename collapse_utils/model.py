@@ -53,6 +53,8 @@ def tiny_clip_config(spec: ModelSpec) -> CLIPConfig:
         },
         projection_dim=hidden,
     )
+    for part in (config, config.vision_config, config.text_config):
+        part.initializer_factor = spec.tiny_init_factor
     config._attn_implementation = spec.attn_implementation
     return config
 

@@ -89,7 +89,7 @@ def test_merged_lora_clip_reproduces_the_adapted_features(tiny_clip, pixels):
     with torch.no_grad():
         adapted = model.base_model.model.features(pixels)
     merged = image_features(merged_clip(model, tiny_clip), pixels)
-    assert torch.allclose(merged, adapted, atol=1e-5)
+    assert torch.allclose(merged, adapted, rtol=1e-4, atol=1e-4)
 
 
 def test_missing_hub_model_offline_raises_a_clear_error(tmp_path, monkeypatch):

@@ -1,0 +1,35 @@
+"""Attention regularizers on the captured [CLS] row, both differentiable.
+
+Both act on the same [CLS]→patch distributions the metrics measure (CLS→CLS dropped, row
+renormalised; see ``metrics.cls_to_patch``), so they constrain exactly what the study reports.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .metrics import cls_to_patch, entropy
+
+
+def apr_penalty(current: Tensor, initial: Tensor, lam: float) -> Tensor:
+    """Attention Preservation Regularization: λ · KL(initial ‖ current), computed per image,
+    layer and head, then averaged. current, initial: (images, layers, heads, tokens)."""
+    p0 = cls_to_patch(initial.float())
+    p = cls_to_patch(current.float())
+    tiny = torch.finfo(p.dtype).tiny
+    kl = (torch.special.xlogy(p0, p0) - p0 * p.clamp_min(tiny).log()).sum(dim=-1)
+    return lam * kl.mean()
+
+
+def entropy_floor_penalty(current: Tensor, floor: Tensor, lam: float) -> Tensor:
+    """λ · mean(relu(H_floor − H)) with H per image, layer and head.
+    current: (images, layers, heads, tokens); floor: (layers,) in nats — the pre-trained model's
+    mean entropy per layer on the metric subset, so only falling *below* pre-training costs."""
+    h = entropy(cls_to_patch(current.float()))
+    return lam * torch.relu(floor.to(h)[None, :, None] - h).mean()
+
+
+def attention_kl(current: Tensor, initial: Tensor) -> Tensor:
+    """Mean KL(initial ‖ current) over images, layers and heads (nats), without λ."""
+    return apr_penalty(current, initial, 1.0)

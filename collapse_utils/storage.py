@@ -1,0 +1,65 @@
+"""Atomic file writes: a crash never leaves a half-written result behind."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+TMP_SUFFIX = ".tmp"
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON to ``path`` via a temp file and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp.write_text(json.dumps(payload, indent=1, default=_jsonable))
+    _replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def write_torch(path: Path, payload: Any) -> None:
+    """``torch.save`` via a temp file and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    torch.save(payload, tmp)
+    _replace(tmp, path)
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+    """Weights as safetensors (contiguous CPU copies) via a temp file and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata)
+    _replace(tmp, path)
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete temp files a killed process left behind; returns what was removed."""
+    stale = list(folder.glob(f"*{TMP_SUFFIX}")) if folder.exists() else []
+    for path in stale:
+        path.unlink()
+    return stale
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

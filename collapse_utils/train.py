@@ -1,0 +1,497 @@
+"""``run_experiment(config)``: train one configuration, track attention, evaluate, checkpoint.
+
+The loop follows the report (§2.3): AdamW on the trainable parameters, cosine schedule with
+linear warmup, gradient-norm clip, mixed precision, and the four attention metrics on the fixed
+metric subset at step 0 and ``evals_per_epoch`` times per epoch. Everything a run produces lives
+in ``config.run_dir`` and is written atomically; a killed run resumes from its last epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import platform
+import random
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .attention import capture_cls_attention
+from .config import RunConfig
+from .data import ImageSet, load_splits, load_test_set, normalize
+from .metrics import METRICS, layer_metrics
+from .model import CLIPClassifier, load_clip, merged_clip, prepare_for_training
+from .regularizers import apr_penalty, entropy_floor_penalty
+from .storage import (
+    read_json,
+    remove_stale_temp_files,
+    write_json,
+    write_safetensors,
+    write_torch,
+)
+from .zeroshot import cached_text_classifier, zeroshot_accuracy
+
+EVAL_BATCH = 256
+
+
+class TrainingFailedError(RuntimeError):
+    """The run stopped (non-finite loss); ``history.json`` says where and why."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    config: RunConfig
+    history: dict[str, Any]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir
+
+    @property
+    def status(self) -> str:
+        return self.history["status"]
+
+    def layer_metric(self, metric: str, eval_index: int = -1) -> list[float]:
+        """Per-layer values of ``metric`` at one eval (default: the last)."""
+        return self.history["evals"][eval_index]["metrics"][metric]
+
+
+# --- environment ----------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device is {name!r} but CUDA is not available")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. 'auto': bf16 on CUDA where supported, else fp32."""
+    if device.type != "cuda":
+        if precision in ("fp16", "bf16"):
+            raise RuntimeError(f"train.precision {precision!r} needs CUDA; use fp32 or auto on CPU")
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def package_versions() -> dict[str, str]:
+    names = ("torch", "torchvision", "transformers", "peft", "collapse_utils")
+    return {name: version(name) for name in names} | {"python": platform.python_version()}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+# --- evaluation -----------------------------------------------------------------------------
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def cls_attention(model: nn.Module, images: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Eval-mode [CLS] attention of ``images`` (N, 3, S, S) uint8 → (N, layers, heads, tokens)."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    for start in range(0, len(images), EVAL_BATCH):
+        with capture_cls_attention(model) as cap, _autocast(images.device, dtype):
+            model(normalize(images[start : start + EVAL_BATCH]))
+        rows.append(cap.tensor)
+    model.train(was_training)
+    return torch.cat(rows)
+
+
+def attention_metrics(model: nn.Module, images: Tensor, dtype=None) -> dict[str, list[float]]:
+    """The four per-layer metrics (report §1.4) on ``images``; lists of length layers."""
+    metrics = layer_metrics(cls_attention(model, images, dtype))
+    return {name: metrics[name].tolist() for name in METRICS}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor, dtype=None) -> float:
+    """Top-1 accuracy of the classifier on uint8 ``images`` (N, 3, S, S), ``labels`` (N,)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(images), EVAL_BATCH):
+        with _autocast(images.device, dtype):
+            logits = model(normalize(images[start : start + EVAL_BATCH]))
+        correct += (logits.argmax(-1) == labels[start : start + EVAL_BATCH]).sum().item()
+    model.train(was_training)
+    return correct / len(images)
+
+
+def evaluate_zeroshot(
+    model: nn.Module, base_clip, config: RunConfig, test_sets: dict[str, ImageSet]
+) -> dict[str, dict[str, Any]]:
+    """Zero-shot accuracy of the fine-tuned vision tower (LoRA merged) with the original text
+    tower, and of the pre-trained CLIP, per dataset."""
+    clip = merged_clip(model, base_clip)
+    cache = Path(config.output_root) / "cache"
+    results = {}
+    for name, images in test_sets.items():
+        weights = cached_text_classifier(
+            base_clip, config.model, images.class_names, config.eval.templates,
+            cache / "text", config.seed,
+        )  # fmt: skip
+        pretrained = _cached_pretrained_zeroshot(base_clip, config, name, images, weights, cache)
+        results[name] = {
+            "accuracy": zeroshot_accuracy(clip, images, weights, desc=f"zero-shot {name}"),
+            "pretrained_accuracy": pretrained,
+            "templates": config.eval.templates,
+            "n_images": len(images),
+        }
+    return results
+
+
+def _cached_pretrained_zeroshot(base_clip, config, name, images, weights, cache: Path) -> float:
+    # The pre-trained model's accuracy is the same for every run of a profile and seed.
+    model = config.model
+    key = f"{model.source}-{model.name}-{model.tiny_hidden}-{config.seed}-{name}-"
+    key += f"{config.eval.templates}-{len(images)}"
+    path = cache / "zeroshot_pretrained" / (key.replace("/", "_") + ".json")
+    if path.exists():
+        return read_json(path)["accuracy"]
+    value = zeroshot_accuracy(base_clip, images, weights, desc=f"zero-shot {name} (pre-trained)")
+    write_json(path, {"accuracy": value})
+    return value
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def trainable_state(model: nn.Module, method: str) -> dict[str, Tensor]:
+    """LoRA: the trainable tensors (adapters + head). Full FT: the whole classifier state."""
+    if method == "lora":
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return dict(model.state_dict())
+
+
+def _save_weights(path: Path, model: nn.Module, config: RunConfig, step: int) -> None:
+    meta = {"config_hash": config.config_hash(), "step": str(step), "method": config.train.method}
+    write_safetensors(path, trainable_state(model, config.train.method), meta)
+
+
+def _load_resume(path: Path, config_hash: str) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    state = torch.load(path, weights_only=False)
+    return state if state["config_hash"] == config_hash else None
+
+
+def _completed_history(config: RunConfig) -> dict[str, Any] | None:
+    path = config.run_dir / "history.json"
+    if not path.exists():
+        return None
+    history = read_json(path)
+    if history.get("status") == "complete" and history.get("config_hash") == config.config_hash():
+        return history
+    return None
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(logits.float(), labels)
+
+
+def _eval_points(steps_per_epoch: int, evals_per_epoch: int) -> set[int]:
+    """1-based in-epoch steps after which metrics are tracked (always includes the last)."""
+    count = min(evals_per_epoch, steps_per_epoch)
+    return {round(k * steps_per_epoch / count) for k in range(1, count + 1)}
+
+
+def _new_history(config: RunConfig, device: torch.device, steps_per_epoch: int) -> dict:
+    return {
+        "id": config.id,
+        "family": config.family,
+        "description": config.description,
+        "profile": config.profile,
+        "seed": config.seed,
+        "config": config.to_dict(),
+        "config_hash": config.config_hash(),
+        "status": "running",
+        "failure": None,
+        "versions": package_versions(),
+        "device": device_name(device),
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": steps_per_epoch * (config.train.epochs or 0),
+        "evals": [],
+        "epochs": [],
+        "best_val_acc": None,
+        "final_val_acc": None,
+        "zeroshot": {},
+        "wall_time_s": 0.0,
+    }
+
+
+def run_experiment(config: RunConfig, progress: bool = True) -> RunResult:
+    """Run one configuration end to end and return its history.
+
+    A complete run with the same config hash is not retrained; a run with a ``resume.pt`` of the
+    same hash continues after its last finished epoch; a changed config starts fresh.
+    Raises ``TrainingFailedError`` on a non-finite loss (the history records step and reason),
+    and fails before training if a dataset or the model cannot be loaded.
+    """
+    done = _completed_history(config)
+    if done is not None:
+        _log(progress, f"{config.id}: complete with hash {done['config_hash']}, not retrained")
+        return RunResult(config, done)
+    started = time.perf_counter()
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(run_dir)
+    device = resolve_device(config.train.device)
+    dtype = autocast_dtype(config.train.precision, device)
+    seed_everything(config.seed)
+
+    # Everything that can be missing offline is loaded before any training.
+    splits = load_splits(config.data, config.seed)
+    test_sets = {
+        name: load_test_set(config.data, name, config.seed, config.eval.zeroshot_max_images)
+        for name in config.eval.zeroshot_datasets
+    }
+    base_clip = load_clip(config.model, seed=config.seed).to(device)
+    classifier = CLIPClassifier(base_clip, len(splits.train.class_names), seed=config.seed)
+    model = prepare_for_training(classifier, config.train, config.lora).to(device)
+
+    train_images = splits.train.images.to(device)
+    train_labels = splits.train.labels.to(device)
+    metric_images = splits.metric.images.to(device)
+    batch = config.train.batch_size
+    steps_per_epoch = math.ceil(len(train_images) / batch)
+    history = _new_history(config, device, steps_per_epoch)
+    history_path = run_dir / "history.json"
+
+    if config.train.method == "none":
+        metrics = attention_metrics(model, metric_images, dtype)
+        history["evals"].append(_eval_record(0, steps_per_epoch, 0, None, metrics))
+        history["zeroshot"] = evaluate_zeroshot(model, base_clip, config, test_sets)
+        return _finish(config, history, history_path, started)
+
+    # APR's reference: the pre-trained attention of every training image, computed once
+    # (inputs are not augmented, so it never changes) — or a frozen copy run each step.
+    reference = frozen = None
+    if config.reg.kind == "apr":
+        if config.reg.reference == "cache":
+            reference = cls_attention(model, train_images, dtype)
+        else:
+            frozen = copy.deepcopy(model).eval().requires_grad_(False)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=config.train.lr,
+        weight_decay=config.train.weight_decay,
+        fused=device.type == "cuda",
+    )
+    total_steps = history["total_steps"]
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, round(config.train.warmup_fraction * total_steps), total_steps
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    resume_path = run_dir / "resume.pt"
+    state = _load_resume(resume_path, config.config_hash())
+    start_epoch = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        history = state["history"] | {"status": "running"}
+        start_epoch = state["epoch"]
+        _log(progress, f"{config.id}: resuming after epoch {start_epoch}")
+    else:
+        metrics = attention_metrics(model, metric_images, dtype)
+        history["evals"].append(_eval_record(0, steps_per_epoch, total_steps, None, metrics))
+        write_json(history_path, history)
+    floor = torch.tensor(history["evals"][0]["metrics"]["entropy"], device=device)
+
+    step = start_epoch * steps_per_epoch
+    writer = SummaryWriter(run_dir / "tensorboard", purge_step=step)
+    eval_points = _eval_points(steps_per_epoch, config.train.evals_per_epoch)
+    bar = tqdm(total=total_steps, initial=step, desc=config.id, disable=not progress, unit="step")
+    model.train()
+    for epoch in range(start_epoch, config.train.epochs):
+        order = torch.randperm(
+            len(train_images), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        ).to(device)
+        window_loss, window_correct, window_seen = 0.0, 0, 0
+        epoch_time = 0.0
+        for local in range(1, steps_per_epoch + 1):
+            tick = time.perf_counter()
+            index = order[(local - 1) * batch : local * batch]
+            pixels, labels = normalize(train_images[index]), train_labels[index]
+            needs_capture = config.reg.kind != "none"
+            with _autocast(device, dtype):
+                if needs_capture:
+                    with capture_cls_attention(model) as cap:
+                        logits = model(pixels)
+                else:
+                    logits = model(pixels)
+                loss = classification_loss(logits, labels)
+                if config.reg.kind == "apr":
+                    if reference is not None:
+                        initial = reference[index]
+                    else:
+                        initial = cls_attention(frozen, train_images[index], dtype)
+                    loss = loss + apr_penalty(cap.tensor, initial, config.reg.lam)
+                elif config.reg.kind == "entropy_floor":
+                    loss = loss + entropy_floor_penalty(cap.tensor, floor, config.reg.lam)
+            loss_value = loss.item()
+            step += 1
+            if not math.isfinite(loss_value):
+                _fail(config, history, history_path, step, f"non-finite loss {loss_value}", started)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, config.train.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            epoch_time += time.perf_counter() - tick
+            window_loss += loss_value * len(index)
+            window_correct += (logits.argmax(-1) == labels).sum().item()
+            window_seen += len(index)
+            bar.update(1)
+            writer.add_scalar("train/loss", loss_value, step)
+            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+            if local in eval_points:
+                metrics = attention_metrics(model, metric_images, dtype)
+                train_loss = window_loss / window_seen
+                record = _eval_record(step, steps_per_epoch, total_steps, train_loss, metrics)
+                history["evals"].append(record)
+                _write_eval_scalars(writer, record)
+                _log(
+                    progress,
+                    f"{config.id} step {step}/{total_steps} loss {record['train_loss']:.4f} "
+                    f"train acc {window_correct / window_seen:.3f} "
+                    f"mean entropy {np.mean(metrics['entropy']):.4f}",
+                )
+                window_loss, window_correct, window_seen = 0.0, 0, 0
+                write_json(history_path, history)
+
+        val_acc = accuracy(model, splits.val.images.to(device), splits.val.labels.to(device), dtype)
+        samples_per_s = len(train_images) / epoch_time
+        history["epochs"].append(
+            {
+                "epoch": epoch + 1,
+                "step": step,
+                "train_loss": history["evals"][-1]["train_loss"],
+                "val_acc": val_acc,
+                "samples_per_s": samples_per_s,
+            }
+        )
+        writer.add_scalar("val/acc", val_acc, step)
+        writer.add_scalar("train/samples_per_s", samples_per_s, step)
+        _log(
+            progress,
+            f"{config.id} epoch {epoch + 1}/{config.train.epochs} val acc {val_acc:.4f} "
+            f"({samples_per_s:.0f} samples/s)",
+        )
+        if history["best_val_acc"] is None or val_acc > history["best_val_acc"]:
+            history["best_val_acc"] = val_acc
+            _save_weights(run_dir / "best.safetensors", model, config, step)
+        history["final_val_acc"] = val_acc
+        write_json(history_path, history)
+        if (epoch + 1) % config.train.checkpoint_every == 0 or epoch + 1 == config.train.epochs:
+            write_torch(resume_path, {
+                "config_hash": config.config_hash(), "epoch": epoch + 1,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": _rng_state(), "history": history,
+            })  # fmt: skip
+    bar.close()
+    writer.close()
+    _save_weights(run_dir / "final.safetensors", model, config, step)
+    history["zeroshot"] = evaluate_zeroshot(model, base_clip, config, test_sets)
+    return _finish(config, history, history_path, started)
+
+
+def _eval_record(
+    step: int, steps_per_epoch: int, total_steps: int, train_loss: float | None, metrics: dict
+) -> dict:
+    return {
+        "step": step,
+        "epoch": step / max(steps_per_epoch, 1),
+        "fraction": step / max(total_steps, 1),
+        "train_loss": train_loss,
+        "metrics": metrics,
+    }
+
+
+def _write_eval_scalars(writer: SummaryWriter, record: dict) -> None:
+    for name, values in record["metrics"].items():
+        writer.add_scalar(f"attention/{name}_mean", float(np.mean(values)), record["step"])
+        for layer, value in enumerate(values, start=1):
+            writer.add_scalar(f"attention_layers/{name}_L{layer:02d}", value, record["step"])
+
+
+def _finish(config: RunConfig, history: dict, path: Path, started: float) -> RunResult:
+    history["status"] = "complete"
+    history["wall_time_s"] += time.perf_counter() - started
+    write_json(path, history)
+    return RunResult(config, history)
+
+
+def _fail(config, history, path, step, reason, started) -> None:
+    history["status"] = "failed"
+    history["failure"] = {"step": step, "reason": reason}
+    history["wall_time_s"] += time.perf_counter() - started
+    write_json(path, history)
+    raise TrainingFailedError(
+        f"{config.id}: training stopped at step {step}: {reason}. Lower train.lr or use "
+        f"precision fp32; details in {path}"
+    )
+
+
+def _log(enabled: bool, message: str) -> None:
+    if enabled:
+        tqdm.write(message)

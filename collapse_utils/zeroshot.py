@@ -1,0 +1,108 @@
+"""CLIP zero-shot classification with a (fine-tuned, merged) vision tower and the original text
+tower.
+
+Text embeddings depend only on the text tower, the class names and the templates. Every run
+keeps the pre-trained text tower, so the class-weight matrix is computed once per model, dataset
+and template set and cached on disk under ``<output_root>/cache/text/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from tokenizers.pre_tokenizers import ByteLevel
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, CLIPModel, CLIPTokenizer
+
+from .config import ModelSpec
+from .data import ImageSet, normalize
+from .model import TINY_VOCAB_SIZE
+from .storage import write_torch
+
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "single": ("a photo of a {}.",),
+    # CLIP's seven best general-purpose ImageNet templates plus the plain one.
+    "ensemble": (
+        "a photo of a {}.",
+        "itap of a {}.",
+        "a bad photo of the {}.",
+        "a origami {}.",
+        "a photo of the large {}.",
+        "a {} in a video game.",
+        "art of the {}.",
+        "a photo of the small {}.",
+    ),
+}
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """An offline CLIP tokenizer for the tiny model: byte-level symbols (and their end-of-word
+    forms) with no merges, so any text tokenises to bytes. Ids match ``model.TINY_VOCAB_SIZE``."""
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = TINY_VOCAB_SIZE - 2
+    vocab["<|endoftext|>"] = TINY_VOCAB_SIZE - 1
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def load_tokenizer(spec: ModelSpec):
+    return tiny_tokenizer() if spec.source == "tiny" else AutoTokenizer.from_pretrained(spec.name)
+
+
+@torch.no_grad()
+def text_classifier(
+    clip: CLIPModel, tokenizer, class_names: tuple[str, ...], templates: tuple[str, ...]
+) -> Tensor:
+    """Zero-shot weights (n_classes, dim): per class, the L2-normalised mean of the normalised
+    text embeddings of every template filled with the class name."""
+    device = next(clip.parameters()).device
+    weights = []
+    for name in class_names:
+        prompts = [t.format(name) for t in templates]
+        tokens = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(device)
+        embeds = clip.get_text_features(**tokens).pooler_output.float()
+        embeds = embeds / embeds.norm(dim=-1, keepdim=True)
+        mean = embeds.mean(dim=0)
+        weights.append(mean / mean.norm())
+    return torch.stack(weights)
+
+
+def cached_text_classifier(
+    clip: CLIPModel,
+    spec: ModelSpec,
+    class_names: tuple[str, ...],
+    template_set: str,
+    cache_dir: Path,
+    model_seed: int,
+) -> Tensor:
+    """:func:`text_classifier` read from / written to ``cache_dir`` (keyed by the model spec, its
+    init seed for tiny models, the class names and the templates)."""
+    key = json.dumps([spec.__dict__, model_seed, class_names, TEMPLATES[template_set]])
+    path = cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    if path.exists():
+        return torch.load(path)
+    weights = text_classifier(clip, load_tokenizer(spec), class_names, TEMPLATES[template_set])
+    write_torch(path, weights.cpu())
+    return weights.cpu()
+
+
+@torch.no_grad()
+def zeroshot_accuracy(
+    clip: CLIPModel, images: ImageSet, weights: Tensor, batch_size: int = 256, desc: str = ""
+) -> float:
+    """Top-1 accuracy of CLIP zero-shot classification. weights: (n_classes, dim) normalised."""
+    device = next(clip.parameters()).device
+    weights = weights.to(device)
+    correct = 0
+    for start in tqdm(range(0, len(images), batch_size), desc=desc or "zero-shot", leave=False):
+        batch = images.images[start : start + batch_size].to(device)
+        feats = clip.get_image_features(pixel_values=normalize(batch)).pooler_output.float()
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+        predicted = (feats @ weights.T).argmax(dim=-1).cpu()
+        correct += (predicted == images.labels[start : start + batch_size]).sum().item()
+    return correct / len(images)
