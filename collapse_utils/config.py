@@ -118,6 +118,7 @@ class EvalSpec:
     zeroshot_datasets: tuple[str, ...] = ("cifar100",)
     templates: str = "ensemble"
     zeroshot_max_images: int | None = None
+    map_images: int = 8  # metric-subset images whose full [CLS] maps are kept per eval
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,18 @@ class RunConfig:
 
     def with_seed(self, seed: int) -> RunConfig:
         return dataclasses.replace(self, seed=seed)
+
+    def with_overrides(self, **changes: Any) -> RunConfig:
+        """A validated copy with top-level fields or whole-section dicts replaced, e.g.
+        ``config.with_overrides(output_root="/tmp/x", train={"epochs": 1})``."""
+        values = {}
+        for key, value in changes.items():
+            current = getattr(self, key)
+            is_section = dataclasses.is_dataclass(current) and isinstance(value, dict)
+            values[key] = dataclasses.replace(current, **value) if is_section else value
+        config = dataclasses.replace(self, **values)
+        _validate(config, {}, Path("<overrides>"))
+        return config
 
 
 # --- loading -------------------------------------------------------------------------------

@@ -12,14 +12,20 @@ from torch import Tensor
 from .metrics import cls_to_patch, entropy
 
 
-def apr_penalty(current: Tensor, initial: Tensor, lam: float) -> Tensor:
-    """Attention Preservation Regularization: λ · KL(initial ‖ current), computed per image,
-    layer and head, then averaged. current, initial: (images, layers, heads, tokens)."""
+def attention_kl(current: Tensor, initial: Tensor, reduce_dims=None) -> Tensor:
+    """KL(initial ‖ current) in nats per image, layer and head, averaged over ``reduce_dims``
+    (all by default). current, initial: (images, layers, heads, tokens)."""
     p0 = cls_to_patch(initial.float())
     p = cls_to_patch(current.float())
     tiny = torch.finfo(p.dtype).tiny
     kl = (torch.special.xlogy(p0, p0) - p0 * p.clamp_min(tiny).log()).sum(dim=-1)
-    return lam * kl.mean()
+    return kl.mean() if reduce_dims is None else kl.mean(dim=reduce_dims)
+
+
+def apr_penalty(current: Tensor, initial: Tensor, lam: float) -> Tensor:
+    """Attention Preservation Regularization: λ · KL(initial ‖ current), computed per image,
+    layer and head, then averaged. current, initial: (images, layers, heads, tokens)."""
+    return lam * attention_kl(current, initial)
 
 
 def entropy_floor_penalty(current: Tensor, floor: Tensor, lam: float) -> Tensor:
@@ -28,8 +34,3 @@ def entropy_floor_penalty(current: Tensor, floor: Tensor, lam: float) -> Tensor:
     mean entropy per layer on the metric subset, so only falling *below* pre-training costs."""
     h = entropy(cls_to_patch(current.float()))
     return lam * torch.relu(floor.to(h)[None, :, None] - h).mean()
-
-
-def attention_kl(current: Tensor, initial: Tensor) -> Tensor:
-    """Mean KL(initial ‖ current) over images, layers and heads (nats), without λ."""
-    return apr_penalty(current, initial, 1.0)

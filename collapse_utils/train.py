@@ -31,7 +31,7 @@ from .config import RunConfig
 from .data import ImageSet, load_splits, load_test_set, normalize
 from .metrics import METRICS, layer_metrics
 from .model import CLIPClassifier, load_clip, merged_clip, prepare_for_training
-from .regularizers import apr_penalty, entropy_floor_penalty
+from .regularizers import apr_penalty, attention_kl, entropy_floor_penalty
 from .storage import (
     read_json,
     remove_stale_temp_files,
@@ -60,6 +60,10 @@ class RunResult:
     @property
     def status(self) -> str:
         return self.history["status"]
+
+    @property
+    def maps_path(self) -> Path:
+        return self.run_dir / "attention_maps.safetensors"
 
     def layer_metric(self, metric: str, eval_index: int = -1) -> list[float]:
         """Per-layer values of ``metric`` at one eval (default: the last)."""
@@ -145,10 +149,28 @@ def cls_attention(model: nn.Module, images: Tensor, dtype: torch.dtype | None = 
     return torch.cat(rows)
 
 
-def attention_metrics(model: nn.Module, images: Tensor, dtype=None) -> dict[str, list[float]]:
-    """The four per-layer metrics (report §1.4) on ``images``; lists of length layers."""
-    metrics = layer_metrics(cls_attention(model, images, dtype))
-    return {name: metrics[name].tolist() for name in METRICS}
+@dataclass(frozen=True)
+class Snapshot:
+    """One tracking point: per-layer metrics, per-layer KL(initial ‖ current) in nats, and the
+    [CLS] maps (map_images, layers, heads, tokens) of the first metric images, float16."""
+
+    metrics: dict[str, list[float]]
+    kl_to_initial: list[float]
+    maps: Tensor
+
+
+def snapshot(
+    model: nn.Module, images: Tensor, initial: Tensor, map_images: int, dtype=None
+) -> Snapshot:
+    """Track attention on the metric subset ``images``; ``initial`` is its pre-trained attention."""
+    attn = cls_attention(model, images, dtype)
+    metrics = layer_metrics(attn)
+    kl = attention_kl(attn, initial, reduce_dims=(0, 2))
+    return Snapshot(
+        metrics={name: metrics[name].tolist() for name in METRICS},
+        kl_to_initial=kl.tolist(),
+        maps=attn[:map_images].to(torch.float16).cpu(),
+    )
 
 
 @torch.no_grad()
@@ -305,23 +327,29 @@ def run_experiment(config: RunConfig, progress: bool = True) -> RunResult:
     metric_images = splits.metric.images.to(device)
     batch = config.train.batch_size
     steps_per_epoch = math.ceil(len(train_images) / batch)
+    total_steps = steps_per_epoch * (config.train.epochs or 0)
     history = _new_history(config, device, steps_per_epoch)
-    history_path = run_dir / "history.json"
+    paths = _Paths(run_dir)
+    n_maps = config.eval.map_images
 
+    # Pre-trained references, computed before any resume so they are never the trained model's.
+    initial_attn = cls_attention(model, metric_images, dtype)
+    first = snapshot(model, metric_images, initial_attn, n_maps, dtype)
+    maps = _MapLog(splits.metric.images[:n_maps])
     if config.train.method == "none":
-        metrics = attention_metrics(model, metric_images, dtype)
-        history["evals"].append(_eval_record(0, steps_per_epoch, 0, None, metrics))
+        history["evals"].append(_eval_record(0, steps_per_epoch, total_steps, None, first))
+        maps.add(0, first.maps)
         history["zeroshot"] = evaluate_zeroshot(model, base_clip, config, test_sets)
-        return _finish(config, history, history_path, started)
-
+        maps.write(paths.maps)
+        return _finish(config, history, paths, started)
+    floor = torch.tensor(first.metrics["entropy"], device=device)
     # APR's reference: the pre-trained attention of every training image, computed once
     # (inputs are not augmented, so it never changes) — or a frozen copy run each step.
     reference = frozen = None
-    if config.reg.kind == "apr":
-        if config.reg.reference == "cache":
-            reference = cls_attention(model, train_images, dtype)
-        else:
-            frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    if config.reg.kind == "apr" and config.reg.reference == "cache":
+        reference = cls_attention(model, train_images, dtype)
+    elif config.reg.kind == "apr":
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -330,14 +358,13 @@ def run_experiment(config: RunConfig, progress: bool = True) -> RunResult:
         weight_decay=config.train.weight_decay,
         fused=device.type == "cuda",
     )
-    total_steps = history["total_steps"]
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, round(config.train.warmup_fraction * total_steps), total_steps
     )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    forward = torch.compile(model) if config.train.compile else model
 
-    resume_path = run_dir / "resume.pt"
-    state = _load_resume(resume_path, config.config_hash())
+    state = _load_resume(paths.resume, config.config_hash())
     start_epoch = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -346,13 +373,31 @@ def run_experiment(config: RunConfig, progress: bool = True) -> RunResult:
         scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         history = state["history"] | {"status": "running"}
+        maps = state["maps"]
         start_epoch = state["epoch"]
         _log(progress, f"{config.id}: resuming after epoch {start_epoch}")
     else:
-        metrics = attention_metrics(model, metric_images, dtype)
-        history["evals"].append(_eval_record(0, steps_per_epoch, total_steps, None, metrics))
-        write_json(history_path, history)
-    floor = torch.tensor(history["evals"][0]["metrics"]["entropy"], device=device)
+        history["evals"].append(_eval_record(0, steps_per_epoch, total_steps, None, first))
+        maps.add(0, first.maps)
+        write_json(paths.history, history)
+
+    def step_loss(index: Tensor) -> tuple[Tensor, Tensor]:
+        """Classification loss (+ regularizer) of one batch; returns (loss, logits)."""
+        pixels, labels = normalize(train_images[index]), train_labels[index]
+        with _autocast(device, dtype):
+            if config.reg.kind == "none":
+                logits = forward(pixels)
+                return classification_loss(logits, labels), logits
+            with capture_cls_attention(model) as cap:
+                logits = model(pixels)
+            loss = classification_loss(logits, labels)
+            if config.reg.kind == "entropy_floor":
+                return loss + entropy_floor_penalty(cap.tensor, floor, config.reg.lam), logits
+            if reference is not None:
+                initial = reference[index]
+            else:
+                initial = cls_attention(frozen, train_images[index], dtype)
+            return loss + apr_penalty(cap.tensor, initial, config.reg.lam), logits
 
     step = start_epoch * steps_per_epoch
     writer = SummaryWriter(run_dir / "tensorboard", purge_step=step)
@@ -360,35 +405,19 @@ def run_experiment(config: RunConfig, progress: bool = True) -> RunResult:
     bar = tqdm(total=total_steps, initial=step, desc=config.id, disable=not progress, unit="step")
     model.train()
     for epoch in range(start_epoch, config.train.epochs):
+        # The order depends only on (seed, epoch), so a resumed epoch sees the same batches.
         order = torch.randperm(
             len(train_images), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)
         ).to(device)
-        window_loss, window_correct, window_seen = 0.0, 0, 0
-        epoch_time = 0.0
+        window_loss, window_correct, window_seen, epoch_time = 0.0, 0, 0, 0.0
         for local in range(1, steps_per_epoch + 1):
             tick = time.perf_counter()
             index = order[(local - 1) * batch : local * batch]
-            pixels, labels = normalize(train_images[index]), train_labels[index]
-            needs_capture = config.reg.kind != "none"
-            with _autocast(device, dtype):
-                if needs_capture:
-                    with capture_cls_attention(model) as cap:
-                        logits = model(pixels)
-                else:
-                    logits = model(pixels)
-                loss = classification_loss(logits, labels)
-                if config.reg.kind == "apr":
-                    if reference is not None:
-                        initial = reference[index]
-                    else:
-                        initial = cls_attention(frozen, train_images[index], dtype)
-                    loss = loss + apr_penalty(cap.tensor, initial, config.reg.lam)
-                elif config.reg.kind == "entropy_floor":
-                    loss = loss + entropy_floor_penalty(cap.tensor, floor, config.reg.lam)
+            loss, logits = step_loss(index)
             loss_value = loss.item()
             step += 1
             if not math.isfinite(loss_value):
-                _fail(config, history, history_path, step, f"non-finite loss {loss_value}", started)
+                _fail(config, history, paths, step, f"non-finite loss {loss_value}", started)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -398,25 +427,27 @@ def run_experiment(config: RunConfig, progress: bool = True) -> RunResult:
             scheduler.step()
             epoch_time += time.perf_counter() - tick
             window_loss += loss_value * len(index)
-            window_correct += (logits.argmax(-1) == labels).sum().item()
+            window_correct += (logits.argmax(-1) == train_labels[index]).sum().item()
             window_seen += len(index)
             bar.update(1)
             writer.add_scalar("train/loss", loss_value, step)
             writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
             if local in eval_points:
-                metrics = attention_metrics(model, metric_images, dtype)
-                train_loss = window_loss / window_seen
-                record = _eval_record(step, steps_per_epoch, total_steps, train_loss, metrics)
+                snap = snapshot(model, metric_images, initial_attn, n_maps, dtype)
+                record = _eval_record(
+                    step, steps_per_epoch, total_steps, window_loss / window_seen, snap
+                )
                 history["evals"].append(record)
+                maps.add(step, snap.maps)
                 _write_eval_scalars(writer, record)
                 _log(
                     progress,
                     f"{config.id} step {step}/{total_steps} loss {record['train_loss']:.4f} "
                     f"train acc {window_correct / window_seen:.3f} "
-                    f"mean entropy {np.mean(metrics['entropy']):.4f}",
+                    f"mean entropy {np.mean(snap.metrics['entropy']):.4f}",
                 )
                 window_loss, window_correct, window_seen = 0.0, 0, 0
-                write_json(history_path, history)
+                write_json(paths.history, history)
 
         val_acc = accuracy(model, splits.val.images.to(device), splits.val.labels.to(device), dtype)
         samples_per_s = len(train_images) / epoch_time
@@ -438,32 +469,82 @@ def run_experiment(config: RunConfig, progress: bool = True) -> RunResult:
         )
         if history["best_val_acc"] is None or val_acc > history["best_val_acc"]:
             history["best_val_acc"] = val_acc
-            _save_weights(run_dir / "best.safetensors", model, config, step)
+            _save_weights(paths.best, model, config, step)
         history["final_val_acc"] = val_acc
-        write_json(history_path, history)
+        write_json(paths.history, history)
+        maps.write(paths.maps)
         if (epoch + 1) % config.train.checkpoint_every == 0 or epoch + 1 == config.train.epochs:
-            write_torch(resume_path, {
+            write_torch(paths.resume, {
                 "config_hash": config.config_hash(), "epoch": epoch + 1,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": _rng_state(), "history": history,
+                "rng": _rng_state(), "history": history, "maps": maps,
             })  # fmt: skip
     bar.close()
     writer.close()
-    _save_weights(run_dir / "final.safetensors", model, config, step)
+    _save_weights(paths.final, model, config, step)
     history["zeroshot"] = evaluate_zeroshot(model, base_clip, config, test_sets)
-    return _finish(config, history, history_path, started)
+    return _finish(config, history, paths, started)
+
+
+@dataclass(frozen=True)
+class _Paths:
+    run_dir: Path
+
+    @property
+    def history(self) -> Path:
+        return self.run_dir / "history.json"
+
+    @property
+    def resume(self) -> Path:
+        return self.run_dir / "resume.pt"
+
+    @property
+    def maps(self) -> Path:
+        return self.run_dir / "attention_maps.safetensors"
+
+    @property
+    def best(self) -> Path:
+        return self.run_dir / "best.safetensors"
+
+    @property
+    def final(self) -> Path:
+        return self.run_dir / "final.safetensors"
+
+
+class _MapLog:
+    """[CLS] maps of the first metric images at every eval, for the exploration notebook."""
+
+    def __init__(self, images: Tensor):
+        self.images = images.cpu()
+        self.steps: list[int] = []
+        self.maps: list[Tensor] = []
+
+    def add(self, step: int, maps: Tensor) -> None:
+        self.steps.append(step)
+        self.maps.append(maps)
+
+    def write(self, path: Path) -> None:
+        """safetensors: maps (evals, images, layers, heads, tokens) float16, steps (evals,),
+        images (images, 3, S, S) uint8."""
+        tensors = {
+            "maps": torch.stack(self.maps),
+            "steps": torch.tensor(self.steps),
+            "images": self.images,
+        }
+        write_safetensors(path, tensors, {})
 
 
 def _eval_record(
-    step: int, steps_per_epoch: int, total_steps: int, train_loss: float | None, metrics: dict
+    step: int, steps_per_epoch: int, total_steps: int, train_loss: float | None, snap: Snapshot
 ) -> dict:
     return {
         "step": step,
         "epoch": step / max(steps_per_epoch, 1),
         "fraction": step / max(total_steps, 1),
         "train_loss": train_loss,
-        "metrics": metrics,
+        "metrics": snap.metrics,
+        "kl_to_initial": snap.kl_to_initial,
     }
 
 
@@ -474,21 +555,21 @@ def _write_eval_scalars(writer: SummaryWriter, record: dict) -> None:
             writer.add_scalar(f"attention_layers/{name}_L{layer:02d}", value, record["step"])
 
 
-def _finish(config: RunConfig, history: dict, path: Path, started: float) -> RunResult:
+def _finish(config: RunConfig, history: dict, paths: _Paths, started: float) -> RunResult:
     history["status"] = "complete"
     history["wall_time_s"] += time.perf_counter() - started
-    write_json(path, history)
+    write_json(paths.history, history)
     return RunResult(config, history)
 
 
-def _fail(config, history, path, step, reason, started) -> None:
+def _fail(config: RunConfig, history: dict, paths: _Paths, step: int, reason: str, started):
     history["status"] = "failed"
     history["failure"] = {"step": step, "reason": reason}
     history["wall_time_s"] += time.perf_counter() - started
-    write_json(path, history)
+    write_json(paths.history, history)
     raise TrainingFailedError(
         f"{config.id}: training stopped at step {step}: {reason}. Lower train.lr or use "
-        f"precision fp32; details in {path}"
+        f"precision fp32; details in {paths.history}"
     )
 
 

@@ -1,0 +1,173 @@
+"""Read run histories into tidy tables.
+
+Every run writes ``<output_root>/runs/<id>/seed<k>/history.json`` (schema in the runner). This
+module only reads those files: the book's numbers come from here, never from logs.
+
+Conventions. ``run`` is the experiment id, ``seed`` the training seed; one history is one
+(run, seed). Layers are 1-based. "First" and "final" are the first and last entries of
+``evals`` (a baseline has a single eval at step 0, so its changes are 0). A change in percent
+is ``100 · (final − first) / first``; "layer mean" is the unweighted mean over layers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from collapse_utils.metrics import METRICS
+
+_REQUIRED = ("id", "family", "seed", "status", "config", "evals")
+_TIDY_COLUMNS = ["run", "seed", "family", "layer", "step", "fraction", "metric", "value"]
+
+
+def find_histories(root: Path | str) -> list[Path]:
+    """All ``runs/<id>/seed<k>/history.json`` below ``root`` (at any depth), sorted.
+    A missing ``root`` gives an empty list."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(root.glob("**/runs/*/seed*/history.json"))
+
+
+def load_history(path: Path | str) -> dict[str, Any]:
+    """One history as a dict; raises ``ValueError`` naming the file if a required key is
+    missing."""
+    path = Path(path)
+    history = json.loads(path.read_text())
+    missing = [key for key in _REQUIRED if key not in history]
+    if missing:
+        raise ValueError(f"{path}: history lacks {missing}")
+    return history
+
+
+def load_histories(root: Path | str, complete_only: bool = True) -> list[dict[str, Any]]:
+    """All histories below ``root``, in (id, seed) order; by default only ``status='complete'``.
+
+    Raises ``ValueError`` if two files hold the same (id, seed), e.g. when ``root`` spans two
+    profiles: pass ``outputs/<profile>`` instead."""
+    seen: dict[tuple[str, int], Path] = {}
+    histories = []
+    for path in find_histories(root):
+        history = load_history(path)
+        if complete_only and history["status"] != "complete":
+            continue
+        key = (history["id"], history["seed"])
+        if key in seen:
+            raise ValueError(f"run {key} found twice: {seen[key]} and {path}")
+        seen[key] = path
+        histories.append(history)
+    return sorted(histories, key=lambda h: (h["id"], h["seed"]))
+
+
+def tidy_metrics(histories: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """Long table, one row per eval × layer × metric.
+
+    Columns: run, seed, family, layer (1-based), step, fraction (0..1 of training), metric,
+    value. Use :func:`layer_mean` for the mean over layers."""
+    rows = [
+        (h["id"], h["seed"], h["family"], layer, e["step"], e["fraction"], metric, value)
+        for h in histories
+        for e in h["evals"]
+        for metric, per_layer in e["metrics"].items()
+        for layer, value in enumerate(per_layer, start=1)
+    ]
+    return pd.DataFrame(rows, columns=_TIDY_COLUMNS)
+
+
+def layer_mean(tidy: pd.DataFrame) -> pd.DataFrame:
+    """Mean over layers of a :func:`tidy_metrics` table: same columns without ``layer``."""
+    keys = [c for c in _TIDY_COLUMNS if c not in ("layer", "value")]
+    return tidy.groupby(keys, sort=False, as_index=False)["value"].mean()
+
+
+def trajectory(history: dict[str, Any], metric: str = "entropy") -> tuple[np.ndarray, np.ndarray]:
+    """(fraction, layer-mean value) over the evals of one run, both shaped (evals,)."""
+    fraction = np.array([e["fraction"] for e in history["evals"]], dtype=float)
+    values = np.array([np.mean(e["metrics"][metric]) for e in history["evals"]], dtype=float)
+    return fraction, values
+
+
+def pct_change(first: float, final: float) -> float:
+    """``100 · (final − first) / first``; NaN when ``first`` is 0 or NaN (undefined)."""
+    if first == 0 or np.isnan(first):
+        return float("nan")
+    return 100.0 * (final - first) / first
+
+
+def run_summary(histories: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (run, seed).
+
+    Columns: run, seed, family, method, dataset, lr, weight_decay, rank and targets (missing
+    unless method is ``lora``), freeze_layers, reg_kind, lam, best_acc, final_acc; for each
+    metric ``m``: ``m_0`` and ``m_f`` (layer mean at the first and final eval) and
+    ``d_m_pct`` (their change in %); for each zero-shot dataset ``d``: ``zs_d`` and
+    ``zs_d_pretrained``; status. Accuracies are as stored in the history."""
+    rows = [_summary_row(h) for h in histories]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    for column in ("seed", "rank", "freeze_layers"):
+        frame[column] = frame[column].astype("Int64")
+    zs = sorted(c for c in frame.columns if c.startswith("zs_"))
+    ordered = [c for c in frame.columns if not c.startswith("zs_") and c != "status"]
+    return frame[ordered + zs + ["status"]]
+
+
+def _summary_row(h: dict[str, Any]) -> dict[str, Any]:
+    config = h["config"]
+    train, lora, reg = config["train"], config["lora"], config["reg"]
+    is_lora = train["method"] == "lora"
+    row: dict[str, Any] = {
+        "run": h["id"],
+        "seed": h["seed"],
+        "family": h["family"],
+        "method": train["method"],
+        "dataset": config["data"]["dataset"],
+        "lr": train.get("lr"),
+        "weight_decay": train.get("weight_decay"),
+        "rank": lora["rank"] if is_lora else None,
+        "targets": ",".join(lora["targets"]) if is_lora else None,
+        "freeze_layers": train.get("freeze_layers", 0),
+        "reg_kind": reg["kind"],
+        "lam": reg["lam"],
+        "best_acc": h.get("best_val_acc"),
+        "final_acc": h.get("final_val_acc"),
+    }
+    evals = h["evals"]
+    for metric in METRICS:
+        first = float(np.mean(evals[0]["metrics"][metric])) if evals else float("nan")
+        final = float(np.mean(evals[-1]["metrics"][metric])) if evals else float("nan")
+        row[f"{metric}_0"] = first
+        row[f"{metric}_f"] = final
+        row[f"d_{metric}_pct"] = pct_change(first, final)
+    for dataset, result in sorted((h.get("zeroshot") or {}).items()):
+        row[f"zs_{dataset}"] = result["accuracy"]
+        row[f"zs_{dataset}_pretrained"] = result["pretrained_accuracy"]
+    row["status"] = h["status"]
+    return row
+
+
+def per_layer_delta(histories: Iterable[dict[str, Any]], metric: str = "entropy") -> pd.DataFrame:
+    """Change in % from first to final eval, per layer.
+
+    Returns a (runs × layers) frame: index (run, seed), columns ``layer`` 1..L. A history
+    without evals gives a row of NaN."""
+    rows = {}
+    for h in histories:
+        evals = h["evals"]
+        if evals:
+            first = np.asarray(evals[0]["metrics"][metric], dtype=float)
+            final = np.asarray(evals[-1]["metrics"][metric], dtype=float)
+            values = [pct_change(a, b) for a, b in zip(first, final, strict=True)]
+        else:
+            values = []
+        rows[(h["id"], h["seed"])] = pd.Series(values, index=range(1, len(values) + 1))
+    index = pd.MultiIndex.from_tuples(list(rows), names=["run", "seed"])
+    frame = pd.DataFrame(list(rows.values()), index=index)
+    frame.columns.name = "layer"
+    return frame

@@ -1,0 +1,269 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from collapse_utils.config import LoraSpec, RegSpec, RunConfig, TrainSpec
+from collapse_utils.results import (
+    find_histories,
+    layer_mean,
+    load_histories,
+    load_history,
+    per_layer_delta,
+    run_summary,
+    tidy_metrics,
+    trajectory,
+)
+from collapse_utils.stats import collapse_onset
+
+LAYERS = 3
+
+
+def evals(entropy_per_eval: list[list[float]], steps: list[int], total: int) -> list[dict]:
+    """Evals whose entropy per layer is given; the other metrics are fixed functions of it."""
+    return [
+        {
+            "step": step,
+            "epoch": step / 10,
+            "fraction": step / total if total else 0.0,
+            "train_loss": None if step == 0 else 1.0 / step,
+            "metrics": {
+                "entropy": entropy,
+                "erf": [e / 4 for e in entropy],
+                "gini": [1 / e for e in entropy],
+                "head_diversity": [0.1] * LAYERS,
+            },
+        }
+        for step, entropy in zip(steps, entropy_per_eval, strict=True)
+    ]
+
+
+def make_history(config: RunConfig, status: str, evals_: list[dict], zs: float | None) -> dict:
+    method = config.train.method
+    trained = method != "none" and status == "complete"
+    return {
+        "id": config.id,
+        "family": config.family,
+        "description": config.description,
+        "profile": config.profile,
+        "seed": config.seed,
+        "config": config.to_dict(),
+        "config_hash": config.config_hash(),
+        "status": status,
+        "failure": None if status != "failed" else {"step": 20, "reason": "loss is nan"},
+        "versions": {"torch": "2.4"},
+        "device": "cpu",
+        "steps_per_epoch": 10,
+        "total_steps": 40 if method != "none" else 0,
+        "evals": evals_,
+        "epochs": []
+        if method == "none"
+        else [
+            {"epoch": 1, "step": 10, "train_loss": 0.5, "val_acc": 0.9, "samples_per_s": 100.0},
+            {"epoch": 2, "step": 20, "train_loss": 0.3, "val_acc": 0.95, "samples_per_s": 101.0},
+        ],
+        "best_val_acc": 0.95 if trained else None,
+        "final_val_acc": 0.94 if trained else None,
+        "zeroshot": {}
+        if zs is None
+        else {
+            "cifar100": {
+                "accuracy": zs,
+                "pretrained_accuracy": 0.6,
+                "templates": "ensemble",
+                "n_images": 100,
+            }
+        },
+        "wall_time_s": 12.0,
+    }
+
+
+BASE = RunConfig(id="E1_eurosat", family="baseline", train=TrainSpec(method="none"))
+FULL = RunConfig(id="E2", family="full_vs_lora", train=TrainSpec(method="full", lr=1e-5))
+LORA = RunConfig(
+    id="E5",
+    family="full_vs_lora",
+    train=TrainSpec(method="lora", lr=1e-4),
+    lora=LoraSpec(rank=8, targets=("q_proj", "v_proj")),
+)
+FAILED = RunConfig(
+    id="R1_apr0.1",
+    family="regularization",
+    train=TrainSpec(method="full", lr=1e-5),
+    reg=RegSpec(kind="apr", lam=0.1),
+)
+
+FULL_ENTROPY = [[4.0, 3.0, 2.0], [3.96, 2.97, 1.9], [3.8, 2.85, 1.8]]
+LORA_ENTROPY = [[4.0, 3.0, 2.0], [4.02, 3.03, 2.02], [4.04, 3.06, 2.04]]
+
+
+def histories() -> list[dict]:
+    return [
+        make_history(BASE, "complete", evals([[4.0, 3.0, 2.0]], [0], 0), zs=0.6),
+        make_history(FULL, "complete", evals(FULL_ENTROPY, [0, 20, 40], 40), zs=0.3),
+        make_history(FULL.with_seed(7), "complete", evals(FULL_ENTROPY[:2], [0, 40], 40), zs=0.4),
+        make_history(LORA, "complete", evals(LORA_ENTROPY, [0, 20, 40], 40), zs=0.5),
+        make_history(FAILED, "failed", evals(FULL_ENTROPY[:1], [0], 40), zs=None),
+    ]
+
+
+@pytest.fixture
+def root(tmp_path):
+    for history in histories():
+        run_dir = tmp_path / "runs" / history["id"] / f"seed{history['seed']}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "history.json").write_text(json.dumps(history, default=list))
+    (tmp_path / "runs" / "E2" / "seed42" / "metrics.jsonl").write_text("{}")
+    return tmp_path
+
+
+def test_find_histories_lists_every_run_and_seed(root):
+    paths = find_histories(root)
+    assert len(paths) == 5
+    assert all(p.name == "history.json" for p in paths)
+    assert root / "runs" / "E2" / "seed7" / "history.json" in paths
+
+
+def test_find_histories_on_missing_root_is_empty(tmp_path):
+    assert find_histories(tmp_path / "nowhere") == []
+    assert load_histories(tmp_path / "nowhere") == []
+
+
+def test_tables_of_no_histories_are_empty():
+    assert tidy_metrics([]).empty and list(tidy_metrics([]).columns)[0] == "run"
+    assert run_summary([]).empty
+    assert per_layer_delta([]).empty
+
+
+def test_load_histories_keeps_complete_runs_in_id_seed_order(root):
+    loaded = load_histories(root)
+    assert [(h["id"], h["seed"]) for h in loaded] == [
+        ("E1_eurosat", 42),
+        ("E2", 7),
+        ("E2", 42),
+        ("E5", 42),
+    ]
+    everything = load_histories(root, complete_only=False)
+    assert [h["status"] for h in everything if h["id"] == "R1_apr0.1"] == ["failed"]
+
+
+def test_load_history_names_the_file_when_a_key_is_missing(tmp_path):
+    path = tmp_path / "history.json"
+    path.write_text(json.dumps({"id": "E2"}))
+    with pytest.raises(ValueError, match="history.json.*lacks"):
+        load_history(path)
+
+
+def test_load_histories_refuses_the_same_run_under_two_profiles(root, tmp_path_factory):
+    other = tmp_path_factory.mktemp("outputs")
+    for profile in ("smoke", "full"):
+        run_dir = other / profile / "runs" / "E2" / "seed42"
+        run_dir.mkdir(parents=True)
+        (run_dir / "history.json").write_text((root / "runs/E2/seed42/history.json").read_text())
+    with pytest.raises(ValueError, match="found twice"):
+        load_histories(other)
+    assert len(load_histories(other / "smoke")) == 1
+
+
+def test_tidy_metrics_has_one_row_per_eval_layer_and_metric(root):
+    tidy = tidy_metrics(load_histories(root))
+    assert list(tidy.columns) == [
+        "run",
+        "seed",
+        "family",
+        "layer",
+        "step",
+        "fraction",
+        "metric",
+        "value",
+    ]
+    n_evals = 1 + 3 + 2 + 3
+    assert len(tidy) == n_evals * LAYERS * 4
+    assert sorted(tidy["layer"].unique()) == [1, 2, 3]
+    row = tidy.query("run == 'E2' and seed == 42 and step == 20 and metric == 'entropy'")
+    assert row.set_index("layer")["value"].to_dict() == {1: 3.96, 2: 2.97, 3: 1.9}
+    assert row["fraction"].unique().tolist() == [0.5]
+
+
+def test_layer_mean_averages_over_layers_only(root):
+    means = layer_mean(tidy_metrics(load_histories(root)))
+    assert "layer" not in means.columns
+    e2 = means.query("run == 'E2' and seed == 42 and metric == 'entropy'")
+    assert e2["value"].tolist() == pytest.approx([3.0, (3.96 + 2.97 + 1.9) / 3, 2.8166666])
+    assert e2["fraction"].tolist() == [0.0, 0.5, 1.0]
+
+
+def test_trajectory_feeds_collapse_onset(root):
+    e2 = next(h for h in load_histories(root) if h["id"] == "E2" and h["seed"] == 42)
+    fraction, entropy = trajectory(e2)
+    assert fraction.tolist() == [0.0, 0.5, 1.0]
+    assert collapse_onset(fraction, entropy) == 0.5  # 2.9433 is 1.9% below 3.0
+
+
+def test_run_summary_has_one_row_per_run_and_seed_with_config_and_changes(root):
+    summary = run_summary(load_histories(root)).set_index(["run", "seed"])
+    assert len(summary) == 4
+    e2 = summary.loc[("E2", 42)]
+    assert (e2["family"], e2["method"], e2["dataset"]) == ("full_vs_lora", "full", "eurosat")
+    assert e2["lr"] == 1e-5 and e2["weight_decay"] == 0.01
+    assert pd.isna(e2["rank"]) and pd.isna(e2["targets"])
+    assert e2["entropy_0"] == pytest.approx(3.0)
+    assert e2["entropy_f"] == pytest.approx((3.8 + 2.85 + 1.8) / 3)
+    assert e2["d_entropy_pct"] == pytest.approx(100 * ((3.8 + 2.85 + 1.8) / 3 - 3.0) / 3.0)
+    assert e2["d_head_diversity_pct"] == pytest.approx(0.0)
+    assert (e2["best_acc"], e2["final_acc"]) == (0.95, 0.94)
+    assert (e2["zs_cifar100"], e2["zs_cifar100_pretrained"]) == (0.3, 0.6)
+    assert e2["status"] == "complete"
+
+
+def test_run_summary_fills_lora_fields_only_for_lora(root):
+    summary = run_summary(load_histories(root)).set_index("run")
+    assert summary.loc["E5", "rank"] == 8
+    assert summary.loc["E5", "targets"] == "q_proj,v_proj"
+    assert summary.loc["E5", "d_entropy_pct"] > 0
+    assert summary["rank"].isna().sum() == 3
+
+
+def test_baseline_summary_has_no_change_and_no_accuracy(root):
+    baseline = run_summary(load_histories(root)).set_index("run").loc["E1_eurosat"]
+    assert baseline["method"] == "none"
+    assert pd.isna(baseline["lr"])
+    for metric in ("entropy", "erf", "gini", "head_diversity"):
+        assert baseline[f"d_{metric}_pct"] == 0.0
+    assert pd.isna(baseline["best_acc"])
+
+
+def test_failed_run_appears_only_when_asked_for(root):
+    summary = run_summary(load_histories(root, complete_only=False)).set_index("run")
+    failed = summary.loc["R1_apr0.1"]
+    assert failed["status"] == "failed"
+    assert (failed["reg_kind"], failed["lam"]) == ("apr", 0.1)
+    assert failed["d_entropy_pct"] == 0.0  # one eval before it failed
+    assert pd.isna(failed["zs_cifar100"])
+    assert list(summary.columns)[-1] == "status"
+
+
+def test_per_layer_delta_is_runs_by_layers_in_percent(root):
+    delta = per_layer_delta(load_histories(root))
+    assert delta.index.names == ["run", "seed"]
+    assert list(delta.columns) == [1, 2, 3]
+    assert delta.loc[("E2", 42)].tolist() == pytest.approx([-5.0, -5.0, -10.0])
+    assert delta.loc[("E2", 7)].tolist() == pytest.approx([-1.0, -1.0, -5.0])
+    assert delta.loc[("E1_eurosat", 42)].tolist() == [0.0, 0.0, 0.0]
+    gini = per_layer_delta(load_histories(root), metric="gini")
+    assert gini.loc[("E5", 42), 1] == pytest.approx(100 * (1 / 4.04 - 1 / 4.0) / (1 / 4.0))
+
+
+def test_per_layer_delta_gives_nan_for_a_run_without_evals():
+    empty = make_history(dataclasses.replace(FAILED, id="X"), "failed", [], zs=None)
+    full = make_history(FULL, "complete", evals(FULL_ENTROPY, [0, 20, 40], 40), zs=None)
+    delta = per_layer_delta([empty, full])
+    assert delta.loc[("X", 42)].isna().all()
+    summary = run_summary([empty, full]).set_index("run")
+    assert math.isnan(summary.loc["X", "d_entropy_pct"])
+    assert np.isfinite(summary.loc["E2", "d_entropy_pct"])
