@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROFILE ?= smoke
 
-.PHONY: venv test lint book bench clean
+.PHONY: venv test lint book book-assets bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,7 +21,35 @@ lint: venv
 test: lint
 	$(BIN)/python -m pytest -q
 
-book: venv
+# Browser assets the book serves itself (no CDN): require.js, the ipywidgets embedder and its
+# Font Awesome files, MathJax. Pinned in package.json / package-lock.json and copied from
+# node_modules into book/_static/npm/; book/_static/widgets-requirejs-config.js says why the
+# fonts are copied twice.
+NPM_STATIC := book/_static/npm
+WIDGETS := $(NPM_STATIC)/@jupyter-widgets
+HTML_MANAGER := node_modules/@jupyter-widgets/html-manager/dist
+MATHJAX := node_modules/mathjax/es5
+
+$(NPM_STATIC)/.copied: package.json package-lock.json
+	npm ci --ignore-scripts --no-audit --no-fund
+	rm -rf $(NPM_STATIC)
+	mkdir -p $(WIDGETS)/html-manager/dist $(NPM_STATIC)/mathjax/output/chtml/fonts \
+		$(NPM_STATIC)/mathjax/input/tex
+	cp node_modules/requirejs/require.js $(NPM_STATIC)/
+	cp $(HTML_MANAGER)/embed-amd.js $(WIDGETS)/html-manager/dist/
+	for dir in $(WIDGETS) $(WIDGETS)/html-manager/dist; do \
+		cp $(HTML_MANAGER)/*.woff2 $(HTML_MANAGER)/*.woff $(HTML_MANAGER)/*.ttf \
+			$(HTML_MANAGER)/*.eot $(HTML_MANAGER)/*.svg $$dir/ || exit 1; \
+	done
+	cp $(MATHJAX)/tex-mml-chtml.js $(NPM_STATIC)/mathjax/
+	cp -r $(MATHJAX)/ui $(MATHJAX)/a11y $(NPM_STATIC)/mathjax/
+	cp -r $(MATHJAX)/input/tex/extensions $(NPM_STATIC)/mathjax/input/tex/
+	cp -r $(MATHJAX)/output/chtml/fonts/woff-v2 $(NPM_STATIC)/mathjax/output/chtml/fonts/
+	touch $@
+
+book-assets: $(NPM_STATIC)/.copied
+
+book: venv book-assets
 	$(BIN)/python -m collapse_utils run --profile $(PROFILE)
 
 bench: venv

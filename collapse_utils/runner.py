@@ -1,0 +1,476 @@
+"""Execute every notebook × configuration with papermill, write ``_toc.yml``, build the book.
+
+The plan (:func:`build_plan`) has three phases, run in order:
+
+1. ``config``: each family notebook once per configuration of its family
+   (parameters ``profile``, ``config_id``) → ``book/executed/<notebook>/<id>.ipynb``;
+2. ``summary``: each family notebook once more with ``config_id=""`` (family comparison,
+   reads the results of phase 1) → ``book/executed/<notebook>/summary.ipynb``;
+3. ``profile``: the cross-study notebooks with ``profile`` only → ``book/executed/<nb>.ipynb``.
+
+An execution is skipped when its output notebook carries, in ``metadata["collapse_runner"]``,
+status ``ok`` and the same key: a hash of the notebook source bytes, the profile, and the
+config hashes it depends on (its own for a configuration page; every config of the family for a
+summary; every config for the cross-study notebooks). A failing execution keeps papermill's
+notebook with its error cell, so the book shows the failure; the others still run, and the
+run exits non-zero after the toc and the book are still written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import yaml
+from tqdm import tqdm
+
+from collapse_utils.config import (
+    FAMILIES,
+    PARAMS_DIR,
+    RunConfig,
+    available_experiments,
+    load_config,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KERNEL = "python3"
+METADATA_KEY = "collapse_runner"
+PHASES = ("config", "summary", "profile")
+
+# family → notebook stem, in book order
+FAMILY_NOTEBOOKS = {
+    "baseline": "01_baseline",
+    "full_vs_lora": "02_full_ft_vs_lora",
+    "lr_sweep": "03_lr_sweep",
+    "layer_freezing": "04_layer_freezing",
+    "lora_targets": "05_lora_targets",
+    "regularization": "06_regularization",
+}
+FAMILY_TITLES = {
+    "baseline": "Baseline: pre-trained attention (E1)",
+    "full_vs_lora": "Full fine-tuning vs LoRA (E2–E7)",
+    "lr_sweep": "Learning-rate sweep (A1)",
+    "layer_freezing": "Layer freezing (A3)",
+    "lora_targets": "LoRA target modules (A2)",
+    "regularization": "Regularization (R1–R3)",
+}
+# cross-study notebooks (parameter ``profile`` only) → toc title, in book order
+PROFILE_NOTEBOOKS = {
+    "07_zero_shot": "Zero-shot transfer",
+    "08_statistics": "Statistics",
+    "09_explore": "Exploration",
+    "10_reproducibility": "Reproducibility",
+}
+# html.announcement per profile: shown at the top of every page of the built book.
+BANNERS = {
+    "smoke": (
+        "Smoke profile: every number, table and figure in this book comes from a tiny random "
+        "CLIP trained on synthetic images. They check that the pipeline runs and are "
+        "<strong>not findings</strong>."
+    ),
+}
+TITLE_SUFFIX = {"smoke": " (smoke run, not findings)"}
+
+# Kernel log level ERROR silences ipykernel's per-start TCP warning, which breaks the bar.
+_KERNEL_ARGS = ["--IPKernelApp.log_level=ERROR"]
+
+
+class RunnerError(RuntimeError):
+    """The plan cannot be built (unknown id, missing notebook source); the message says which."""
+
+
+@dataclass(frozen=True)
+class BookPaths:
+    """Where the runner reads and writes. ``root`` is the book's source folder (``_config.yml``,
+    ``_toc.yml``, ``_build/``) and the notebooks' working directory."""
+
+    root: Path
+    notebooks: Path
+    params: Path
+    book: Path
+
+    @classmethod
+    def repo(cls) -> BookPaths:
+        return cls(REPO_ROOT, REPO_ROOT / "notebooks", PARAMS_DIR, REPO_ROOT / "book")
+
+    @property
+    def executed(self) -> Path:
+        return self.book / "executed"
+
+    @property
+    def toc(self) -> Path:
+        return self.root / "_toc.yml"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "_config.yml"
+
+    @property
+    def build(self) -> Path:
+        return self.root / "_build"
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One papermill run: ``source`` with ``parameters`` → ``output``."""
+
+    phase: str
+    source: Path
+    output: Path
+    parameters: dict[str, str]
+    key: str
+    title: str
+    family: str | None = None
+    config_id: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.output.parent.name}/{self.output.stem}" if self.family else self.source.stem
+
+
+@dataclass
+class Report:
+    executed: list[Execution] = field(default_factory=list)
+    skipped: list[Execution] = field(default_factory=list)
+    failed: list[tuple[Execution, str]] = field(default_factory=list)
+    build_returncode: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.build_returncode
+
+
+# --- plan ------------------------------------------------------------------------------------
+
+
+def execution_key(source: Path, profile: str, configs: Iterable[RunConfig]) -> str:
+    """Hash of the notebook source bytes, the profile and ``(id, config_hash)`` of ``configs``."""
+    payload = {
+        "notebook": hashlib.sha256(source.read_bytes()).hexdigest(),
+        "profile": profile,
+        "configs": sorted((c.id, c.config_hash()) for c in configs),
+    }
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def build_plan(profile: str, paths: BookPaths) -> list[Execution]:
+    """Every execution of the book for ``profile``, in run order (phases config, summary,
+    profile). Raises :class:`RunnerError` naming any missing notebook source."""
+    needed = [*FAMILY_NOTEBOOKS.values(), *PROFILE_NOTEBOOKS]
+    missing = [n for n in needed if not (paths.notebooks / f"{n}.ipynb").is_file()]
+    if missing:
+        raise RunnerError(f"missing notebook source(s) in {paths.notebooks}: {missing}")
+    configs = [load_config(profile, i, paths.params) for i in available_experiments(paths.params)]
+    by_family = {f: [c for c in configs if c.family == f] for f in FAMILIES}
+
+    plan: list[Execution] = []
+    for family, stem in FAMILY_NOTEBOOKS.items():
+        source = paths.notebooks / f"{stem}.ipynb"
+        for c in by_family[family]:
+            plan.append(
+                Execution(
+                    phase="config",
+                    source=source,
+                    output=paths.executed / stem / f"{c.id}.ipynb",
+                    parameters={"profile": profile, "config_id": c.id},
+                    key=execution_key(source, profile, [c]),
+                    title=f"{c.id}: {c.description}" if c.description else c.id,
+                    family=family,
+                    config_id=c.id,
+                )
+            )
+    for family, stem in FAMILY_NOTEBOOKS.items():
+        if not by_family[family]:
+            continue
+        source = paths.notebooks / f"{stem}.ipynb"
+        plan.append(
+            Execution(
+                phase="summary",
+                source=source,
+                output=paths.executed / stem / "summary.ipynb",
+                parameters={"profile": profile, "config_id": ""},
+                key=execution_key(source, profile, by_family[family]),
+                title="Family comparison",
+                family=family,
+            )
+        )
+    for stem, title in PROFILE_NOTEBOOKS.items():
+        source = paths.notebooks / f"{stem}.ipynb"
+        plan.append(
+            Execution(
+                phase="profile",
+                source=source,
+                output=paths.executed / f"{stem}.ipynb",
+                parameters={"profile": profile},
+                key=execution_key(source, profile, configs),
+                title=title,
+            )
+        )
+    return plan
+
+
+def check_ids(only: Sequence[str], params: Path = PARAMS_DIR) -> None:
+    """Raise :class:`RunnerError` listing the available ids if ``only`` names an unknown one."""
+    available = available_experiments(params)
+    unknown = [i for i in only if i not in available]
+    if unknown:
+        raise RunnerError(f"unknown experiment id(s) {unknown}; available: {', '.join(available)}")
+
+
+def select(plan: Sequence[Execution], only: Sequence[str] | None) -> list[Execution]:
+    """The executions to run: all, or for ``only`` those ids' pages and their families'
+    summaries (the cross-study notebooks need every run, so they wait for a full run)."""
+    if not only:
+        return list(plan)
+    families = {e.family for e in plan if e.config_id in only}
+    return [
+        e
+        for e in plan
+        if (e.phase == "config" and e.config_id in only)
+        or (e.phase == "summary" and e.family in families)
+    ]
+
+
+# --- state in the executed notebook -----------------------------------------------------------
+
+
+def stamp_of(output: Path) -> dict[str, Any]:
+    """``metadata["collapse_runner"]`` of an executed notebook; ``{}`` if none or unreadable."""
+    if not output.is_file():
+        return {}
+    try:
+        nb = nbformat.read(output, as_version=4)
+    except (OSError, ValueError):  # half-written or not a notebook: run it again
+        return {}
+    return dict(nb.metadata.get(METADATA_KEY, {}))
+
+
+def is_current(execution: Execution) -> bool:
+    stamp = stamp_of(execution.output)
+    return stamp.get("status") == "ok" and stamp.get("key") == execution.key
+
+
+def _finish(execution: Execution, error: str | None) -> None:
+    """Stamp the output with key and status; write a stub page if a failure left none."""
+    if error is not None and not execution.output.exists():
+        nb = nbformat.v4.new_notebook()
+        nb.cells.append(
+            nbformat.v4.new_markdown_cell(
+                f"# {execution.title}\n\n"
+                f"```{{error}}\nThis notebook failed before papermill saved it:\n\n{error}\n```"
+            )
+        )
+        nbformat.write(nb, execution.output)
+    nb = nbformat.read(execution.output, as_version=4)
+    nb.metadata[METADATA_KEY] = {
+        "key": execution.key,
+        "status": "ok" if error is None else "failed",
+        "error": error,
+        "parameters": execution.parameters,
+    }
+    nbformat.write(nb, execution.output)
+
+
+# --- execution ------------------------------------------------------------------------------
+
+Executor = Callable[[Execution, Path], "str | None"]
+
+
+def papermill_execute(execution: Execution, cwd: Path) -> str | None:
+    """Run one notebook with papermill in ``cwd``; return ``None`` or a one-line error."""
+    import papermill
+
+    try:
+        papermill.execute_notebook(
+            execution.source,
+            execution.output,
+            parameters=execution.parameters,
+            kernel_name=KERNEL,
+            cwd=cwd,
+            progress_bar=False,
+            extra_arguments=_KERNEL_ARGS,
+        )
+    except papermill.PapermillExecutionError as err:
+        return f"{err.ename}: {err.evalue} (cell [{err.exec_count}])"
+    except Exception as err:  # any failure is reported at the end; the other runs go on
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def execute_plan(
+    selected: Sequence[Execution],
+    cwd: Path,
+    jobs: int = 1,
+    force: bool = False,
+    executor: Executor = papermill_execute,
+    report: Report | None = None,
+) -> Report:
+    """Run ``selected`` phase by phase, ``jobs`` at a time, skipping current outputs."""
+    report = report or Report()
+    pool = (
+        ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) if jobs > 1 else None
+    )
+    bar = tqdm(total=len(selected), unit="notebook", desc="notebooks", dynamic_ncols=True)
+
+    def done(execution: Execution, error: str | None) -> None:
+        _finish(execution, error)
+        if error is None:
+            report.executed.append(execution)
+        else:
+            report.failed.append((execution, error))
+            tqdm.write(f"FAILED {execution.name}: {error}")
+        bar.set_postfix_str(execution.name)
+        bar.update()
+
+    try:
+        for phase in PHASES:
+            todo = []
+            for e in (e for e in selected if e.phase == phase):
+                if not force and is_current(e):
+                    report.skipped.append(e)
+                    bar.update()
+                else:
+                    e.output.parent.mkdir(parents=True, exist_ok=True)
+                    e.output.unlink(missing_ok=True)  # a failure must not leave an old page
+                    todo.append(e)
+            if pool is None:
+                for e in todo:
+                    bar.set_postfix_str(f"running {e.name}")
+                    done(e, executor(e, cwd))
+                continue
+            futures: dict[Future, Execution] = {pool.submit(executor, e, cwd): e for e in todo}
+            for future in as_completed(futures):
+                try:
+                    error = future.result()
+                except Exception as err:  # a worker process died; report it like a failure
+                    error = f"{type(err).__name__}: {err}"
+                done(futures[future], error)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return report
+
+
+# --- table of contents and book ---------------------------------------------------------------
+
+
+def _docname(path: Path, root: Path) -> str:
+    return path.relative_to(root).with_suffix("").as_posix()
+
+
+def write_toc(plan: Sequence[Execution], paths: BookPaths) -> Path:
+    """``_toc.yml``: intro, method, one part per family (summary, then configurations), then the
+    cross-study notebooks. Lists only pages executed for this plan (ok or failed)."""
+    listed = [e for e in plan if stamp_of(e.output).get("key") == e.key]
+
+    def entry(e: Execution) -> dict[str, str]:
+        return {"file": _docname(e.output, paths.root), "title": e.title}
+
+    method = {"file": _docname(paths.book / "method", paths.root)}
+    parts: list[dict[str, Any]] = [{"caption": "The study", "chapters": [method]}]
+    for family in FAMILY_NOTEBOOKS:
+        pages = [e for e in listed if e.family == family]
+        pages.sort(key=lambda e: e.phase != "summary")  # summary first, then plan order
+        if pages:
+            parts.append({"caption": FAMILY_TITLES[family], "chapters": [entry(e) for e in pages]})
+    across = [entry(e) for e in listed if e.phase == "profile"]
+    if across:
+        parts.append({"caption": "Across the study", "chapters": across})
+    toc = {"format": "jb-book", "root": _docname(paths.book / "intro", paths.root), "parts": parts}
+    paths.toc.write_text(
+        "# Generated by collapse_utils.runner; do not edit.\n"
+        + yaml.safe_dump(toc, sort_keys=False, allow_unicode=True)
+    )
+    return paths.toc
+
+
+def write_build_config(profile: str, paths: BookPaths) -> Path:
+    """``_build/_config.<profile>.yml``: ``_config.yml`` with the profile's banner and title."""
+    config = yaml.safe_load(paths.config.read_text())
+    config["title"] = config.get("title", "") + TITLE_SUFFIX.get(profile, "")
+    config.setdefault("html", {})["announcement"] = BANNERS.get(profile, "")
+    out = paths.build / f"_config.{profile}.yml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        f"# Generated by collapse_utils.runner from {paths.config.name} for profile "
+        f"{profile!r}; do not edit.\n" + yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+    )
+    return out
+
+
+def _jupyter_book() -> str:
+    beside = Path(sys.executable).with_name("jupyter-book")
+    found = str(beside) if beside.is_file() else shutil.which("jupyter-book")
+    if found is None:
+        raise RunnerError("jupyter-book not found next to this Python or on PATH")
+    return found
+
+
+def build_book(profile: str, paths: BookPaths) -> int:
+    """Build ``_build/html`` with warnings as errors (``-W -n --keep-going``), re-reading every
+    page (``--all``) so a warning is never hidden by the cache. Returns the exit status."""
+    if not (paths.book / "_static" / "npm" / ".copied").is_file():
+        print(
+            "note: book/_static/npm is missing (run `make book-assets`): widgets and math "
+            "will not render",
+            file=sys.stderr,
+        )
+    config = write_build_config(profile, paths)
+    command = [
+        _jupyter_book(),
+        "build",
+        str(paths.root),
+        "--toc",
+        str(paths.toc),
+        "--config",
+        str(config),
+        "--path-output",
+        str(paths.root),
+        "-W",
+        "-n",
+        "--keep-going",
+        "--all",
+    ]
+    return subprocess.run(command, cwd=paths.root, check=False).returncode
+
+
+def run(
+    profile: str,
+    paths: BookPaths | None = None,
+    only: Sequence[str] | None = None,
+    jobs: int = 1,
+    build: bool = True,
+    force: bool = False,
+    executor: Executor = papermill_execute,
+) -> Report:
+    """Plan, execute, write the toc and (``build``) the book; print what failed."""
+    paths = paths or BookPaths.repo()
+    if only:
+        check_ids(only, paths.params)
+    plan = build_plan(profile, paths)
+    report = execute_plan(select(plan, only), paths.root, jobs, force, executor)
+    write_toc(plan, paths)
+    if build:
+        report.build_returncode = build_book(profile, paths)
+    print(
+        f"{len(report.executed)} executed, {len(report.skipped)} up to date, "
+        f"{len(report.failed)} failed"
+    )
+    for execution, error in report.failed:
+        print(f"FAILED {execution.output.relative_to(paths.root)}: {error}")
+    if report.build_returncode:
+        print(f"book build failed (exit {report.build_returncode}); see the warnings above")
+    elif build:
+        print(f"book: {paths.build / 'html' / 'index.html'}")
+    return report

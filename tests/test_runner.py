@@ -1,0 +1,304 @@
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from collapse_utils import runner
+from collapse_utils.__main__ import main
+from collapse_utils.config import FAMILIES, PARAMS_DIR, available_experiments, load_config
+from collapse_utils.runner import (
+    FAMILY_NOTEBOOKS,
+    METADATA_KEY,
+    PROFILE_NOTEBOOKS,
+    BookPaths,
+    RunnerError,
+    build_plan,
+    run,
+    stamp_of,
+    write_build_config,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).parent / "fixtures"
+NOTEBOOK_STEMS = [*FAMILY_NOTEBOOKS.values(), *PROFILE_NOTEBOOKS]
+
+
+def make_book(
+    root: Path, experiments: tuple[str, ...] | None = ("E2", "E4", "A1_lr1e-4"), failing=()
+) -> BookPaths:
+    """A book in ``root``: fixture notebooks under every planned name (09_explore with a widget,
+    ``failing`` ones raising), the real profiles and ``experiments`` (``None``: the real params
+    folder), the real _config.yml and pages."""
+    notebooks = root / "notebooks"
+    notebooks.mkdir()
+    for stem in NOTEBOOK_STEMS:
+        fixture = "widget_page.ipynb" if stem == "09_explore" else "glue_page.ipynb"
+        fixture = "raises.ipynb" if stem in failing else fixture
+        shutil.copy(FIXTURES / fixture, notebooks / f"{stem}.ipynb")
+    params = PARAMS_DIR
+    if experiments is not None:
+        params = root / "params"
+        (params / "experiments").mkdir(parents=True)
+        shutil.copytree(PARAMS_DIR / "profiles", params / "profiles")
+        for i in experiments:
+            shutil.copy(PARAMS_DIR / "experiments" / f"{i}.yaml", params / "experiments")
+    book = root / "book"
+    (book / "_static").mkdir(parents=True)
+    for page in ("intro.md", "method.md", "_static/widgets-requirejs-config.js"):
+        shutil.copy(REPO / "book" / page, book / page)
+    shutil.copy(REPO / "_config.yml", root / "_config.yml")
+    return BookPaths(root=root, notebooks=notebooks, params=params, book=book)
+
+
+class FakeExecutor:
+    """Stands in for papermill: copies the source to the output and records the call."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def __call__(self, execution, cwd):
+        nbformat.write(nbformat.read(execution.source, as_version=4), execution.output)
+        self.calls.append(execution.name)
+        return None
+
+
+def fake_run(paths: BookPaths, **kwargs) -> tuple[runner.Report, list[str]]:
+    fake = FakeExecutor()
+    report = run("smoke", paths, build=False, executor=fake, **kwargs)
+    return report, fake.calls
+
+
+# --- plan -------------------------------------------------------------------------------------
+
+
+def test_every_family_has_a_notebook():
+    assert list(FAMILY_NOTEBOOKS) == list(FAMILIES)
+
+
+def test_plan_runs_each_family_notebook_per_configuration_then_summaries_then_study_notebooks(
+    tmp_path,
+):
+    paths = make_book(tmp_path, experiments=None)
+    plan = build_plan("smoke", paths)
+    ids = available_experiments()
+    assert len(ids) == 23
+    assert len(plan) == 23 + len(FAMILIES) + 4
+    assert [e.phase for e in plan] == ["config"] * 23 + ["summary"] * 6 + ["profile"] * 4
+
+    configs = [e for e in plan if e.phase == "config"]
+    assert sorted(e.config_id for e in configs) == ids
+    for e in configs:
+        stem = FAMILY_NOTEBOOKS[load_config("smoke", e.config_id).family]
+        assert e.source == paths.notebooks / f"{stem}.ipynb"
+        assert e.output == paths.book / "executed" / stem / f"{e.config_id}.ipynb"
+        assert e.parameters == {"profile": "smoke", "config_id": e.config_id}
+    assert len({e.key for e in configs}) == 23
+
+    summaries = [e for e in plan if e.phase == "summary"]
+    assert [e.family for e in summaries] == list(FAMILIES)
+    assert all(e.parameters == {"profile": "smoke", "config_id": ""} for e in summaries)
+    assert all(e.output.name == "summary.ipynb" for e in summaries)
+
+    study = [e for e in plan if e.phase == "profile"]
+    assert [e.source.stem for e in study] == list(PROFILE_NOTEBOOKS)
+    assert all(e.parameters == {"profile": "smoke"} for e in study)
+    assert study[0].output == paths.book / "executed" / "07_zero_shot.ipynb"
+
+    full = build_plan("full", paths)
+    assert not {e.key for e in plan} & {e.key for e in full}
+
+
+def test_missing_notebook_source_is_named(tmp_path):
+    paths = make_book(tmp_path)
+    (paths.notebooks / "04_layer_freezing.ipynb").unlink()
+    with pytest.raises(RunnerError, match="04_layer_freezing"):
+        build_plan("smoke", paths)
+
+
+# --- skip logic -------------------------------------------------------------------------------
+
+
+def test_second_run_skips_every_current_execution(tmp_path):
+    paths = make_book(tmp_path)
+    first, calls = fake_run(paths)
+    # E2, E4, A1 + 2 family summaries + 4 study notebooks
+    assert len(calls) == 9 and first.ok
+    stamp = stamp_of(paths.executed / "02_full_ft_vs_lora" / "E2.ipynb")
+    assert stamp["status"] == "ok" and stamp["parameters"]["config_id"] == "E2"
+
+    second, calls = fake_run(paths)
+    assert calls == [] and len(second.skipped) == 9
+
+
+def test_changed_config_reruns_its_page_its_family_summary_and_the_study_notebooks(tmp_path):
+    paths = make_book(tmp_path)
+    fake_run(paths)
+    experiment = paths.params / "experiments" / "E4.yaml"
+    experiment.write_text(experiment.read_text().replace("rank: 4", "rank: 2"))
+
+    _, calls = fake_run(paths)
+    assert calls == [
+        "02_full_ft_vs_lora/E4",
+        "02_full_ft_vs_lora/summary",
+        *PROFILE_NOTEBOOKS,
+    ]
+
+
+def test_changed_description_does_not_rerun(tmp_path):
+    paths = make_book(tmp_path)
+    fake_run(paths)
+    experiment = paths.params / "experiments" / "E2.yaml"
+    experiment.write_text(experiment.read_text().replace("Full FT EuroSAT", "Full FT, EuroSAT"))
+    _, calls = fake_run(paths)
+    assert calls == []
+
+
+def test_changed_notebook_reruns_only_its_executions(tmp_path):
+    paths = make_book(tmp_path)
+    fake_run(paths)
+    source = paths.notebooks / "03_lr_sweep.ipynb"
+    nb = nbformat.read(source, as_version=4)
+    nb.cells.append(nbformat.v4.new_markdown_cell("One more paragraph."))
+    nbformat.write(nb, source)
+
+    _, calls = fake_run(paths)
+    assert calls == ["03_lr_sweep/A1_lr1e-4", "03_lr_sweep/summary"]
+
+
+def test_failed_deleted_or_unstamped_outputs_rerun(tmp_path):
+    paths = make_book(tmp_path)
+    fake_run(paths)
+    failed = paths.executed / "02_full_ft_vs_lora" / "E2.ipynb"
+    nb = nbformat.read(failed, as_version=4)
+    nb.metadata[METADATA_KEY]["status"] = "failed"
+    nbformat.write(nb, failed)
+    (paths.executed / "02_full_ft_vs_lora" / "E4.ipynb").unlink()
+    unstamped = paths.executed / "08_statistics.ipynb"
+    nb = nbformat.read(unstamped, as_version=4)
+    del nb.metadata[METADATA_KEY]
+    nbformat.write(nb, unstamped)
+
+    _, calls = fake_run(paths)
+    assert calls == ["02_full_ft_vs_lora/E2", "02_full_ft_vs_lora/E4", "08_statistics"]
+    _, calls = fake_run(paths, force=True)
+    assert len(calls) == 9
+
+
+def test_only_runs_those_configurations_and_their_family_summaries(tmp_path):
+    paths = make_book(tmp_path)
+    _, calls = fake_run(paths, only=["A1_lr1e-4"])
+    assert calls == ["03_lr_sweep/A1_lr1e-4", "03_lr_sweep/summary"]
+    toc = yaml.safe_load(paths.toc.read_text())
+    assert [p["caption"] for p in toc["parts"]] == ["The study", runner.FAMILY_TITLES["lr_sweep"]]
+
+
+def test_unknown_only_id_is_an_error_listing_the_available_ids(tmp_path, capsys):
+    paths = make_book(tmp_path)
+    with pytest.raises(RunnerError, match=r"\['E99'\].*available: A1_lr1e-4, E2, E4"):
+        fake_run(paths, only=["E2", "E99"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--profile", "smoke", "--only", "E2,nope", "--no-build"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown experiment id(s) ['nope']" in err and "R3_wd0.1" in err
+
+
+# --- toc and build config ---------------------------------------------------------------------
+
+
+def test_toc_lists_every_page_with_summaries_first(tmp_path):
+    paths = make_book(tmp_path)
+    fake_run(paths)
+    toc = yaml.safe_load(paths.toc.read_text())
+    assert toc["format"] == "jb-book" and toc["root"] == "book/intro"
+    files = [[c["file"] for c in part["chapters"]] for part in toc["parts"]]
+    assert files == [
+        ["book/method"],
+        [
+            "book/executed/02_full_ft_vs_lora/summary",
+            "book/executed/02_full_ft_vs_lora/E2",
+            "book/executed/02_full_ft_vs_lora/E4",
+        ],
+        ["book/executed/03_lr_sweep/summary", "book/executed/03_lr_sweep/A1_lr1e-4"],
+        [f"book/executed/{stem}" for stem in PROFILE_NOTEBOOKS],
+    ]
+    titles = {c["file"]: c.get("title") for part in toc["parts"] for c in part["chapters"]}
+    assert titles["book/executed/02_full_ft_vs_lora/E4"] == "E4: LoRA r=4 EuroSAT"
+
+
+def test_toc_leaves_out_pages_executed_for_another_profile_or_config(tmp_path):
+    paths = make_book(tmp_path)
+    fake_run(paths)
+    run("full", paths, build=False, executor=FakeExecutor(), only=["E2"])
+    files = [
+        c["file"] for p in yaml.safe_load(paths.toc.read_text())["parts"] for c in p["chapters"]
+    ]
+    assert files == [
+        "book/method",
+        "book/executed/02_full_ft_vs_lora/summary",
+        "book/executed/02_full_ft_vs_lora/E2",
+    ]
+
+
+def test_smoke_build_says_numbers_are_not_findings_and_full_build_does_not(tmp_path):
+    paths = make_book(tmp_path)
+    smoke = yaml.safe_load(write_build_config("smoke", paths).read_text())
+    full = yaml.safe_load(write_build_config("full", paths).read_text())
+    assert "not findings" in smoke["html"]["announcement"]
+    assert "tiny random" in smoke["html"]["announcement"]
+    assert full["html"]["announcement"] == ""
+    assert smoke["execute"]["execute_notebooks"] == "off"
+    assert full["title"] == yaml.safe_load((REPO / "_config.yml").read_text())["title"]
+
+
+# --- end to end: papermill and Jupyter Book ---------------------------------------------------
+
+
+@pytest.mark.slow
+def test_failure_is_reported_others_run_and_the_book_shows_the_error_page(tmp_path, capsys):
+    paths = make_book(tmp_path, experiments=("E2", "A1_lr1e-4"), failing=("03_lr_sweep",))
+    report = run("smoke", paths, jobs=2)
+
+    assert not report.ok
+    assert sorted(e.name for e, _ in report.failed) == [
+        "03_lr_sweep/A1_lr1e-4",
+        "03_lr_sweep/summary",
+    ]
+    assert all("RuntimeError: fixture failure" in error for _, error in report.failed)
+    assert len(report.executed) == 6  # E2, its summary, the four study notebooks
+    out = capsys.readouterr().out
+    assert "FAILED book/executed/03_lr_sweep/A1_lr1e-4.ipynb: RuntimeError" in out
+
+    failed = nbformat.read(paths.executed / "03_lr_sweep" / "A1_lr1e-4.ipynb", as_version=4)
+    assert failed.metadata[METADATA_KEY]["status"] == "failed"
+    errors = [o for c in failed.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert any(o.output_type == "error" and o.ename == "RuntimeError" for o in errors)
+
+    # The build itself is clean (-W -n): the failure page renders, glue keys resolve.
+    assert report.build_returncode == 0
+    html = paths.build / "html"
+    page = (html / "book" / "executed" / "02_full_ft_vs_lora" / "E2.html").read_text()
+    assert "smoke/E2" in page  # the glued value
+    assert "not findings" in page  # the smoke banner
+    assert (
+        "fixture failure"
+        in (html / "book" / "executed" / "03_lr_sweep" / "summary.html").read_text()
+    )
+    assert (html / "book" / "executed" / "10_reproducibility.html").is_file()
+
+    # Widgets and math load from _static, never from a CDN.
+    explore = (html / "book" / "executed" / "09_explore.html").read_text()
+    assert "_static/npm/@jupyter-widgets/html-manager/dist/embed-amd.js" in explore
+    assert "application/vnd.jupyter.widget-state+json" in explore
+    method = (html / "book" / "method.html").read_text()
+    assert "_static/npm/mathjax/tex-mml-chtml.js" in method
+    for text in (explore, method, page):
+        assert not re.search(r"""<(script|link)[^>]+(src|href)="https?://""", text)
+
+    again = run("smoke", paths, build=False)
+    assert len(again.skipped) == 6 and len(again.failed) == 2 and not again.executed
