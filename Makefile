@@ -56,4 +56,4 @@ bench: venv
 	$(BIN)/python -m collapse_utils.bench
 
 clean:
-	rm -rf _build book/_executed outputs/smoke
+	rm -rf _build book/executed _toc.yml outputs/smoke

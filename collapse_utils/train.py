@@ -559,7 +559,8 @@ def _finish(config: RunConfig, history: dict, paths: _Paths, started: float) -> 
     history["status"] = "complete"
     history["wall_time_s"] += time.perf_counter() - started
     write_json(paths.history, history)
-    return RunResult(config, history)
+    # Return what is on disk, so a fresh run and a skipped rerun give equal histories.
+    return RunResult(config, read_json(paths.history))
 
 
 def _fail(config: RunConfig, history: dict, paths: _Paths, step: int, reason: str, started):
