@@ -198,6 +198,15 @@ def available_experiments(params_dir: Path = PARAMS_DIR) -> list[str]:
     return sorted(p.stem for p in (params_dir / "experiments").glob("*.yaml"))
 
 
+def profile_output_root(profile: str, params_dir: Path | str = PARAMS_DIR) -> Path:
+    """``output_root`` of a profile (where its runs, figures and caches live)."""
+    path = Path(params_dir) / "profiles" / f"{profile}.yaml"
+    if not path.exists():
+        raise ConfigError(f"{path}: unknown profile {profile!r}")
+    raw = _read_yaml(path, _PROFILE_KEYS)
+    return Path(_check_type(raw.get("output_root", "outputs"), str, "output_root", path))
+
+
 def load_config(
     profile: str,
     experiment_id: str,

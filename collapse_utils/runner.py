@@ -199,7 +199,8 @@ def build_plan(profile: str, paths: BookPaths) -> list[Execution]:
                 source=source,
                 output=paths.executed / stem / "summary.ipynb",
                 parameters={"profile": profile, "config_id": ""},
-                key=execution_key(source, profile, by_family[family]),
+                # Summaries compare against runs of other families (E2, E5), so they depend on all.
+                key=execution_key(source, profile, configs),
                 title="Family comparison",
                 family=family,
             )

@@ -1,0 +1,156 @@
+"""Interactive exploration of the saved [CLS] attention maps (ipywidgets).
+
+Each run stores, at every tracking point, the full [CLS] attention rows of the first
+``eval.map_images`` metric images (``attention_maps.safetensors``). The explorer picks a
+configuration, layer, head (or the head mean), image and training step and draws the attention
+over the image next to the layer's metric curves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import ipywidgets as widgets
+import numpy as np
+from IPython.display import display
+from safetensors.torch import load_file
+
+from . import plots
+from .results import find_histories, load_history
+
+
+@dataclass(frozen=True)
+class RunMaps:
+    """One run's saved maps: maps (evals, images, layers, heads, tokens), steps (evals,),
+    images (images, 3, S, S) uint8, and its history."""
+
+    history: dict
+    maps: np.ndarray
+    steps: np.ndarray
+    images: np.ndarray
+
+    @classmethod
+    def load(cls, history_path: Path) -> RunMaps:
+        tensors = load_file(history_path.parent / "attention_maps.safetensors")
+        return cls(
+            history=load_history(history_path),
+            maps=tensors["maps"].float().numpy(),
+            steps=tensors["steps"].numpy(),
+            images=tensors["images"].numpy(),
+        )
+
+    def row(self, step_index: int, image: int, layer: int, head: int | None) -> np.ndarray:
+        """(tokens,) attention row; ``head=None`` averages the heads."""
+        rows = self.maps[step_index, image, layer]
+        return rows.mean(axis=0) if head is None else rows[head]
+
+
+def available_runs(output_root: Path | str) -> dict[str, Path]:
+    """Run id → history path, for runs whose attention maps were saved."""
+    found = {}
+    for path in find_histories(output_root):
+        if (path.parent / "attention_maps.safetensors").exists():
+            found[path.parent.parent.name] = path
+    return dict(sorted(found.items()))
+
+
+def image_grid(run: RunMaps, step_index: int, layer: int):
+    """Static view: the head-mean attention of every saved image at one step and layer."""
+    count = run.images.shape[0]
+    fig, axes = plots.new_figure(ncols=count, width=2.0, height=2.2)
+    for image, ax in enumerate(axes[0]):
+        row = run.row(step_index, image, layer, None)
+        plots.attention_overlay(ax, run.images[image], row, f"image {image}")
+    step = int(run.steps[step_index])
+    fig.suptitle(f"{run.history['id']}, layer {layer + 1}, mean of heads, step {step}")
+    return fig
+
+
+def draw(run: RunMaps, step_index: int, image: int, layer: int, head: int | None):
+    """The explorer's figure: attention over the image, and the layer's four metrics over
+    training with the chosen step marked."""
+    fig, axes = plots.new_figure(ncols=5, width=2.9, height=2.9)
+    head_name = "mean of heads" if head is None else f"head {head}"
+    plots.attention_overlay(
+        axes[0, 0],
+        run.images[image],
+        run.row(step_index, image, layer, head),
+        f"layer {layer + 1}, {head_name}\nstep {int(run.steps[step_index])}",
+    )
+    evals = run.history["evals"]
+    steps = [e["step"] for e in evals]
+    for ax, metric in zip(axes[0, 1:], plots.METRICS, strict=True):
+        ax.plot(steps, [e["metrics"][metric][layer] for e in evals], marker=".")
+        ax.axvline(run.steps[step_index], color="tab:red", linestyle="--")
+        ax.set(xlabel="step", title=plots.METRIC_LABELS[metric])
+    fig.suptitle(f"{run.history['id']}: {run.history['description']}")
+    return fig
+
+
+class AttentionExplorer:
+    """Widgets: configuration, layer, head, image and training step → :func:`draw`."""
+
+    def __init__(self, output_root: Path | str, initial: str | None = None):
+        self.paths = available_runs(output_root)
+        if not self.paths:
+            raise FileNotFoundError(
+                f"no runs with attention maps under {output_root}; run the family notebooks first"
+            )
+        first = initial if initial in self.paths else next(iter(self.paths))
+        self.run = RunMaps.load(self.paths[first])
+        self.config = widgets.Dropdown(
+            options=list(self.paths), value=first, description="configuration"
+        )
+        self.layer = widgets.IntSlider(min=1, max=1, description="layer")
+        self.head = widgets.Dropdown(description="head")
+        self.image = widgets.IntSlider(min=0, max=0, description="image")
+        self.step = widgets.SelectionSlider(options=[0], description="step")
+        self.output = widgets.Output()
+        self._quiet = False
+        self._configure()
+        self.config.observe(self._on_config, names="value")
+        for control in (self.layer, self.head, self.image, self.step):
+            control.observe(self._redraw, names="value")
+        self._redraw()
+
+    def _configure(self) -> None:
+        """Fit the controls to the current run; redraws are held until it is consistent."""
+        self._quiet = True
+        _, images, layers, heads, _ = self.run.maps.shape
+        self.layer.max = layers
+        self.layer.value = layers
+        self.head.options = [("mean", -1)] + [(str(h), h) for h in range(heads)]
+        self.head.value = -1
+        self.image.max = images - 1
+        self.step.options = [int(s) for s in self.run.steps]
+        self.step.value = int(self.run.steps[-1])
+        self._quiet = False
+
+    def _on_config(self, change) -> None:
+        self.run = RunMaps.load(self.paths[change["new"]])
+        self._configure()
+        self._redraw()
+
+    def _redraw(self, *_) -> None:
+        if self._quiet:
+            return
+        step_index = int(np.searchsorted(self.run.steps, self.step.value))
+        head = None if self.head.value == -1 else self.head.value
+        fig = draw(self.run, step_index, self.image.value, self.layer.value - 1, head)
+        self.output.clear_output(wait=True)
+        with self.output:
+            display(fig)
+
+    @property
+    def widget(self) -> widgets.Widget:
+        controls = widgets.HBox(
+            [
+                widgets.VBox([self.config, self.layer, self.head]),
+                widgets.VBox([self.image, self.step]),
+            ]
+        )
+        return widgets.VBox([controls, self.output])
+
+    def show(self) -> None:
+        display(self.widget)
