@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +21,9 @@ from typing import Any
 
 import yaml
 
-PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
+# The runner points notebooks at another params folder (tests) through this variable.
+PARAMS_ENV = "COLLAPSE_PARAMS_DIR"
+PARAMS_DIR = Path(os.environ.get(PARAMS_ENV) or Path(__file__).resolve().parent.parent / "params")
 
 DATASETS = ("eurosat", "pets", "cifar100", "flowers102", "synthetic")
 METHODS = ("none", "full", "lora")

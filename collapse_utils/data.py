@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
@@ -59,6 +60,11 @@ def resize_center_crop(images: Tensor, size: int = 224) -> Tensor:
     ``size``, then centre crop. images: (..., 3, H, W) uint8 → (..., 3, size, size) uint8."""
     resized = TF.resize(images, [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     return TF.center_crop(resized, [size, size])
+
+
+def image_to_uint8(image: Image.Image, size: int = 224) -> Tensor:
+    """One PIL image → RGB, CLIP geometry, uint8 (3, size, size): what the split cache holds."""
+    return resize_center_crop(TF.pil_to_tensor(image.convert("RGB")), size)
 
 
 def normalize(images: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -164,8 +170,7 @@ def _decode(name: str, root: Path, split: str, download: bool, size: int) -> tup
         ) from err
     images, labels = [], []
     for image, label in tqdm(source, desc=f"decode {name}/{split}", leave=False):
-        tensor = TF.pil_to_tensor(image.convert("RGB"))
-        images.append(resize_center_crop(tensor, size))
+        images.append(image_to_uint8(image, size))
         labels.append(int(label))
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from tqdm import tqdm
 from collapse_utils.config import (
     FAMILIES,
     PARAMS_DIR,
+    PARAMS_ENV,
     RunConfig,
     available_experiments,
     load_config,
@@ -460,6 +462,8 @@ def run(
     if only:
         check_ids(only, paths.params)
     plan = build_plan(profile, paths)
+    # Kernels inherit the environment: their load_config reads the same params folder.
+    os.environ[PARAMS_ENV] = str(paths.params.resolve())
     report = execute_plan(select(plan, only), paths.root, jobs, force, executor)
     write_toc(plan, paths)
     if build:

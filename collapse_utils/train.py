@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .attention import capture_cls_attention
-from .config import RunConfig
+from .config import RegSpec, RunConfig, TrainSpec
 from .data import ImageSet, load_splits, load_test_set, normalize
 from .metrics import METRICS, layer_metrics
 from .model import CLIPClassifier, load_clip, merged_clip, prepare_for_training
@@ -262,6 +262,54 @@ def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
+def make_optimizer(params: list[Tensor], train: TrainSpec, device: torch.device):
+    """AdamW with the run's rate and weight decay; fused kernels on CUDA."""
+    return torch.optim.AdamW(
+        params, lr=train.lr, weight_decay=train.weight_decay, fused=device.type == "cuda"
+    )
+
+
+def batch_loss(
+    model: nn.Module,
+    forward: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    reg: RegSpec,
+    dtype: torch.dtype | None,
+    floor: Tensor | None = None,
+    reference: Tensor | None = None,
+    frozen: nn.Module | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Classification loss (+ regularizer) of one uint8 batch (B, 3, S, S); returns
+    (loss, logits). ``forward`` is ``model`` or its compiled version, used only without a
+    regularizer (the capture hooks need ``model``). ``floor``: the entropy floor per layer.
+    APR's pre-trained rows are ``reference`` (this batch's rows of the cache) or, when None,
+    computed by the ``frozen`` copy."""
+    pixels = normalize(images)
+    with _autocast(images.device, dtype):
+        if reg.kind == "none":
+            logits = forward(pixels)
+            return classification_loss(logits, labels), logits
+        with capture_cls_attention(model) as cap:
+            logits = model(pixels)
+        loss = classification_loss(logits, labels)
+        if reg.kind == "entropy_floor":
+            return loss + entropy_floor_penalty(cap.tensor, floor, reg.lam), logits
+        initial = reference if reference is not None else cls_attention(frozen, images, dtype)
+        return loss + apr_penalty(cap.tensor, initial, reg.lam), logits
+
+
+def apply_gradients(loss: Tensor, optimizer, scaler, scheduler, params, grad_clip: float) -> None:
+    """Backward (scaled for fp16), gradient-norm clip, optimizer and scheduler step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+
+
 def _eval_points(steps_per_epoch: int, evals_per_epoch: int) -> set[int]:
     """1-based in-epoch steps after which metrics are tracked (always includes the last)."""
     count = min(evals_per_epoch, steps_per_epoch)
@@ -352,12 +400,7 @@ def run_experiment(config: RunConfig, progress: bool = True) -> RunResult:
         frozen = copy.deepcopy(model).eval().requires_grad_(False)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable,
-        lr=config.train.lr,
-        weight_decay=config.train.weight_decay,
-        fused=device.type == "cuda",
-    )
+    optimizer = make_optimizer(trainable, config.train, device)
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, round(config.train.warmup_fraction * total_steps), total_steps
     )
@@ -382,22 +425,9 @@ def run_experiment(config: RunConfig, progress: bool = True) -> RunResult:
         write_json(paths.history, history)
 
     def step_loss(index: Tensor) -> tuple[Tensor, Tensor]:
-        """Classification loss (+ regularizer) of one batch; returns (loss, logits)."""
-        pixels, labels = normalize(train_images[index]), train_labels[index]
-        with _autocast(device, dtype):
-            if config.reg.kind == "none":
-                logits = forward(pixels)
-                return classification_loss(logits, labels), logits
-            with capture_cls_attention(model) as cap:
-                logits = model(pixels)
-            loss = classification_loss(logits, labels)
-            if config.reg.kind == "entropy_floor":
-                return loss + entropy_floor_penalty(cap.tensor, floor, config.reg.lam), logits
-            if reference is not None:
-                initial = reference[index]
-            else:
-                initial = cls_attention(frozen, train_images[index], dtype)
-            return loss + apr_penalty(cap.tensor, initial, config.reg.lam), logits
+        rows = None if reference is None else reference[index]
+        images, labels = train_images[index], train_labels[index]
+        return batch_loss(model, forward, images, labels, config.reg, dtype, floor, rows, frozen)
 
     step = start_epoch * steps_per_epoch
     writer = SummaryWriter(run_dir / "tensorboard", purge_step=step)
@@ -418,13 +448,7 @@ def run_experiment(config: RunConfig, progress: bool = True) -> RunResult:
             step += 1
             if not math.isfinite(loss_value):
                 _fail(config, history, paths, step, f"non-finite loss {loss_value}", started)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, config.train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            apply_gradients(loss, optimizer, scaler, scheduler, trainable, config.train.grad_clip)
             epoch_time += time.perf_counter() - tick
             window_loss += loss_value * len(index)
             window_correct += (logits.argmax(-1) == train_labels[index]).sum().item()

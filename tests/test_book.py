@@ -1,0 +1,83 @@
+"""End to end: the runner executes the real notebooks on a few smoke configurations (one of them
+broken) and builds the book with warnings as errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from collapse_utils.config import PARAMS_DIR
+from collapse_utils.runner import BookPaths, run
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = ("E1_eurosat", "E2", "E5")
+BROKEN = """id: E9_broken
+family: full_vs_lora
+description: Full FT on a dataset that is not on disk
+data: {dataset: eurosat, synthetic_stand_in: false, root: no-such-data}
+train: {method: full}
+"""
+
+
+@pytest.fixture(scope="module")
+def book(tmp_path_factory):
+    root = tmp_path_factory.mktemp("book")
+    params = root / "params"
+    shutil.copytree(PARAMS_DIR / "profiles", params / "profiles")
+    (params / "experiments").mkdir()
+    for i in CONFIGS:
+        shutil.copy(PARAMS_DIR / "experiments" / f"{i}.yaml", params / "experiments")
+    (params / "experiments" / "E9_broken.yaml").write_text(BROKEN)
+    shutil.copytree(REPO / "book", root / "book", ignore=shutil.ignore_patterns("executed"))
+    shutil.copy(REPO / "_config.yml", root / "_config.yml")
+    paths = BookPaths(root=root, notebooks=REPO / "notebooks", params=params, book=root / "book")
+    report = run("smoke", paths, jobs=2)
+    return paths, report
+
+
+@pytest.mark.slow
+def test_broken_configuration_fails_alone_and_the_book_still_builds(book):
+    _, report = book
+    assert [e.config_id for e, _ in report.failed] == ["E9_broken"]
+    assert not report.ok
+    assert report.build_returncode == 0
+
+
+@pytest.mark.slow
+def test_executed_notebooks_have_no_error_cells_except_the_broken_one(book):
+    paths, report = book
+    for execution in report.executed:
+        notebook = nbformat.read(execution.output, as_version=4)
+        errors = [
+            o for c in notebook.cells for o in c.get("outputs", []) if o.output_type == "error"
+        ]
+        if execution.config_id == "E9_broken":
+            assert errors and errors[0].ename == "DatasetUnavailableError"
+        else:
+            assert not errors, execution.name
+
+
+@pytest.mark.slow
+def test_book_has_every_page_with_glued_numbers_and_the_smoke_banner(book):
+    paths, _ = book
+    html = paths.root / "_build" / "html"
+    pages = {
+        "intro": html / "book" / "intro.html",
+        "E2": html / "book" / "executed" / "02_full_ft_vs_lora" / "E2.html",
+        "family": html / "book" / "executed" / "02_full_ft_vs_lora" / "summary.html",
+        "broken": html / "book" / "executed" / "02_full_ft_vs_lora" / "E9_broken.html",
+        "statistics": html / "book" / "executed" / "08_statistics.html",
+        "explore": html / "book" / "executed" / "09_explore.html",
+    }
+    for name in ("07_zero_shot", "10_reproducibility", "01_baseline/E1_eurosat"):
+        pages[name] = html / "book" / "executed" / f"{name}.html"
+    for name, page in pages.items():
+        assert page.is_file(), name
+    e2 = pages["E2"].read_text()
+    assert "Best validation accuracy" in e2  # the glued findings paragraph
+    assert "not findings" in e2  # smoke banner / note
+    assert "DatasetUnavailableError" in pages["broken"].read_text()
+    assert "application/vnd.jupyter.widget-state+json" in pages["explore"].read_text()
