@@ -1,6 +1,6 @@
 """Read run histories into tidy tables.
 
-Every run writes ``<output_root>/runs/<id>/seed<k>/history.json`` (schema in the runner). This
+Every run writes ``<output_root>/runs/<id>/seed<k>/history.json`` (schema: ``train.py``). This
 module only reads those files: the book's numbers come from here, never from logs.
 
 Conventions. ``run`` is the experiment id, ``seed`` the training seed; one history is one

@@ -81,6 +81,15 @@ def bootstrap_mean_ci(
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
+MIN_BOOTSTRAP_N = 5
+
+
+def _ci(values: np.ndarray, n_boot: int, rng: np.random.Generator, method: str):
+    if len(values) < MIN_BOOTSTRAP_N:
+        return (float("nan"), float("nan"))
+    return bootstrap_mean_ci(values, n_boot, rng, method)
+
+
 def compare_groups(
     a: Sequence[float],
     b: Sequence[float],
@@ -89,7 +98,9 @@ def compare_groups(
     ci_method: str = "BCa",
 ) -> GroupComparison:
     """Welch t-test, Mann-Whitney U (U of ``a``), signed Cohen's d and bootstrap CIs of both
-    means. One seeded Generator draws ``a``'s resamples, then ``b``'s.
+    means. One seeded Generator draws ``a``'s resamples, then ``b``'s. A group with fewer than
+    ``MIN_BOOTSTRAP_N`` values gets a (nan, nan) CI: resampling 2–4 values only spans them and
+    is nowhere near 95 % coverage.
 
     Note: ``pingouin.ttest`` reports ``abs(d)``; here d keeps its sign (negative: a < b)."""
     x, y = _array(a), _array(b)
@@ -109,8 +120,8 @@ def compare_groups(
         mwu_u=float(mwu["U_val"]),
         mwu_p=float(mwu["p_val"]),
         cohen_d=float(pg.compute_effsize(x, y, paired=False, eftype="cohen")),
-        ci_a=bootstrap_mean_ci(x, n_boot, rng, ci_method),
-        ci_b=bootstrap_mean_ci(y, n_boot, rng, ci_method),
+        ci_a=_ci(x, n_boot, rng, ci_method),
+        ci_b=_ci(y, n_boot, rng, ci_method),
     )
 
 
@@ -415,6 +426,8 @@ def seed_level_test(
     seed: int = 0,
 ) -> UnitComparison:
     """One value per (run, seed) of ``run_summary`` per group. Needs a run with several seeds."""
+    if summary_a.empty or summary_b.empty:
+        raise ValueError("seed-level test needs runs in both groups")
     if max(summary_a.groupby("run").size().max(), summary_b.groupby("run").size().max()) < 2:
         raise ValueError("seed-level test needs at least one run with several seeds")
     a = summary_a[column].astype(float).dropna()

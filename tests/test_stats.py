@@ -317,3 +317,9 @@ def test_paired_layer_test_pairs_layers_and_averages_seeds():
     assert result.result.t == pytest.approx(expected.statistic)
     assert result.result.mean_diff == pytest.approx(0.8 + B[:24].mean() / 10)
     assert "not independent replicates" in result.supports
+
+
+def test_groups_too_small_for_a_bootstrap_get_no_confidence_interval():
+    result = compare_groups([0.1, 0.5], [1.0, 1.2, 0.9, 1.4, 1.1], n_boot=200, seed=0)
+    assert all(np.isnan(result.ci_a))
+    assert not any(np.isnan(result.ci_b))
