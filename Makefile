@@ -3,6 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PROFILE ?= smoke
+JOBS ?= 2
 
 .PHONY: venv test lint book book-assets bench clean
 
@@ -50,7 +51,7 @@ $(NPM_STATIC)/.copied: package.json package-lock.json
 book-assets: $(NPM_STATIC)/.copied
 
 book: venv book-assets
-	$(BIN)/python -m collapse_utils run --profile $(PROFILE)
+	$(BIN)/python -m collapse_utils run --profile $(PROFILE) --jobs $(JOBS)
 
 bench: venv
 	$(BIN)/python -m collapse_utils.bench

@@ -25,6 +25,9 @@ import yaml
 PARAMS_ENV = "COLLAPSE_PARAMS_DIR"
 PARAMS_DIR = Path(os.environ.get(PARAMS_ENV) or Path(__file__).resolve().parent.parent / "params")
 
+# The four attention metrics of the report (§1.4); formulas in metrics.py. Here so that code
+# reading results needs no torch import.
+METRICS = ("entropy", "erf", "gini", "head_diversity")
 DATASETS = ("eurosat", "pets", "cifar100", "flowers102", "synthetic")
 METHODS = ("none", "full", "lora")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")

@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-METRICS = ("entropy", "erf", "gini", "head_diversity")
+from .config import METRICS
+
+__all__ = ["METRICS", "cls_to_patch", "entropy", "erf", "gini", "head_diversity", "layer_metrics"]
 
 
 def cls_to_patch(cls_attn: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,9 @@ from myst_nb import glue
 from . import plots
 from .config import RunConfig, load_config, profile_output_root
 from .results import load_histories, run_summary
-from .train import RunResult, run_experiment
+
+if TYPE_CHECKING:
+    from .train import RunResult
 
 SMOKE_NOTE = (
     "*Smoke profile: a tiny random CLIP on synthetic images. These numbers check the pipeline; "
@@ -115,6 +118,9 @@ def _family_ids(profile: str, family: str) -> list[str]:
 
 def run_page(profile: str, config_id: str) -> RunResult:
     """Run (or load) one configuration and show its settings, curves and per-layer heat map."""
+    # Imported here: torch/transformers/PEFT take seconds to import and only run pages train.
+    from .train import run_experiment
+
     config = load_config(profile, config_id)
     display(config_table(config))
     result = run_experiment(config, progress=False)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from collapse_utils.metrics import METRICS
+from collapse_utils.config import METRICS
 
 _REQUIRED = ("id", "family", "seed", "status", "config", "evals")
 _TIDY_COLUMNS = ["run", "seed", "family", "layer", "step", "fraction", "metric", "value"]

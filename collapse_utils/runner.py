@@ -464,6 +464,8 @@ def run(
     plan = build_plan(profile, paths)
     # Kernels inherit the environment: their load_config reads the same params folder.
     os.environ[PARAMS_ENV] = str(paths.params.resolve())
+    # Parallel kernels share the cores: give each its slice instead of oversubscribing.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     report = execute_plan(select(plan, only), paths.root, jobs, force, executor)
     write_toc(plan, paths)
     if build:

@@ -1,0 +1,574 @@
+"""``python -m collapse_utils.bench``: speed of preprocessing, a training step and tracking.
+
+Two paths, side by side in one process, on the same synthetic images and weights:
+
+* **report** — the report's pipeline: JPEG-encoded PIL images decoded and run through
+  ``transformers.CLIPImageProcessor`` per sample in a torch ``DataLoader``; an eager-attention
+  model called with ``output_attentions=True`` every step (fp16 + GradScaler on CUDA, unfused
+  AdamW), each batch copied host → device.
+* **ours** — each split decoded once into a uint8 tensor on the device; per batch only indexing
+  and :func:`~collapse_utils.data.normalize`; sdpa attention; the training step is
+  :func:`~collapse_utils.train.batch_loss` + :func:`~collapse_utils.train.apply_gradients`, the
+  capture hooks run only for regularizers and in :func:`~collapse_utils.train.snapshot`.
+
+Measured: images/s of preprocessing and of a training step; the overhead of tracking (five
+``snapshot`` calls per epoch on the 200-image metric subset, amortised over the epoch); the
+per-step cost of the regularizers (entropy floor; APR with its reference cached vs from a frozen
+copy); MFU from model FLOPs counted by ``FlopCounterMode``; and, from these, the implied time of
+the whole study (``params/experiments`` × the ``full`` profile). Writes
+``outputs/bench/<timestamp>.json`` and ``outputs/bench/latest.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, get_cosine_schedule_with_warmup
+
+from .config import RegSpec, TrainSpec, available_experiments, load_config
+from .data import image_to_uint8, normalize, synthetic_images
+from .metrics import layer_metrics
+from .model import CLIPClassifier, load_clip
+from .storage import write_json
+from .train import (
+    accuracy,
+    apply_gradients,
+    autocast_dtype,
+    batch_loss,
+    classification_loss,
+    cls_attention,
+    device_name,
+    make_optimizer,
+    package_versions,
+    snapshot,
+)
+
+# Dense 16-bit tensor-core peak FLOP/s (no sparsity), from the vendors' data sheets. Matched
+# against torch.cuda.get_device_name(); more specific names first.
+PEAK_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H200", 989e12),
+    ("H100", 989e12),  # SXM
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A40", 149.7e12),
+)
+# Images the study trains on: EuroSAT has no official split (train/val are cut from all 27 000
+# images); Pets uses its 3 680-image trainval split. Test sets for zero-shot; EuroSAT's is its
+# val split.
+POOL_SIZES = {"eurosat": 27000, "pets": 3680}
+TEST_SIZES = {"cifar100": 10000, "flowers102": 6149, "pets": 3669}
+# Training-step variants of our path: (name, regularizer).
+OUR_STEPS = (
+    ("ours", RegSpec()),
+    ("ours_entropy_floor", RegSpec(kind="entropy_floor", lam=0.1)),
+    ("ours_apr_cache", RegSpec(kind="apr", lam=0.1, reference="cache")),
+    ("ours_apr_frozen", RegSpec(kind="apr", lam=0.1, reference="frozen")),
+)
+PREP_IMAGES = {"eurosat_64x64": (64, 64), "pets_500x375": (500, 375)}
+N_CLASSES = 10
+MAP_IMAGES = 8
+
+
+# --- study workload ---------------------------------------------------------------------------
+
+
+def study_workload(profile: str = "full") -> dict[str, Any]:
+    """What the study computes, from ``params/experiments`` under ``profile``: training images
+    per step kind (epochs × train split), snapshots, evaluation forwards (val accuracy each epoch,
+    zero-shot test sets; the pre-trained model's zero-shot once per dataset) and the images APR's
+    cached reference is computed for. Splits are taken as ``pool × (1 − val_fraction)``."""
+    train = {name: 0 for name, _ in OUR_STEPS}
+    work = {"profile": profile, "runs": 0, "trained_runs": 0, "train_images": train}
+    work |= {"snapshots": 0, "eval_images": 0, "reference_images": 0}
+    zeroshot_sets: dict[str, int] = {}
+    for experiment in available_experiments():
+        c = load_config(profile, experiment)
+        pool = POOL_SIZES[c.data.dataset]
+        n_val = round(pool * c.data.val_fraction)
+        n_train = pool - n_val
+        tests = {n: TEST_SIZES[n] if n in TEST_SIZES else n_val for n in c.eval.zeroshot_datasets}
+        zeroshot_sets |= tests
+        work["runs"] += 1
+        work["snapshots"] += 2  # the initial attention and the step-0 snapshot
+        work["eval_images"] += sum(tests.values())
+        if c.train.method == "none":
+            continue
+        epochs = c.train.epochs
+        steps_per_epoch = math.ceil(n_train / c.train.batch_size)
+        kind = {"none": "ours", "entropy_floor": "ours_entropy_floor"}.get(
+            c.reg.kind, f"ours_apr_{c.reg.reference}"
+        )
+        work["trained_runs"] += 1
+        train[kind] += epochs * n_train
+        work["snapshots"] += epochs * min(c.train.evals_per_epoch, steps_per_epoch)
+        work["eval_images"] += epochs * n_val
+        if c.reg.kind == "apr" and c.reg.reference == "cache":
+            work["reference_images"] += n_train
+    work["eval_images"] += sum(zeroshot_sets.values())
+    work["total_train_images"] = sum(train.values())
+    return work
+
+
+def implied_study_s(
+    work: dict[str, Any],
+    step_ips: dict[str, float],
+    snapshot_s: float,
+    eval_ips: float,
+    capture_ips: float,
+) -> dict[str, float]:
+    """Seconds the study would take at the measured rates, by part. LoRA and frozen-layer runs
+    are costed as full fine-tuning (they are cheaper), so training time is an upper estimate."""
+    parts = {
+        "train": sum(n / step_ips[kind] for kind, n in work["train_images"].items() if n),
+        "tracking": work["snapshots"] * snapshot_s,
+        "evaluation": work["eval_images"] / eval_ips,
+        "apr_reference": work["reference_images"] / capture_ips,
+    }
+    return parts | {"total": sum(parts.values())}
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+def build_clip(size: str, attn_implementation: str, seed: int = 0) -> CLIPModel:
+    """smoke: the smoke profile's tiny CLIP. full: random-init ViT-B/32 (``CLIPConfig()``)."""
+    if size == "smoke":
+        spec = load_config("smoke", "E2").model
+        return load_clip(replace(spec, attn_implementation=attn_implementation), seed=seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return CLIPModel._from_config(CLIPConfig(), attn_implementation=attn_implementation)
+
+
+def report_logits(classifier: CLIPClassifier, pixels: Tensor) -> Tensor:
+    """The report's forward: every layer's full attention returned (and kept) every step."""
+    out = classifier.vision_model(pixel_values=pixels, output_attentions=True)
+    if len(out.attentions) != classifier.vision_model.config.num_hidden_layers:
+        raise RuntimeError("the eager model returned no attention maps")
+    return classifier.head(classifier.visual_projection(out.pooler_output))
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS if key in name), None)
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    tick = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - tick
+
+
+def time_round_robin(
+    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds per call of each function; calls alternate between functions so that drift on a
+    shared machine hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn, device))
+    return times
+
+
+def _stats(seconds: list[float], images: int) -> dict[str, float]:
+    median = statistics.median(seconds)
+    return {"s_median": median, "s_min": min(seconds), "images_per_s": images / median}
+
+
+# --- preprocessing ----------------------------------------------------------------------------
+
+
+def jpeg_blobs(width: int, height: int, count: int = 16, seed: int = 0) -> list[bytes]:
+    """``count`` synthetic images of ``width``×``height`` encoded as JPEG (quality 90)."""
+    images, _ = synthetic_images(n_classes=count, per_class=1, seed=seed, size=max(width, height))
+    blobs = []
+    for image in images[:, :, :height, :width]:
+        buffer = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, "JPEG", quality=90)
+        blobs.append(buffer.getvalue())
+    return blobs
+
+
+class _ProcessorDataset(Dataset):
+    """The report's dataset: decode one JPEG, run the CLIP image processor on it."""
+
+    def __init__(self, blobs: list[bytes], length: int, processor):
+        self.blobs, self.length, self.processor = blobs, length, processor
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        image = Image.open(io.BytesIO(self.blobs[i % len(self.blobs)])).convert("RGB")
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0], i % N_CLASSES
+
+
+def bench_preprocessing(
+    blobs: list[bytes], n_images: int, batch: int, workers: int, device: torch.device
+) -> dict[str, float]:
+    """Images/s: the report's DataLoader (first batch, incl. worker start, not timed); our
+    one-time cache build (decode + resize to uint8); our per-epoch path (index + normalize)."""
+    result = {}
+    for name, processor in (("report", CLIPImageProcessor()), ("report_pil", _pil_processor())):
+        dataset = _ProcessorDataset(blobs, n_images + batch, processor)
+        loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers)
+        batches = iter(loader)
+        next(batches)[0].to(device)
+        _sync(device)
+        tick = time.perf_counter()
+        seen = 0
+        for pixels, _ in batches:
+            pixels.to(device)
+            seen += len(pixels)
+        _sync(device)
+        result[f"{name}_images_per_s"] = seen / (time.perf_counter() - tick)
+
+    tick = time.perf_counter()
+    cached = torch.stack(
+        [image_to_uint8(Image.open(io.BytesIO(blobs[i % len(blobs)]))) for i in range(n_images)]
+    )
+    result["cache_build_images_per_s"] = n_images / (time.perf_counter() - tick)
+
+    cached = cached.to(device)
+    order = torch.randperm(n_images, device=device)
+    starts = range(0, n_images - batch + 1, batch)
+    normalize(cached[order[:batch]])  # warm-up
+    _sync(device)
+    tick = time.perf_counter()
+    for _ in range(3):
+        for start in starts:
+            normalize(cached[order[start : start + batch]])
+    _sync(device)
+    result["ours_images_per_s"] = 3 * len(starts) * batch / (time.perf_counter() - tick)
+    result["speedup"] = result["ours_images_per_s"] / result["report_images_per_s"]
+    result["speedup_vs_pil"] = result["ours_images_per_s"] / result["report_pil_images_per_s"]
+    return result
+
+
+def _pil_processor():
+    # transformers 5's CLIPImageProcessor is the torchvision backend; the report's transformers 4
+    # default was the PIL/NumPy one, kept in 5 as CLIPImageProcessorPil.
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil()
+
+
+# --- training steps, tracking -----------------------------------------------------------------
+
+
+def bench_size(size: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Step, tracking and regularizer timings of one model size."""
+    batch = args.batch_size
+    dtype = autocast_dtype("auto", device)
+    report_dtype = torch.float16 if device.type == "cuda" else None
+    train = TrainSpec(lr=1e-5)
+
+    ours_clip = build_clip(size, "sdpa")
+    model = CLIPClassifier(ours_clip, N_CLASSES).to(device).train()
+    report_model = CLIPClassifier(build_clip(size, "eager"), N_CLASSES).to(device).train()
+    del ours_clip
+    config = model.vision_model.config
+    n_params = sum(p.numel() for p in model.parameters())
+
+    # Training images and the metric subset: synthetic, 224 px, uint8 on the device.
+    per_class = math.ceil(4 * batch / N_CLASSES)
+    pool_images, pool_labels = synthetic_images(N_CLASSES, per_class, seed=1, size=224)
+    pool_images, pool_labels = pool_images.to(device), pool_labels.to(device)
+    per_class = math.ceil(args.metric_images / N_CLASSES)
+    metric_images, metric_labels = synthetic_images(N_CLASSES, per_class, seed=2, size=224)
+    metric_images = metric_images[: args.metric_images].to(device)
+    metric_labels = metric_labels[: args.metric_images].to(device)
+    n_batches = len(pool_images) // batch
+    batches = [torch.arange(i * batch, (i + 1) * batch, device=device) for i in range(n_batches)]
+    # The report's loader hands over CPU float batches; the copy to the device is in its step.
+    report_batches = [normalize(pool_images[b]).cpu() for b in batches]
+
+    # Step-0 references as run_experiment computes them; the first is timed: the rate at which
+    # APR's cached reference is built.
+    _sync(device)
+    tick = time.perf_counter()
+    initial = cls_attention(model, metric_images, dtype)
+    _sync(device)
+    capture_s = time.perf_counter() - tick
+    floor = layer_metrics(initial)["entropy"].to(device)
+    reference = cls_attention(model, pool_images, dtype)
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, train, device)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, 0, 10**6)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    forward = torch.compile(model) if args.compile else model
+    report_params = list(report_model.parameters())
+    report_optimizer = torch.optim.AdamW(report_params, lr=train.lr, weight_decay=0.01)
+    report_scheduler = get_cosine_schedule_with_warmup(report_optimizer, 0, 10**6)
+    report_scaler = torch.amp.GradScaler(device.type, enabled=report_dtype == torch.float16)
+    counter = {"step": 0}
+
+    def next_batch() -> int:
+        counter["step"] += 1
+        return counter["step"] % n_batches
+
+    def report_step() -> None:
+        k = next_batch()
+        pixels, labels = report_batches[k].to(device), pool_labels[batches[k]]
+        half = torch.autocast(device.type, dtype=torch.float16, enabled=report_dtype is not None)
+        with half:
+            loss = classification_loss(report_logits(report_model, pixels), labels)
+        loss.item()
+        apply_gradients(loss, report_optimizer, report_scaler, report_scheduler, report_params, 1.0)
+
+    def our_step(reg: RegSpec) -> Callable[[], None]:
+        def step() -> None:
+            index = batches[next_batch()]
+            rows = reference[index] if reg.kind == "apr" and reg.reference == "cache" else None
+            images, labels = pool_images[index], pool_labels[index]
+            loss, _ = batch_loss(model, forward, images, labels, reg, dtype, floor, rows, frozen)
+            loss.item()
+            apply_gradients(loss, optimizer, scaler, scheduler, params, train.grad_clip)
+
+        return step
+
+    steps = {"report": report_step} | {name: our_step(reg) for name, reg in OUR_STEPS}
+    step_times = time_round_robin(steps, args.warmup, args.steps, device)
+    evals = time_round_robin(
+        {
+            "snapshot": lambda: snapshot(model, metric_images, initial, MAP_IMAGES, dtype),
+            "eval": lambda: accuracy(model, metric_images, metric_labels, dtype),
+        },
+        warmup=1,
+        repeats=args.evals,
+        device=device,
+    )
+
+    # Model FLOPs of one training step (forward + backward), counted on the eager model: the
+    # same arithmetic as sdpa, and FlopCounterMode does not see the CPU sdpa kernel.
+    pixels = report_batches[0].to(device)
+    with FlopCounterMode(display=False) as flops:
+        classification_loss(report_model(pixels), pool_labels[batches[0]]).backward()
+    report_model.zero_grad(set_to_none=True)
+    flops_per_image = flops.get_total_flops() / batch
+    peak = peak_flops(device, args.peak_tflops)
+
+    step = {}
+    for name, seconds in step_times.items():
+        stats = _stats(seconds, batch)
+        achieved = flops_per_image * stats["images_per_s"]
+        stats |= {"flops_per_s": achieved, "mfu": achieved / peak if peak else None}
+        step[name] = stats
+    snapshot_s = statistics.median(evals["snapshot"])
+    eval_ips = len(metric_images) / statistics.median(evals["eval"])
+    capture_ips = len(metric_images) / capture_s
+    step_ips = {name: step[name]["images_per_s"] for name, _ in OUR_STEPS}
+
+    # Tracking: evals_per_epoch snapshots per epoch, over an epoch's training time.
+    work = study_workload()
+    full_profile = load_config("full", "E2")
+    per_epoch = full_profile.train.evals_per_epoch
+    tracking = {}
+    for dataset, pool in POOL_SIZES.items():
+        epoch_s = pool * (1 - full_profile.data.val_fraction) / step_ips["ours"]
+        tracking[dataset] = 100 * per_epoch * snapshot_s / epoch_s
+    study = implied_study_s(work, step_ips, snapshot_s, eval_ips, capture_ips)
+    tracking["study"] = 100 * study["tracking"] / study["train"]
+    regularizers = {
+        name: 100 * (step[name]["s_median"] / step["ours"]["s_median"] - 1)
+        for name, _ in OUR_STEPS[1:]
+    }
+    return {
+        "model": {
+            "size": size,
+            "vision_hidden": config.hidden_size,
+            "vision_layers": config.num_hidden_layers,
+            "vision_heads": config.num_attention_heads,
+            "classifier_params": n_params,
+        },
+        "precision": {
+            "ours": str(dtype or torch.float32),
+            "report": str(report_dtype or torch.float32),
+        },
+        "flops_per_image": flops_per_image,
+        "peak_flops": peak,
+        "step": step,
+        "step_speedup": step["ours"]["images_per_s"] / step["report"]["images_per_s"],
+        "snapshot_s": snapshot_s,
+        "eval_images_per_s": eval_ips,
+        "capture_images_per_s": capture_ips,
+        "tracking_overhead_pct": tracking,
+        "regularizer_overhead_pct": regularizers,
+        "implied_study_s": study,
+        "implied_report_train_s": work["total_train_images"] / step["report"]["images_per_s"],
+    }
+
+
+# --- the program ------------------------------------------------------------------------------
+
+
+def hardware(device: torch.device) -> dict[str, Any]:
+    info = {
+        "device": str(device),
+        "device_name": device_name(device),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cpus_available": available_cpus(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info |= {"gpu_memory_gb": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda}
+    return info
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark per ``args`` (see :func:`parser`); returns what it writes."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available")
+    sizes = args.size or ("both" if device.type == "cuda" else "smoke")
+    sizes = ["smoke", "full"] if sizes == "both" else [sizes]
+    torch.manual_seed(0)
+    preprocessing = {
+        name: bench_preprocessing(
+            jpeg_blobs(w, h), args.prep_images, args.batch_size, args.workers, device
+        )
+        for name, (w, h) in PREP_IMAGES.items()
+    }
+    result = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "hardware": hardware(device),
+        "versions": package_versions(),
+        "settings": {key: value for key, value in vars(args).items() if key != "out"},
+        "workload": study_workload(),
+        "preprocessing": preprocessing,
+        "sizes": {size: bench_size(size, args, device) for size in sizes},
+    }
+    out = Path(args.out)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    write_json(out / f"bench-{stamp}.json", result)
+    write_json(out / "latest.json", result)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"{result['hardware']['device_name']}, torch {result['versions']['torch']}"]
+    lines.append(
+        f"{'preprocessing (images/s)':<28}{'report':>10}{'report_pil':>12}{'ours':>12}"
+        f"{'speedup':>9}{'cache build':>13}"
+    )
+    for name, p in result["preprocessing"].items():
+        lines.append(
+            f"{name:<28}{p['report_images_per_s']:>10.0f}{p['report_pil_images_per_s']:>12.0f}"
+            f"{p['ours_images_per_s']:>12.0f}{p['speedup']:>8.0f}×"
+            f"{p['cache_build_images_per_s']:>13.0f}"
+        )
+    for size, s in result["sizes"].items():
+        lines.append(
+            f"\n{size} model ({s['model']['classifier_params'] / 1e6:.1f} M params, "
+            f"{s['flops_per_image'] / 1e9:.2f} GFLOP/image per step)"
+        )
+        lines.append(f"{'training step':<28}{'images/s':>10}{'TFLOP/s':>10}{'MFU':>8}")
+        for name, st in s["step"].items():
+            mfu = "-" if st["mfu"] is None else f"{100 * st['mfu']:.1f}%"
+            tflops = st["flops_per_s"] / 1e12
+            lines.append(f"{name:<28}{st['images_per_s']:>10.1f}{tflops:>10.3f}{mfu:>8}")
+        t, r = s["tracking_overhead_pct"], s["regularizer_overhead_pct"]
+        lines.append(
+            f"step speed-up ours/report {s['step_speedup']:.2f}×; snapshot {s['snapshot_s']:.3f} s"
+        )
+        lines.append("tracking overhead " + ", ".join(f"{k} {v:.2f}%" for k, v in t.items()))
+        lines.append("regularizer overhead " + ", ".join(f"{k} {v:+.1f}%" for k, v in r.items()))
+        study = s["implied_study_s"]
+        lines.append(
+            f"implied study ({result['workload']['total_train_images'] / 1e6:.2f} M training "
+            f"images, estimate): {study['total'] / 60:.1f} min ours ("
+            + ", ".join(f"{k} {v / 60:.1f}" for k, v in study.items() if k != "total")
+            + f"); report-path training alone {s['implied_report_train_s'] / 60:.1f} min"
+        )
+    return "\n".join(lines)
+
+
+QUICK = {"steps": 2, "warmup": 1, "evals": 1, "batch_size": 8, "prep_images": 16}
+
+
+def available_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def parser() -> argparse.ArgumentParser:
+    summary = __doc__.split("\n\n")[0]
+    p = argparse.ArgumentParser(prog="python -m collapse_utils.bench", description=summary)
+    cuda = torch.cuda.is_available()
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument(
+        "--size",
+        choices=("smoke", "full", "both"),
+        help="model size (default: both with CUDA, smoke on CPU)",
+    )
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    p.add_argument("--evals", type=int, default=5, help="timed snapshot / eval calls")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--metric-images", type=int, default=200)
+    p.add_argument("--prep-images", type=int, default=512, help="images per preprocessing run")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (report path)")
+    p.add_argument("--threads", type=int, default=available_cpus(), help="torch CPU threads")
+    p.add_argument("--compile", action="store_true", help="torch.compile our untracked forward")
+    p.add_argument("--peak-tflops", type=float, help="override the GPU peak (TFLOP/s) for MFU")
+    p.add_argument(
+        "--quick", action="store_true", help=f"tiny counts (defaults {QUICK}), for tests"
+    )
+    p.add_argument("--out", default="outputs/bench")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = parser()
+    if p.parse_args(argv).quick:
+        p.set_defaults(**QUICK)  # flags given explicitly still win
+    result = run(p.parse_args(argv))
+    print(format_table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

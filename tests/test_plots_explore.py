@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from collapse_utils import plots
+from collapse_utils.explore import AttentionExplorer, RunMaps, available_runs, draw, image_grid
+from collapse_utils.results import run_summary
+from collapse_utils.train import run_experiment
+from tests.test_train import small
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two small real runs (full FT and LoRA) in one output root."""
+    root = tmp_path_factory.mktemp("runs")
+    histories = [
+        run_experiment(small(root, i, output_root=str(root)), progress=False).history
+        for i in ("E2", "E5")
+    ]
+    return root, histories
+
+
+def test_metric_trajectories_plot_each_runs_layer_mean(runs):
+    _, histories = runs
+    fig = plots.metric_trajectories(histories)
+    axes = fig.axes
+    assert len(axes) == 4
+    y = axes[0].lines[1].get_ydata()
+    expected = [np.mean(e["metrics"]["entropy"]) for e in histories[1]["evals"]]
+    np.testing.assert_allclose(y, expected)
+    assert [line.get_label() for line in axes[3].lines] == ["E2", "E5"]
+
+
+def test_layer_heatmaps_share_one_colour_scale(runs):
+    _, histories = runs
+    fig = plots.layer_heatmaps(histories)
+    images = [ax.images[0] for ax in fig.axes if ax.images]
+    assert len(images) == 2
+    assert images[0].get_clim() == images[1].get_clim()
+    assert images[0].get_array().shape == (3, len(histories[0]["evals"]))
+
+
+def test_summary_figures_draw_one_mark_per_run(runs):
+    _, histories = runs
+    summary = run_summary(histories)
+    bars = plots.delta_bars(summary).axes[0].patches
+    assert [b.get_height() for b in bars] == pytest.approx(summary["d_entropy_pct"].tolist())
+    scatter = plots.zeroshot_vs_collapse(summary).axes[0]
+    assert sum(len(c.get_offsets()) for c in scatter.collections) == 2
+
+
+def test_attention_overlay_shows_the_renormalised_patch_grid():
+    fig, axes = plots.new_figure()
+    row = np.r_[0.5, np.full(49, 0.5 / 49)]
+    plots.attention_overlay(axes[0, 0], np.zeros((3, 224, 224), np.uint8), row)
+    overlay = axes[0, 0].images[1].get_array()
+    assert overlay.shape == (7, 7)
+    assert overlay.sum() == pytest.approx(1.0)
+
+
+def test_explorer_loads_maps_switches_configuration_and_draws(runs):
+    root, _ = runs
+    assert set(available_runs(root)) == {"E2", "E5"}
+    explorer = AttentionExplorer(root, initial="E2")
+    assert explorer.layer.max == 3 and explorer.head.options[0] == ("mean", -1)
+    explorer.config.value = "E5"
+    assert explorer.run.history["id"] == "E5"
+    explorer.step.value = explorer.step.options[0]
+    run = RunMaps.load(available_runs(root)["E5"])
+    assert run.row(0, 0, 2, None).shape == (50,)
+    assert len(draw(run, 0, 0, 2, 1).axes) == 5
+    assert len(image_grid(run, -1, 0).axes) == run.images.shape[0]
+
+
+def test_explorer_without_runs_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the family notebooks"):
+        AttentionExplorer(tmp_path)
