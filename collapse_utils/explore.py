@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ipywidgets as widgets
+import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import display
 from safetensors.torch import load_file
@@ -68,19 +69,21 @@ def image_grid(run: RunMaps, step_index: int, layer: int):
 
 
 def draw(run: RunMaps, step_index: int, image: int, layer: int, head: int | None):
-    """The explorer's figure: attention over the image, and the layer's four metrics over
-    training with the chosen step marked."""
-    fig, axes = plots.new_figure(ncols=5, width=2.9, height=2.9)
+    """The explorer's figure: attention over the image (large, left), and the layer's four
+    metrics over training with the chosen step marked (2 × 2, right)."""
+    fig = plt.figure(figsize=(11, 4.6), layout="constrained")
+    plt.close(fig)
+    left, right = fig.subfigures(1, 2, width_ratios=(1, 1.35))
     head_name = "mean of heads" if head is None else f"head {head}"
     plots.attention_overlay(
-        axes[0, 0],
+        left.add_subplot(),
         run.images[image],
         run.row(step_index, image, layer, head),
-        f"layer {layer + 1}, {head_name}\nstep {int(run.steps[step_index])}",
+        f"layer {layer + 1}, {head_name}, step {int(run.steps[step_index])}",
     )
     evals = run.history["evals"]
     steps = [e["step"] for e in evals]
-    for ax, metric in zip(axes[0, 1:], plots.METRICS, strict=True):
+    for ax, metric in zip(right.subplots(2, 2).flat, plots.METRICS, strict=True):
         ax.plot(steps, [e["metrics"][metric][layer] for e in evals], marker=".")
         ax.axvline(run.steps[step_index], color="tab:red", linestyle="--")
         ax.set(xlabel="step", title=plots.METRIC_LABELS[metric])
