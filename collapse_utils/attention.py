@@ -6,6 +6,10 @@ one row we need: a forward pre-hook on each vision layer's ``self_attn`` sees th
 ``q_proj``/``k_proj``. That works under sdpa and eager, with or without LoRA (the projections are
 then PEFT layers), costs one extra K projection per layer, and stays differentiable so the
 regularizers can back-propagate through it.
+
+With LoRA dropout in train mode, the hook's ``q_proj`` call draws its own dropout mask, so a
+regularized LoRA step penalises a row computed with a different mask than the forward pass
+used (the study regularizes full fine-tuning only; tracking runs in eval mode, no dropout).
 """
 
 from __future__ import annotations

@@ -431,6 +431,9 @@ def _validate(c: RunConfig, origin: dict[str, Path], fb: Path) -> None:
         fail("lora.targets", "must name at least one module")
     if c.reg.lam < 0:
         fail("reg.lam", f"must be >= 0, got {c.reg.lam}")
+    if c.train.compile and c.reg.kind != "none":
+        # Regularized steps run the eager model (the capture hooks need it): say so up front.
+        fail("train.compile", "cannot be combined with a regularizer (reg.kind)")
     if c.reg.kind != "none" and c.train.method == "none":
         fail("reg.kind", "needs a training method")
     if not 0 < c.data.val_fraction < 1:

@@ -8,7 +8,6 @@ and normalisation remain (:func:`normalize`), which run on whatever device the t
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .config import DataSpec
 from .labels import CLASS_NAMES
+from .storage import write_torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -184,10 +184,7 @@ def _cached(name: str, root: Path, split: str, download: bool, size: int) -> tup
         blob = torch.load(path)
         return blob["images"], blob["labels"]
     images, labels = _decode(name, root, split, download, size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"images": images, "labels": labels}, tmp)
-    os.replace(tmp, path)
+    write_torch(path, {"images": images, "labels": labels})
     return images, labels
 
 
@@ -230,3 +227,27 @@ def load_test_set(data: DataSpec, name: str, seed: int, max_images: int | None =
     if max_images is not None and max_images < len(test):
         test = test.subset(balanced_subset(test.labels, max_images, seed))
     return test
+
+
+def prepare_datasets(configs) -> list[str]:
+    """Download and decode, one after another, every real dataset split ``configs`` need, so
+    runs executed in parallel only read caches. Returns the problems found (a missing dataset
+    is reported here and fails its own runs later with the full message)."""
+    problems, seen = [], set()
+    for config in configs:
+        data = config.data
+        if data.synthetic_stand_in:
+            continue
+        needs = [(data.dataset, "pool")]
+        # EuroSAT's zero-shot images are its val split, cut from the pool.
+        needs += [(n, "pool" if n == "eurosat" else "test") for n in config.eval.zeroshot_datasets]
+        for name, split in needs:
+            key = (name, split, data.root, data.image_size)
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                _cached(name, Path(data.root), split, data.download, data.image_size)
+            except DatasetUnavailableError as err:
+                problems.append(str(err))
+    return problems

@@ -8,7 +8,8 @@ modes of a family notebook, so its markdown cell ``{glue:md}`findings``` always 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,7 @@ from myst_nb import glue
 
 from . import plots
 from .config import RunConfig, load_config, profile_output_root
-from .results import load_histories, run_summary
+from .results import load_histories, pct_change, run_summary
 
 if TYPE_CHECKING:
     from .train import RunResult
@@ -130,16 +131,16 @@ def run_page(profile: str, config_id: str) -> RunResult:
     for metric, (start, end) in values.items():
         glue(f"{metric}_0", start, display=False)
         glue(f"{metric}_f", end, display=False)
-        glue(f"d_{metric}_pct", 100 * (end - start) / start, display=False)
+        glue(f"d_{metric}_pct", pct_change(start, end), display=False)
     zeroshot = history["zeroshot"]
     if config.train.method == "none":
         _show_figure(plots.baseline_structure([history]), profile, f"fig2_baseline_{config_id}")
         display(_per_layer_table(history))
         text = (
             f"The pre-trained model's layer-mean [CLS]→patch entropy on the "
-            f"{len(history['evals'])}-point baseline is {values['entropy'][0]:.3f} nats, ERF@0.95 "
-            f"{values['erf'][0]:.3f}, Gini {values['gini'][0]:.3f} and head diversity "
-            f"{values['head_diversity'][0]:.3f}."
+            f"{config.data.metric_subset} metric-subset images is {values['entropy'][0]:.3f} "
+            f"nats, ERF@0.95 {values['erf'][0]:.3f}, Gini {values['gini'][0]:.3f} and head "
+            f"diversity {values['head_diversity'][0]:.3f}."
         )
     else:
         _show_figure(plots.training_curves(history), profile, f"fig3_triple_curve_{config_id}")
@@ -164,8 +165,7 @@ def run_page(profile: str, config_id: str) -> RunResult:
 
 
 def _pct(pair: tuple[float, float]) -> str:
-    start, end = pair
-    return f"{100 * (end - start) / start:+.2f} %"
+    return f"{pct_change(*pair):+.2f} %"
 
 
 def _per_layer_table(history: dict) -> pd.DataFrame:
@@ -326,50 +326,70 @@ FAMILY_SUMMARIES = {
 
 def family_page(profile: str, config_id: str, family: str) -> None:
     """A family notebook's one entry point: a run page, or (``config_id == ""``) the comparison."""
-    if config_id:
-        config = load_config(profile, config_id)
-        if config.family != family:
-            raise ValueError(f"{config_id} belongs to family {config.family!r}, not {family!r}")
-        run_page(profile, config_id)
-    else:
-        FAMILY_SUMMARIES[family](profile)
+    with failure_findings(profile):
+        if config_id:
+            config = load_config(profile, config_id)
+            if config.family != family:
+                raise ValueError(f"{config_id} is in family {config.family!r}, not {family!r}")
+            run_page(profile, config_id)
+        else:
+            FAMILY_SUMMARIES[family](profile)
+
+
+@contextmanager
+def failure_findings(profile: str) -> Iterator[None]:
+    """On an error, glue ``findings`` saying the page failed and why, then re-raise: the page
+    shows the error cell and its summary paragraph names the failure instead of a stale text."""
+    try:
+        yield
+    except BaseException as err:
+        _glue_findings(profile, f"**This page failed** with `{type(err).__name__}`: {err}")
+        raise
 
 
 # --- cross-study pages ----------------------------------------------------------------------
 
 
-def zeroshot_page(profile: str, dataset: str = "cifar100") -> pd.DataFrame:
-    """Report §3.3: zero-shot accuracy of every run against the pre-trained model."""
-    _, summary = _study(profile)
-    runs = summary[summary["method"] != "none"].copy()
-    runs["zs change %"] = 100 * (runs[f"zs_{dataset}"] / runs[f"zs_{dataset}_pretrained"] - 1)
-    table = runs.set_index("run")[
-        [
-            "method",
-            "lr",
-            f"zs_{dataset}",
-            f"zs_{dataset}_pretrained",
-            "zs change %",
-            "d_entropy_pct",
-        ]
-    ]
-    display(table.round(4))
-    _show_figure(plots.zeroshot_vs_collapse(runs, dataset), profile, "fig7_collapse_vs_zeroshot")
-    _show_figure(plots.zeroshot_bars(runs, dataset), profile, "fig15_zeroshot_extended")
-    pretrained = float(runs[f"zs_{dataset}_pretrained"].iloc[0])
-    by_method = runs.groupby("method")[f"zs_{dataset}"].mean()
-    glue("zs_pretrained", pretrained, display=False)
-    for method, value in by_method.items():
-        glue(f"zs_mean_{method}", float(value), display=False)
-    text = f"The pre-trained model's zero-shot {dataset} accuracy is {pretrained:.3f}. " + " ".join(
-        f"Mean over {method} runs: {value:.3f}." for method, value in by_method.items()
-    )
-    _glue_findings(profile, text)
-    return table
+def zeroshot_page(profile: str) -> pd.DataFrame:
+    """Report §3.3: zero-shot accuracy of every run against the pre-trained model, for every
+    zero-shot dataset of the profile. Changes are in accuracy points (×100)."""
+    with failure_findings(profile):
+        _, summary = _study(profile)
+        runs = summary[summary["method"] != "none"].copy()
+        datasets = [c[3:] for c in runs.columns if c.startswith("zs_") and
+                    not c.endswith("_pretrained")]  # fmt: skip
+        table = runs.set_index("run")[["method", "lr", "d_entropy_pct"]].copy()
+        text = []
+        for dataset in datasets:
+            accuracy, pretrained = runs[f"zs_{dataset}"], runs[f"zs_{dataset}_pretrained"]
+            table[f"{dataset} acc"] = accuracy.to_numpy()
+            table[f"{dataset} change (points)"] = (100 * (accuracy - pretrained)).to_numpy()
+            by_method = runs.groupby("method")[f"zs_{dataset}"].mean()
+            glue(f"zs_pretrained_{dataset}", float(pretrained.iloc[0]), display=False)
+            text.append(
+                f"{dataset}: pre-trained {pretrained.iloc[0]:.3f}; "
+                + ", ".join(f"mean over {m} runs {v:.3f}" for m, v in by_method.items())
+                + "."
+            )
+        display(table.round(4))
+        first = datasets[0]
+        fig = plots.zeroshot_vs_collapse(runs, first)
+        _show_figure(fig, profile, "fig7_collapse_vs_zeroshot")
+        _show_figure(plots.zeroshot_bars(runs, first), profile, "fig15_zeroshot_extended")
+        for dataset in datasets[1:]:
+            fig = plots.zeroshot_bars(runs, dataset)
+            _show_figure(fig, profile, f"fig15_zeroshot_extended_{dataset}")
+        _glue_findings(profile, "Zero-shot accuracy — " + " ".join(text))
+        return table
 
 
 def reproducibility_page(profile: str) -> pd.DataFrame:
     """Profile, config hashes, package versions, hardware and wall time of every run."""
+    with failure_findings(profile):
+        return _reproducibility(profile)
+
+
+def _reproducibility(profile: str) -> pd.DataFrame:
     histories = load_histories(profile_output_root(profile), complete_only=False)
     table = pd.DataFrame(
         [
@@ -386,7 +406,7 @@ def reproducibility_page(profile: str) -> pd.DataFrame:
     ).set_index("run")
     display(table)
     versions = pd.DataFrame(
-        sorted({(k, v) for h in histories for k, v in h.get("versions", {}).items()}),
+        sorted({(k, v) for h in histories for k, v in h["versions"].items()}),
         columns=["package", "version"],
     )
     display(versions)

@@ -11,6 +11,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from .config import METRICS
+from .results import pct_change, trajectory
+
 METRIC_LABELS = {
     "entropy": "Entropy (nats)",
     "erf": "ERF@0.95",
@@ -34,16 +37,6 @@ def new_figure(ncols: int = 1, nrows: int = 1, width: float = 4.2, height: float
     )
     plt.close(fig)  # notebooks display the returned figure explicitly; no duplicate output
     return fig, axes
-
-
-METRICS = tuple(METRIC_LABELS)
-
-
-def _layer_mean_curve(history: dict, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """(fraction of training, layer-mean metric) over the evals of one run."""
-    fraction = np.array([e["fraction"] for e in history["evals"]])
-    values = np.array([np.mean(e["metrics"][metric]) for e in history["evals"]])
-    return fraction, values
 
 
 def _label(history: dict) -> str:
@@ -75,7 +68,7 @@ def training_curves(history: dict) -> Figure:
     left.plot(steps, [e["val_acc"] for e in epochs], marker="o", color="tab:blue")
     left.set(xlabel="fraction of training", ylabel="validation accuracy", ylim=(0, 1.02))
     twin = left.twinx()
-    fraction, entropy = _layer_mean_curve(history, "entropy")
+    fraction, entropy = trajectory(history, "entropy")
     twin.plot(fraction, entropy, color="tab:red", marker=".")
     twin.set_ylabel("mean entropy (nats)", color="tab:red")
     left.set_title("accuracy and entropy")
@@ -92,7 +85,7 @@ def metric_trajectories(histories: list[dict], title: str = "") -> Figure:
     fig, axes = new_figure(ncols=4, width=3.4)
     for history in histories:
         for ax, metric in zip(axes[0], METRICS, strict=True):
-            ax.plot(*_layer_mean_curve(history, metric), marker=".", label=history["id"])
+            ax.plot(*trajectory(history, metric), marker=".", label=history["id"])
     for ax, metric in zip(axes[0], METRICS, strict=True):
         ax.set(xlabel="fraction of training", ylabel=METRIC_LABELS[metric])
     axes[0, -1].legend(fontsize="small", loc="best")
@@ -107,10 +100,11 @@ def single_metric_trajectories(histories: list[dict], metric: str, title: str = 
     fig, axes = new_figure(ncols=2, width=4.6)
     left, right = axes[0]
     for history in histories:
-        left.plot(*_layer_mean_curve(history, metric), marker=".", label=history["id"])
+        left.plot(*trajectory(history, metric), marker=".", label=history["id"])
         first = np.array(history["evals"][0]["metrics"][metric])
         final = np.array(history["evals"][-1]["metrics"][metric])
-        right.plot(np.arange(1, len(first) + 1), 100 * (final - first) / first, marker="o")
+        change = [pct_change(a, b) for a, b in zip(first, final, strict=True)]
+        right.plot(np.arange(1, len(first) + 1), change, marker="o")
     left.set(xlabel="fraction of training", ylabel=METRIC_LABELS[metric], title="layer mean")
     right.axhline(0, color="black", linewidth=0.8)
     right.set(xlabel="layer", ylabel="Δ first → final (%)", title="per layer")
@@ -172,7 +166,7 @@ def lr_sweep(summary: pd.DataFrame, histories: list[dict]) -> Figure:
     middle.set(xscale="log", xlabel="learning rate", ylabel="best validation accuracy")
     by_id = {h["id"]: h for h in histories}
     for _, row in ordered.iterrows():
-        right.plot(*_layer_mean_curve(by_id[row["run"]], "entropy"), label=f"lr={row['lr']:g}")
+        right.plot(*trajectory(by_id[row["run"]], "entropy"), label=f"lr={row['lr']:g}")
     right.set(xlabel="fraction of training", ylabel="mean entropy (nats)")
     right.legend(fontsize="small")
     fig.suptitle("Learning-rate sweep (full fine-tuning)")
@@ -204,7 +198,7 @@ def regularization(summary: pd.DataFrame, histories: list[dict]) -> Figure:
     left.tick_params(axis="x", rotation=45)
     for history in histories:
         fraction = [e["fraction"] for e in history["evals"]]
-        kl = [np.mean(e.get("kl_to_initial", [np.nan])) for e in history["evals"]]
+        kl = [np.mean(e["kl_to_initial"]) for e in history["evals"]]
         right.plot(fraction, kl, marker=".", label=history["id"])
     right.set(
         xlabel="fraction of training",

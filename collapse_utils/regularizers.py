@@ -31,6 +31,7 @@ def apr_penalty(current: Tensor, initial: Tensor, lam: float) -> Tensor:
 def entropy_floor_penalty(current: Tensor, floor: Tensor, lam: float) -> Tensor:
     """λ · mean(relu(H_floor − H)) with H per image, layer and head.
     current: (images, layers, heads, tokens); floor: (layers,) in nats — the pre-trained model's
-    mean entropy per layer on the metric subset, so only falling *below* pre-training costs."""
+    *mean* entropy per layer on the metric subset. Images and heads that sit below that mean
+    already before training are penalised from the first step (the report's definition)."""
     h = entropy(cls_to_patch(current.float()))
     return lam * torch.relu(floor.to(h)[None, :, None] - h).mean()

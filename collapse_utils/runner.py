@@ -24,8 +24,9 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -43,6 +44,7 @@ from collapse_utils.config import (
     available_experiments,
     load_config,
 )
+from collapse_utils.data import prepare_datasets
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KERNEL = "python3"
@@ -448,6 +450,24 @@ def build_book(profile: str, paths: BookPaths) -> int:
     return subprocess.run(command, cwd=paths.root, check=False).returncode
 
 
+@contextmanager
+def _kernel_environment(paths: BookPaths, jobs: int) -> Iterator[None]:
+    """Environment the kernels inherit while executing: the params folder their load_config
+    reads, and a share of the cores per parallel kernel. Restored afterwards."""
+    saved = {name: os.environ.get(name) for name in (PARAMS_ENV, "OMP_NUM_THREADS")}
+    os.environ[PARAMS_ENV] = str(paths.params.resolve())
+    if saved["OMP_NUM_THREADS"] is None:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def run(
     profile: str,
     paths: BookPaths | None = None,
@@ -462,11 +482,14 @@ def run(
     if only:
         check_ids(only, paths.params)
     plan = build_plan(profile, paths)
-    # Kernels inherit the environment: their load_config reads the same params folder.
-    os.environ[PARAMS_ENV] = str(paths.params.resolve())
-    # Parallel kernels share the cores: give each its slice instead of oversubscribing.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    report = execute_plan(select(plan, only), paths.root, jobs, force, executor)
+    selected = select(plan, only)
+    if jobs > 1:
+        # Parallel runs must not download or decode the same dataset at once.
+        configs = [load_config(profile, e.config_id, paths.params) for e in selected if e.config_id]
+        for problem in prepare_datasets(configs):
+            print(f"data: {problem}", file=sys.stderr)
+    with _kernel_environment(paths, jobs):
+        report = execute_plan(selected, paths.root, jobs, force, executor)
     write_toc(plan, paths)
     if build:
         report.build_returncode = build_book(profile, paths)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -13,6 +15,13 @@ from safetensors.torch import save_file
 TMP_SUFFIX = ".tmp"
 
 
+def _temp_for(path: Path) -> Path:
+    """A temp name unique to this process, beside ``path``: parallel writers of one cache file
+    never share a temp file, and the last rename wins with a complete file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
 def _replace(tmp: Path, path: Path) -> None:
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
@@ -21,8 +30,7 @@ def _replace(tmp: Path, path: Path) -> None:
 
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON to ``path`` via a temp file and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = _temp_for(path)
     tmp.write_text(json.dumps(payload, indent=1, default=_jsonable))
     _replace(tmp, path)
 
@@ -33,18 +41,27 @@ def read_json(path: Path) -> Any:
 
 def write_torch(path: Path, payload: Any) -> None:
     """``torch.save`` via a temp file and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = _temp_for(path)
     torch.save(payload, tmp)
     _replace(tmp, path)
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
     """Weights as safetensors (contiguous CPU copies) via a temp file and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = _temp_for(path)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata)
     _replace(tmp, path)
+
+
+def cache_key(*parts: Any) -> str:
+    """16 hex digits identifying a cached result by everything it depends on (dataclasses,
+    names, numbers)."""
+    text = json.dumps(parts, sort_keys=True, default=_key_part)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _key_part(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else _jsonable(value)
 
 
 def remove_stale_temp_files(folder: Path) -> list[Path]:

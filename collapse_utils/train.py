@@ -33,6 +33,7 @@ from .metrics import METRICS, layer_metrics
 from .model import CLIPClassifier, load_clip, merged_clip, prepare_for_training
 from .regularizers import apr_penalty, attention_kl, entropy_floor_penalty
 from .storage import (
+    cache_key,
     read_json,
     remove_stale_temp_files,
     write_json,
@@ -82,13 +83,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. 'auto': bf16 on CUDA where supported, else fp32."""
+    """The autocast dtype, or None for fp32. 'auto': bf16 on CUDA where supported, else fp16
+    (with GradScaler); fp32 on CPU."""
     if device.type != "cuda":
         if precision in ("fp16", "bf16"):
             raise RuntimeError(f"train.precision {precision!r} needs CUDA; use fp32 or auto on CPU")
         return None
     if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        # bf16 needs no loss scaling; GPUs without it get the report's fp16 + GradScaler.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
@@ -211,11 +214,10 @@ def evaluate_zeroshot(
 
 
 def _cached_pretrained_zeroshot(base_clip, config, name, images, weights, cache: Path) -> float:
-    # The pre-trained model's accuracy is the same for every run of a profile and seed.
-    model = config.model
-    key = f"{model.source}-{model.name}-{model.tiny_hidden}-{config.seed}-{name}-"
-    key += f"{config.eval.templates}-{len(images)}"
-    path = cache / "zeroshot_pretrained" / (key.replace("/", "_") + ".json")
+    # The pre-trained model's accuracy is the same for every run that shares these inputs.
+    key = cache_key(config.model, config.seed, name, config.data, images.class_names,
+                    config.eval.templates, len(images))  # fmt: skip
+    path = cache / "zeroshot_pretrained" / f"{key}.json"
     if path.exists():
         return read_json(path)["accuracy"]
     value = zeroshot_accuracy(base_clip, images, weights, desc=f"zero-shot {name} (pre-trained)")
@@ -440,6 +442,7 @@ def run_experiment(config: RunConfig, progress: bool = True) -> RunResult:
             len(train_images), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)
         ).to(device)
         window_loss, window_correct, window_seen, epoch_time = 0.0, 0, 0, 0.0
+        epoch_loss = 0.0
         for local in range(1, steps_per_epoch + 1):
             tick = time.perf_counter()
             index = order[(local - 1) * batch : local * batch]
@@ -451,6 +454,7 @@ def run_experiment(config: RunConfig, progress: bool = True) -> RunResult:
             apply_gradients(loss, optimizer, scaler, scheduler, trainable, config.train.grad_clip)
             epoch_time += time.perf_counter() - tick
             window_loss += loss_value * len(index)
+            epoch_loss += loss_value * len(index)
             window_correct += (logits.argmax(-1) == train_labels[index]).sum().item()
             window_seen += len(index)
             bar.update(1)
@@ -479,7 +483,7 @@ def run_experiment(config: RunConfig, progress: bool = True) -> RunResult:
             {
                 "epoch": epoch + 1,
                 "step": step,
-                "train_loss": history["evals"][-1]["train_loss"],
+                "train_loss": epoch_loss / len(train_images),
                 "val_acc": val_acc,
                 "samples_per_s": samples_per_s,
             }
@@ -495,6 +499,8 @@ def run_experiment(config: RunConfig, progress: bool = True) -> RunResult:
             history["best_val_acc"] = val_acc
             _save_weights(paths.best, model, config, step)
         history["final_val_acc"] = val_acc
+        history["wall_time_s"] = _elapsed(history, started)
+        started = time.perf_counter()
         write_json(paths.history, history)
         maps.write(paths.maps)
         if (epoch + 1) % config.train.checkpoint_every == 0 or epoch + 1 == config.train.epochs:
@@ -581,8 +587,10 @@ def _write_eval_scalars(writer: SummaryWriter, record: dict) -> None:
 
 def _finish(config: RunConfig, history: dict, paths: _Paths, started: float) -> RunResult:
     history["status"] = "complete"
-    history["wall_time_s"] += time.perf_counter() - started
+    history["wall_time_s"] = _elapsed(history, started)
     write_json(paths.history, history)
+    # A complete run is never resumed; its optimizer state is only disk (≈1.8 GB for ViT-B/32).
+    paths.resume.unlink(missing_ok=True)
     # Return what is on disk, so a fresh run and a skipped rerun give equal histories.
     return RunResult(config, read_json(paths.history))
 
@@ -590,12 +598,17 @@ def _finish(config: RunConfig, history: dict, paths: _Paths, started: float) -> 
 def _fail(config: RunConfig, history: dict, paths: _Paths, step: int, reason: str, started):
     history["status"] = "failed"
     history["failure"] = {"step": step, "reason": reason}
-    history["wall_time_s"] += time.perf_counter() - started
+    history["wall_time_s"] = _elapsed(history, started)
     write_json(paths.history, history)
     raise TrainingFailedError(
         f"{config.id}: training stopped at step {step}: {reason}. Lower train.lr or use "
         f"precision fp32; details in {paths.history}"
     )
+
+
+def _elapsed(history: dict, since: float) -> float:
+    """Wall time so far: what the history already holds (earlier sessions) plus this stretch."""
+    return history["wall_time_s"] + time.perf_counter() - since
 
 
 def _log(enabled: bool, message: str) -> None:

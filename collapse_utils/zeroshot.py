@@ -8,8 +8,6 @@ and template set and cached on disk under ``<output_root>/cache/text/``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -21,7 +19,7 @@ from transformers import AutoTokenizer, CLIPModel, CLIPTokenizer
 from .config import ModelSpec
 from .data import ImageSet, normalize
 from .model import TINY_VOCAB_SIZE
-from .storage import write_torch
+from .storage import cache_key, write_torch
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "single": ("a photo of a {}.",),
@@ -82,8 +80,7 @@ def cached_text_classifier(
 ) -> Tensor:
     """:func:`text_classifier` read from / written to ``cache_dir`` (keyed by the model spec, its
     init seed for tiny models, the class names and the templates)."""
-    key = json.dumps([spec.__dict__, model_seed, class_names, TEMPLATES[template_set]])
-    path = cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    path = cache_dir / f"{cache_key(spec, model_seed, class_names, TEMPLATES[template_set])}.pt"
     if path.exists():
         return torch.load(path)
     weights = text_classifier(clip, load_tokenizer(spec), class_names, TEMPLATES[template_set])

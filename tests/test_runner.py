@@ -135,7 +135,8 @@ def test_second_run_skips_every_current_execution(tmp_path):
     assert calls == [] and len(second.skipped) == 9
 
 
-def test_changed_config_reruns_its_page_its_family_summary_and_the_study_notebooks(tmp_path):
+def test_changed_config_reruns_its_page_every_summary_and_the_study_notebooks(tmp_path):
+    # Summaries compare against other families' runs (E2, E5), so every summary depends on all.
     paths = make_book(tmp_path)
     fake_run(paths)
     experiment = paths.params / "experiments" / "E4.yaml"
@@ -145,6 +146,7 @@ def test_changed_config_reruns_its_page_its_family_summary_and_the_study_noteboo
     assert calls == [
         "02_full_ft_vs_lora/E4",
         "02_full_ft_vs_lora/summary",
+        "03_lr_sweep/summary",
         *PROFILE_NOTEBOOKS,
     ]
 
