@@ -264,9 +264,8 @@ def bench_preprocessing(
             pixels.to(device)
 
     def cache_build() -> Tensor:
-        decoded = [image_to_uint8(Image.open(io.BytesIO(blobs[i % len(blobs)]))) for i in
-                   range(n_images)]  # fmt: skip
-        return torch.stack(decoded)
+        images = (Image.open(io.BytesIO(blobs[i % len(blobs)])) for i in range(n_images))
+        return torch.stack([image_to_uint8(image) for image in images])
 
     cached = cache_build().to(device)
 
@@ -454,6 +453,18 @@ def hardware(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds this process and its children used, CPU seconds the whole machine was busy)
+    so far; None where /proc/stat is missing."""
+    stat = Path("/proc/stat")
+    if not stat.exists():
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = map(int, stat.read_text().split()[1:8])
+    t = os.times()
+    own = t.user + t.system + t.children_user + t.children_system
+    return own, (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark per ``args`` (see :func:`parser`); returns what it writes."""
     torch.set_num_threads(args.threads)
@@ -463,6 +474,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = args.size or ("both" if device.type == "cuda" else "smoke")
     sizes = ["smoke", "full"] if sizes == "both" else [sizes]
     torch.manual_seed(0)
+    cpu_before = _cpu_seconds()
     preprocessing = {
         name: bench_preprocessing(
             jpeg_blobs(w, h),
@@ -474,8 +486,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         for name, (w, h) in PREP_IMAGES.items()
     }
+    created = datetime.now(timezone.utc)
     result = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": created.isoformat(timespec="seconds"),
         "hardware": hardware(device),
         "versions": package_versions(),
         "settings": {key: value for key, value in vars(args).items() if key != "out"},
@@ -483,15 +496,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "preprocessing": preprocessing,
         "sizes": {size: bench_size(size, args, device) for size in sizes},
     }
+    if cpu_before is not None:
+        own, busy = (
+            after - before for after, before in zip(_cpu_seconds(), cpu_before, strict=True)
+        )
+        # Well above 0: other processes shared the CPUs during the run; its times are inflated.
+        result["hardware"]["cpu_busy_by_others"] = max(0.0, 1 - own / busy) if busy else 0.0
     out = Path(args.out)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    write_json(out / f"bench-{stamp}.json", result)
+    write_json(out / f"bench-{created:%Y%m%dT%H%M%SZ}.json", result)
     write_json(out / "latest.json", result)
     return result
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = [f"{result['hardware']['device_name']}, torch {result['versions']['torch']}"]
+    hw = result["hardware"]
+    lines = [f"{hw['device_name']}, torch {result['versions']['torch']}"]
+    if "cpu_busy_by_others" in hw:
+        lines[0] += f"; CPU time used by other processes {100 * hw['cpu_busy_by_others']:.0f}%"
     lines.append(
         f"{'preprocessing (images/s)':<28}{'report':>10}{'report_pil':>12}{'ours':>12}"
         f"{'speedup':>9}{'cache build':>13}"
