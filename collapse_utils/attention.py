@@ -1,15 +1,12 @@
 """Capture of the [CLS] query row of every vision self-attention layer.
 
-transformers 5 returns an empty tuple for ``output_attentions`` under sdpa, so we recompute the
-one row we need: a forward pre-hook on each vision layer's ``self_attn`` sees the layer input
-``hidden_states`` and evaluates ``softmax(q_cls · Kᵀ · scale)`` through the module's own
-``q_proj``/``k_proj``. That works under sdpa and eager, with or without LoRA (the projections are
-then PEFT layers), costs one extra K projection per layer, and stays differentiable so the
-regularizers can back-propagate through it.
-
-With LoRA dropout in train mode, the hook's ``q_proj`` call draws its own dropout mask, so a
-regularized LoRA step penalises a row computed with a different mask than the forward pass
-used (the study regularizes full fine-tuning only; tracking runs in eval mode, no dropout).
+transformers 5 returns an empty tuple for ``output_attentions`` under sdpa, so we compute the
+one row we need ourselves: forward hooks on each vision layer's ``q_proj`` and ``k_proj`` keep
+the [CLS] query and the keys the attention itself used, and ``softmax(q_cls · Kᵀ · scale)`` is
+evaluated from them. Nothing is projected twice (an earlier pre-hook that recomputed K cost
+about 12 % of a ViT-B/32 step; see benchmarks.md). It works under sdpa and eager, with or
+without LoRA (the hooked projections are then the PEFT layers, adapters and dropout mask
+included), and stays differentiable so the regularizers can back-propagate through it.
 """
 
 from __future__ import annotations
@@ -40,29 +37,32 @@ def vision_attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 class ClsAttention:
-    """Holds the rows captured during the last forward pass; see :func:`capture_cls_attention`."""
+    """Holds what the last forward pass projected; see :func:`capture_cls_attention`."""
 
-    def __init__(self, n_layers: int):
-        self._rows: list[Tensor | None] = [None] * n_layers
-
-    def _store(self, layer: int, row: Tensor) -> None:
-        self._rows[layer] = row
+    def __init__(self, modules: list[nn.Module]):
+        self._modules = modules
+        self._q_cls: list[Tensor | None] = [None] * len(modules)
+        self._keys: list[Tensor | None] = [None] * len(modules)
 
     @property
     def tensor(self) -> Tensor:
         """(images, layers, heads, tokens) [CLS] attention of the last forward (≥ float32)."""
-        if any(r is None for r in self._rows):
+        if any(k is None for k in self._keys) or any(q is None for q in self._q_cls):
             raise RuntimeError("no forward pass ran inside capture_cls_attention")
-        return torch.stack(self._rows, dim=1)
+        rows = [
+            _cls_row(module, q, k)
+            for module, q, k in zip(self._modules, self._q_cls, self._keys, strict=True)
+        ]
+        return torch.stack(rows, dim=1)
 
 
-def _cls_row(module: nn.Module, hidden: Tensor) -> Tensor:
-    """softmax(q_cls·Kᵀ·scale) for one layer. hidden: (B, T, D) → (B, heads, T), ≥ float32."""
-    batch, tokens, _ = hidden.shape
-    heads = module.num_heads
-    head_dim = module.head_dim
-    q = module.q_proj(hidden[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)
-    k = module.k_proj(hidden).view(batch, tokens, heads, head_dim).transpose(1, 2)
+def _cls_row(module: nn.Module, q_cls: Tensor, keys: Tensor) -> Tensor:
+    """softmax(q_cls·Kᵀ·scale) for one layer from its projections.
+    q_cls: (B, 1, D), keys: (B, T, D) → (B, heads, T), at least float32."""
+    batch, tokens, _ = keys.shape
+    heads, head_dim = module.num_heads, module.head_dim
+    q = q_cls.view(batch, 1, heads, head_dim).transpose(1, 2)
+    k = keys.view(batch, tokens, heads, head_dim).transpose(1, 2)
     # At least float32: under bf16/fp16 autocast the softmax of a peaked row loses the tail.
     dtype = torch.promote_types(q.dtype, torch.float32)
     scores = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)).squeeze(-2) * module.scale
@@ -71,22 +71,26 @@ def _cls_row(module: nn.Module, hidden: Tensor) -> Tensor:
 
 @contextmanager
 def capture_cls_attention(model: nn.Module) -> Iterator[ClsAttention]:
-    """Within the block, every forward of ``model`` records the [CLS] attention row per layer.
+    """Within the block, every forward of ``model`` records each vision layer's [CLS] query and
+    keys; ``.tensor`` turns them into the [CLS] attention rows.
 
     >>> with capture_cls_attention(classifier) as cap:
     ...     classifier(pixels)
     >>> cap.tensor.shape   # (images, layers, heads, tokens)
     """
     modules = vision_attention_modules(model)
-    captured = ClsAttention(len(modules))
+    captured = ClsAttention(modules)
     handles = []
     for index, module in enumerate(modules):
 
-        def hook(mod, args, kwargs, index=index):
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            captured._store(index, _cls_row(mod, hidden))
+        def keep_query(mod, args, output, index=index):
+            captured._q_cls[index] = output[:, :1]
 
-        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        def keep_keys(mod, args, output, index=index):
+            captured._keys[index] = output
+
+        handles.append(module.q_proj.register_forward_hook(keep_query))
+        handles.append(module.k_proj.register_forward_hook(keep_keys))
     try:
         yield captured
     finally:

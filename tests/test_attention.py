@@ -65,9 +65,15 @@ def test_capture_is_differentiable_through_lora(tiny_clip, pixels):
 
 
 def test_hooks_are_removed_after_the_block(tiny_clip, pixels):
+    modules = vision_attention_modules(tiny_clip)
     with capture_cls_attention(tiny_clip):
-        pass
-    assert all(not m._forward_pre_hooks for m in vision_attention_modules(tiny_clip))
+        assert all(m.k_proj._forward_hooks and m.q_proj._forward_hooks for m in modules)
+    assert all(not m.k_proj._forward_hooks and not m.q_proj._forward_hooks for m in modules)
+
+
+def test_capture_without_a_forward_pass_is_an_error(tiny_clip):
+    with capture_cls_attention(tiny_clip) as cap, pytest.raises(RuntimeError, match="no forward"):
+        _ = cap.tensor
 
 
 def test_tiny_clip_capture_gives_four_finite_per_layer_metrics(tiny_clip, pixels):
