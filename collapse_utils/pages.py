@@ -20,7 +20,7 @@ from myst_nb import glue
 
 from . import plots
 from .config import RunConfig, load_config, profile_output_root
-from .results import load_histories, pct_change, run_summary
+from .results import load_histories, pct_change, run_means, run_summary
 
 if TYPE_CHECKING:
     from .train import RunResult
@@ -81,13 +81,17 @@ def config_table(config: RunConfig) -> pd.DataFrame:
 
 
 def _study(profile: str) -> tuple[list[dict], pd.DataFrame]:
+    """All complete histories of the profile and one summary row per run (seeds averaged)."""
     histories = load_histories(profile_output_root(profile))
-    return histories, run_summary(histories)
+    return histories, run_means(run_summary(histories)).reset_index()
 
 
 def _pick(histories: list[dict], ids: Sequence[str]) -> list[dict]:
-    """The histories of ``ids`` in that order; says which are missing instead of failing."""
-    by_id = {h["id"]: h for h in histories}
+    """The histories of ``ids`` in that order (lowest seed where a run has several: curves show
+    one seed); says which are missing instead of failing."""
+    by_id: dict[str, dict] = {}
+    for history in sorted(histories, key=lambda h: -h["seed"]):
+        by_id[history["id"]] = history
     missing = [i for i in ids if i not in by_id]
     if missing:
         display(Markdown(f"**Not complete yet, left out:** {', '.join(missing)}"))

@@ -152,6 +152,15 @@ def _summary_row(h: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def run_means(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per run, indexed by run: numeric columns averaged over seeds, the others taken
+    from the first seed."""
+    numeric = summary.select_dtypes("number").columns.drop("seed", errors="ignore")
+    first = summary.groupby("run", sort=True).first()
+    first[numeric] = summary.groupby("run", sort=True)[list(numeric)].mean()
+    return first
+
+
 def per_layer_delta(histories: Iterable[dict[str, Any]], metric: str = "entropy") -> pd.DataFrame:
     """Change in % from first to final eval, per layer.
 

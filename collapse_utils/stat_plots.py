@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from collapse_utils.plots import METRIC_LABELS, new_figure
-from collapse_utils.results import trajectory
+from collapse_utils.results import run_means, trajectory
 from collapse_utils.stats import (
     CorrelationMatrix,
     UnitComparison,
@@ -88,14 +88,6 @@ def cell(frame: pd.DataFrame, row: Any, column: str) -> float:
 def _rows(delta: pd.DataFrame, runs: Iterable[str]) -> pd.DataFrame:
     runs = set(runs)
     return delta[delta.index.get_level_values("run").isin(runs)]
-
-
-def _run_means(summary: pd.DataFrame) -> pd.DataFrame:
-    """One row per run (numeric columns averaged over seeds; others from the first seed)."""
-    numeric = summary.select_dtypes("number").columns.drop("seed", errors="ignore")
-    first = summary.groupby("run", sort=True).first()
-    first[numeric] = summary.groupby("run", sort=True)[list(numeric)].mean()
-    return first
 
 
 # --- §6.4 A: Full FT vs LoRA -----------------------------------------------------------------
@@ -191,7 +183,7 @@ def lr_sweep_points(summary: pd.DataFrame, reference: str = REFERENCE_RUN) -> pd
     rows = summary[(summary["family"] == "lr_sweep") | (summary["run"] == reference)]
     if rows.empty:
         return pd.DataFrame(columns=["lr", "log10_lr", "d_entropy_pct"])
-    means = _run_means(rows)[["lr", "d_entropy_pct"]].astype(float)
+    means = run_means(rows)[["lr", "d_entropy_pct"]].astype(float)
     means.insert(1, "log10_lr", np.log10(means["lr"]))
     return means.sort_values("lr")
 
@@ -238,7 +230,7 @@ def regularizer_tests(
     if regs.empty or ref.empty:
         return pd.DataFrame()
     rows = []
-    for run, run_summary_rows in _run_means(regs).iterrows():
+    for run, run_summary_rows in run_means(regs).iterrows():
         result = paired_layer_test(_rows(delta, [run]), ref).result
         rows.append(
             {
@@ -657,7 +649,7 @@ def fig16_dashboard(summary: pd.DataFrame, delta: pd.DataFrame) -> Figure:
     Δentropy; zero-shot accuracy change (points) vs Δentropy; mean per-layer Δentropy of the
     ``full_vs_lora`` runs per method; Δentropy along the learning-rate sweep."""
     fig, axes = new_figure(ncols=3, nrows=2, width=4.3, height=3.4)
-    runs = _run_means(summary[summary["method"] != "none"]) if not summary.empty else summary
+    runs = run_means(summary[summary["method"] != "none"]) if not summary.empty else summary
     if runs.empty:
         for ax in axes.ravel():
             _empty(ax, "no trained run")

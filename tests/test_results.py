@@ -15,6 +15,7 @@ from collapse_utils.results import (
     load_histories,
     load_history,
     per_layer_delta,
+    run_means,
     run_summary,
     tidy_metrics,
     trajectory,
@@ -267,3 +268,18 @@ def test_per_layer_delta_gives_nan_for_a_run_without_evals():
     summary = run_summary([empty, full]).set_index("run")
     assert math.isnan(summary.loc["X", "d_entropy_pct"])
     assert np.isfinite(summary.loc["E2", "d_entropy_pct"])
+
+
+def test_run_means_averages_numeric_columns_over_seeds():
+    summary = pd.DataFrame(
+        {
+            "run": ["E2", "E2", "E5"],
+            "seed": [1, 2, 1],
+            "method": ["full", "full", "lora"],
+            "d_entropy_pct": [1.0, 3.0, -1.0],
+        }
+    )
+    means = run_means(summary)
+    assert list(means.index) == ["E2", "E5"]
+    assert means.loc["E2", "d_entropy_pct"] == 2.0
+    assert means.loc["E2", "method"] == "full"
