@@ -388,7 +388,6 @@ def layer_pooled_test(
     group b. layers_a, layers_b: ``per_layer_delta`` frames (runs × layers)."""
     a = layers_a.to_numpy(dtype=float).ravel()
     b = layers_b.to_numpy(dtype=float).ravel()
-    a, b = a[~np.isnan(a)], b[~np.isnan(b)]
     supports = (
         f"Treats the layers of a run as independent observations ({len(a)} vs {len(b)} from "
         f"{len(layers_a)} vs {len(layers_b)} runs), although they share one training "
@@ -398,7 +397,7 @@ def layer_pooled_test(
 
 
 def _per_run(summary: pd.DataFrame, column: str) -> pd.Series:
-    return summary.groupby("run", sort=True)[column].mean().dropna()
+    return summary.groupby("run", sort=True)[column].mean()
 
 
 def run_level_test(
@@ -430,8 +429,8 @@ def seed_level_test(
         raise ValueError("seed-level test needs runs in both groups")
     if max(summary_a.groupby("run").size().max(), summary_b.groupby("run").size().max()) < 2:
         raise ValueError("seed-level test needs at least one run with several seeds")
-    a = summary_a[column].astype(float).dropna()
-    b = summary_b[column].astype(float).dropna()
+    a = summary_a[column].astype(float)
+    b = summary_b[column].astype(float)
     single = summary_a["run"].nunique() == 1 and summary_b["run"].nunique() == 1
     if single:
         supports = (

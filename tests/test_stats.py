@@ -323,3 +323,9 @@ def test_groups_too_small_for_a_bootstrap_get_no_confidence_interval():
     result = compare_groups([0.1, 0.5], [1.0, 1.2, 0.9, 1.4, 1.1], n_boot=200, seed=0)
     assert all(np.isnan(result.ci_a))
     assert not any(np.isnan(result.ci_b))
+
+
+def test_unit_tests_refuse_missing_values_instead_of_dropping_them():
+    layers = pd.DataFrame([[0.1, np.nan, 0.3]], index=["E2"])
+    with pytest.raises(ValueError, match="NaN"):
+        layer_pooled_test(layers, pd.DataFrame([[0.2, 0.4, 0.5]], index=["E5"]))
