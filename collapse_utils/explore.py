@@ -141,9 +141,10 @@ class AttentionExplorer:
         step_index = int(np.searchsorted(self.run.steps, self.step.value))
         head = None if self.head.value == -1 else self.head.value
         fig = draw(self.run, step_index, self.image.value, self.layer.value - 1, head)
-        self.output.clear_output(wait=True)
-        with self.output:
-            display(fig)
+        # Set the Output's state directly instead of capturing display() inside `with output:`:
+        # headless clients (papermill/nbclient) intermittently hang on that capture protocol.
+        self.output.outputs = ()
+        self.output.append_display_data(fig)
 
     @property
     def widget(self) -> widgets.Widget:

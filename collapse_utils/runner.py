@@ -85,6 +85,10 @@ BANNERS = {
 }
 TITLE_SUFFIX = {"smoke": " (smoke run, not findings)"}
 
+# Seconds one cell may run before its execution fails (a cell trains a whole configuration in
+# the full profile). A hung kernel then becomes a failed page instead of a stalled build.
+CELL_TIMEOUT_S = {"smoke": 600, "full": 4 * 3600}
+
 # Kernel log level ERROR silences ipykernel's per-start TCP warning, which breaks the bar.
 _KERNEL_ARGS = ["--IPKernelApp.log_level=ERROR"]
 
@@ -304,6 +308,7 @@ def papermill_execute(execution: Execution, cwd: Path) -> str | None:
             cwd=cwd,
             progress_bar=False,
             extra_arguments=_KERNEL_ARGS,
+            execution_timeout=CELL_TIMEOUT_S.get(execution.parameters["profile"], 4 * 3600),
         )
     except papermill.PapermillExecutionError as err:
         return f"{err.ename}: {err.evalue} (cell [{err.exec_count}])"

@@ -64,8 +64,11 @@ def test_explorer_loads_maps_switches_configuration_and_draws(runs):
     assert set(available_runs(root)) == {"E2", "E5"}
     explorer = AttentionExplorer(root, initial="E2")
     assert explorer.layer.max == 3 and explorer.head.options[0] == ("mean", -1)
+    assert len(explorer.output.outputs) == 1  # the figure lives in the widget's own state
+    assert "image/png" in explorer.output.outputs[0]["data"]
     explorer.config.value = "E5"
     assert explorer.run.history["id"] == "E5"
+    assert len(explorer.output.outputs) == 1  # replaced, not appended
     explorer.step.value = explorer.step.options[0]
     run = RunMaps.load(available_runs(root)["E5"])
     assert run.row(0, 0, 2, None).shape == (50,)
