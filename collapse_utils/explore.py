@@ -8,6 +8,8 @@ over the image next to the layer's metric curves.
 
 from __future__ import annotations
 
+import base64
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +93,14 @@ def draw(run: RunMaps, step_index: int, image: int, layer: int, head: int | None
     return fig
 
 
+def png_output(fig) -> dict:
+    """A display_data output (as stored in notebooks and Output widgets) holding ``fig`` as PNG."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    data = {"image/png": base64.b64encode(buffer.getvalue()).decode(), "text/plain": repr(fig)}
+    return {"output_type": "display_data", "data": data, "metadata": {}}
+
+
 class AttentionExplorer:
     """Widgets: configuration, layer, head, image and training step → :func:`draw`."""
 
@@ -143,8 +153,7 @@ class AttentionExplorer:
         fig = draw(self.run, step_index, self.image.value, self.layer.value - 1, head)
         # Set the Output's state directly instead of capturing display() inside `with output:`:
         # headless clients (papermill/nbclient) intermittently hang on that capture protocol.
-        self.output.outputs = ()
-        self.output.append_display_data(fig)
+        self.output.outputs = (png_output(fig),)
 
     @property
     def widget(self) -> widgets.Widget:
