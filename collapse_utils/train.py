@@ -375,6 +375,7 @@ def run_experiment(config: RunConfig, progress: bool = True) -> RunResult:
     train_images = splits.train.images.to(device)
     train_labels = splits.train.labels.to(device)
     metric_images = splits.metric.images.to(device)
+    val_images, val_labels = splits.val.images.to(device), splits.val.labels.to(device)
     batch = config.train.batch_size
     steps_per_epoch = math.ceil(len(train_images) / batch)
     total_steps = steps_per_epoch * (config.train.epochs or 0)
@@ -477,7 +478,7 @@ def run_experiment(config: RunConfig, progress: bool = True) -> RunResult:
                 window_loss, window_correct, window_seen = 0.0, 0, 0
                 write_json(paths.history, history)
 
-        val_acc = accuracy(model, splits.val.images.to(device), splits.val.labels.to(device), dtype)
+        val_acc = accuracy(model, val_images, val_labels, dtype)
         samples_per_s = len(train_images) / epoch_time
         history["epochs"].append(
             {
