@@ -19,7 +19,7 @@ from IPython.display import Markdown, display
 from myst_nb import glue
 
 from . import plots
-from .config import RunConfig, load_config, profile_output_root
+from .config import RunConfig, load_config, load_family, profile_output_root
 from .results import load_histories, pct_change, run_means, run_summary
 
 if TYPE_CHECKING:
@@ -113,8 +113,6 @@ def comparison_table(summary: pd.DataFrame, ids: Sequence[str]) -> pd.DataFrame:
 
 
 def _family_ids(profile: str, family: str) -> list[str]:
-    from .config import load_family
-
     return [c.id for c in load_family(profile, family)]
 
 

@@ -135,18 +135,6 @@ def layer_heatmaps(histories: list[dict], metric: str = "entropy") -> Figure:
     return fig
 
 
-def delta_bars(summary: pd.DataFrame, column: str = "d_entropy_pct", title: str = "") -> Figure:
-    """Bars of one summary column (e.g. Δentropy %) per run, coloured by method."""
-    fig, axes = new_figure(width=max(4.0, 0.55 * len(summary)), height=3.2)
-    ax = axes[0, 0]
-    colours = summary["method"].map({"full": "tab:red", "lora": "tab:blue"}).fillna("tab:gray")
-    ax.bar(summary["run"], summary[column], color=colours)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set(ylabel=column.replace("d_", "Δ ").replace("_pct", " (%)"), title=title)
-    ax.tick_params(axis="x", rotation=45)
-    return fig
-
-
 def lr_sweep(summary: pd.DataFrame, histories: list[dict]) -> Figure:
     """fig6: Δ% of entropy/ERF/Gini vs learning rate (log axis), best accuracy vs learning rate,
     and the entropy trajectories per learning rate."""

@@ -44,8 +44,8 @@ def test_layer_heatmaps_share_one_colour_scale(runs):
 def test_summary_figures_draw_one_mark_per_run(runs):
     _, histories = runs
     summary = run_summary(histories)
-    bars = plots.delta_bars(summary).axes[0].patches
-    assert [b.get_height() for b in bars] == pytest.approx(summary["d_entropy_pct"].tolist())
+    bars = plots.zeroshot_bars(summary).axes[0].patches
+    assert [b.get_height() for b in bars] == pytest.approx((100 * summary["zs_cifar100"]).tolist())
     scatter = plots.zeroshot_vs_collapse(summary).axes[0]
     assert sum(len(c.get_offsets()) for c in scatter.collections) == 2
 
