@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from collapse_utils.book.runner import RunnerError, run
 from collapse_utils.config import ConfigError, available_profiles
-from collapse_utils.runner import RunnerError, run
 
 
 def _positive(text: str) -> int:

@@ -7,9 +7,9 @@ Two paths, side by side in one process, on the same synthetic images and weights
   model called with ``output_attentions=True`` every step (fp16 + GradScaler on CUDA, unfused
   AdamW), each batch copied host → device.
 * **ours** — each split decoded once into a uint8 tensor on the device; per batch only indexing
-  and :func:`~collapse_utils.data.normalize`; sdpa attention; the training step is
-  :func:`~collapse_utils.train.batch_loss` + :func:`~collapse_utils.train.apply_gradients`, the
-  capture hooks run only for regularizers and in :func:`~collapse_utils.train.snapshot`.
+  and :func:`~collapse_utils.training.data.normalize`; sdpa attention; the training step is
+  ``training.experiment.batch_loss`` + ``apply_gradients``, the capture hooks run only for
+  regularizers and in ``training.experiment.snapshot``.
 
 Measured: images/s of preprocessing and of a training step; the overhead of tracking (five
 ``snapshot`` calls per epoch on the 200-image metric subset, amortised over the epoch); the
@@ -43,12 +43,11 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, get_cosine_schedule_with_warmup
 
-from .config import RegSpec, TrainSpec, available_experiments, load_config
-from .data import image_to_uint8, normalize, synthetic_images
-from .metrics import layer_metrics
-from .model import CLIPClassifier, load_clip
-from .storage import write_json
-from .train import (
+from collapse_utils.config import RegSpec, TrainSpec, available_experiments, load_config
+from collapse_utils.measurement.metrics import layer_metrics
+from collapse_utils.storage import write_json
+from collapse_utils.training.data import image_to_uint8, normalize, synthetic_images
+from collapse_utils.training.experiment import (
     accuracy,
     apply_gradients,
     autocast_dtype,
@@ -60,6 +59,7 @@ from .train import (
     package_versions,
     snapshot,
 )
+from collapse_utils.training.model import CLIPClassifier, load_clip
 
 # Dense 16-bit tensor-core peak FLOP/s (no sparsity), from the vendors' data sheets. Matched
 # against torch.cuda.get_device_name(); more specific names first.

@@ -23,7 +23,8 @@ import yaml
 
 # The runner points notebooks at another params folder (tests) through this variable.
 PARAMS_ENV = "COLLAPSE_PARAMS_DIR"
-PARAMS_DIR = Path(os.environ.get(PARAMS_ENV) or Path(__file__).resolve().parent.parent / "params")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PARAMS_DIR = Path(os.environ.get(PARAMS_ENV) or REPO_ROOT / "params")
 
 # The four attention metrics of the report (§1.4); formulas in metrics.py. Here so that code
 # reading results needs no torch import.

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from collapse_utils.config import ModelSpec
-from collapse_utils.data import normalize, resize_center_crop, synthetic_images
-from collapse_utils.model import load_clip
+from collapse_utils.training.data import normalize, resize_center_crop, synthetic_images
+from collapse_utils.training.model import load_clip
 
 TINY = ModelSpec(source="tiny", vision_layers=3, tiny_hidden=32, tiny_heads=4)
 

@@ -6,10 +6,10 @@ import dataclasses
 import pytest
 import torch
 
-from collapse_utils.attention import capture_cls_attention, vision_attention_modules
 from collapse_utils.config import LoraSpec, TrainSpec
-from collapse_utils.metrics import layer_metrics
-from collapse_utils.model import CLIPClassifier, load_clip, prepare_for_training
+from collapse_utils.measurement.attention import capture_cls_attention, vision_attention_modules
+from collapse_utils.measurement.metrics import layer_metrics
+from collapse_utils.training.model import CLIPClassifier, load_clip, prepare_for_training
 
 
 @pytest.fixture(scope="module")

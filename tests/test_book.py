@@ -9,8 +9,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from collapse_utils.book.runner import BookPaths, run
 from collapse_utils.config import PARAMS_DIR
-from collapse_utils.runner import BookPaths, run
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = ("E1_eurosat", "E2", "E5")

@@ -7,7 +7,7 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPImageProcessorPil
 
 from collapse_utils.config import DataSpec
-from collapse_utils.data import (
+from collapse_utils.training.data import (
     DatasetUnavailableError,
     balanced_subset,
     load_splits,
@@ -17,7 +17,7 @@ from collapse_utils.data import (
     stratified_split,
     synthetic_images,
 )
-from collapse_utils.labels import CLASS_NAMES
+from collapse_utils.training.labels import CLASS_NAMES
 
 # Measured with transformers 5.24 (its CLIPImageProcessor resizes tensors with torchvision too):
 # max |difference| 2.4e-7, mean 7e-8 in normalised units. The tolerance leaves room for float

@@ -7,7 +7,7 @@ import pytest
 import scipy.stats
 import torch
 
-from collapse_utils.metrics import (
+from collapse_utils.measurement.metrics import (
     cls_to_patch,
     entropy,
     erf,

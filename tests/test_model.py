@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from collapse_utils.config import LoraSpec, ModelSpec, TrainSpec
-from collapse_utils.model import (
+from collapse_utils.training.model import (
     CLIPClassifier,
     ModelUnavailableError,
     count_trainable,

@@ -3,10 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from collapse_utils import plots
-from collapse_utils.explore import AttentionExplorer, RunMaps, available_runs, draw, image_grid
-from collapse_utils.results import run_summary
-from collapse_utils.train import run_experiment
+from collapse_utils.analysis.results import run_summary
+from collapse_utils.book import figures as plots
+from collapse_utils.book.explore import AttentionExplorer, RunMaps, available_runs, draw, image_grid
+from collapse_utils.training.experiment import run_experiment
 from tests.test_train import small
 
 

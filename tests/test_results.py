@@ -8,8 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from collapse_utils.config import LoraSpec, RegSpec, RunConfig, TrainSpec
-from collapse_utils.results import (
+from collapse_utils.analysis.results import (
     find_histories,
     layer_mean,
     load_histories,
@@ -20,7 +19,8 @@ from collapse_utils.results import (
     tidy_metrics,
     trajectory,
 )
-from collapse_utils.stats import collapse_onset
+from collapse_utils.analysis.stats import collapse_onset
+from collapse_utils.config import LoraSpec, RegSpec, RunConfig, TrainSpec
 
 LAYERS = 3
 

@@ -8,10 +8,9 @@ import nbformat
 import pytest
 import yaml
 
-from collapse_utils import runner
 from collapse_utils.__main__ import main
-from collapse_utils.config import FAMILIES, PARAMS_DIR, available_experiments, load_config
-from collapse_utils.runner import (
+from collapse_utils.book import runner
+from collapse_utils.book.runner import (
     FAMILY_NOTEBOOKS,
     METADATA_KEY,
     PROFILE_NOTEBOOKS,
@@ -22,6 +21,7 @@ from collapse_utils.runner import (
     stamp_of,
     write_build_config,
 )
+from collapse_utils.config import FAMILIES, PARAMS_DIR, available_experiments, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"

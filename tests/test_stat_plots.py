@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from collapse_utils import stat_plots as sp
+from collapse_utils.analysis.results import per_layer_delta, run_summary
+from collapse_utils.analysis.stats import holm, metric_correlations
+from collapse_utils.book import stat_plots as sp
 from collapse_utils.config import DataSpec, LoraSpec, RegSpec, RunConfig, TrainSpec
-from collapse_utils.results import per_layer_delta, run_summary
-from collapse_utils.stats import holm, metric_correlations
 
 LAYERS = 6
 START = [2.0 + 0.1 * layer for layer in range(LAYERS)]

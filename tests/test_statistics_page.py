@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-import collapse_utils.statistics_page as page_module
-from collapse_utils.statistics_page import StatisticsPage, mwu_floor
-from collapse_utils.train import run_experiment
+import collapse_utils.book.statistics_chapter as page_module
+from collapse_utils.book.statistics_chapter import StatisticsPage, mwu_floor
+from collapse_utils.training.experiment import run_experiment
 from tests.test_train import small
 
 

@@ -10,7 +10,7 @@ import pytest
 import scipy.stats
 from statsmodels.stats.multitest import multipletests
 
-from collapse_utils.stats import (
+from collapse_utils.analysis.stats import (
     anova_by_layer_group,
     bootstrap_mean_ci,
     collapse_onset,

@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import collapse_utils.train as train
+import collapse_utils.training.experiment as train
 from collapse_utils.config import load_config
-from collapse_utils.data import DatasetUnavailableError
-from collapse_utils.model import load_clip
-from collapse_utils.train import TrainingFailedError, run_experiment
+from collapse_utils.training.data import DatasetUnavailableError
+from collapse_utils.training.experiment import TrainingFailedError, run_experiment
+from collapse_utils.training.model import load_clip
 
 SMALL = {
     "model": {"vision_layers": 3, "tiny_hidden": 32},
@@ -185,7 +185,7 @@ def test_missing_dataset_fails_before_training(tmp_path):
 KILL_SCRIPT = """
 import json, sys
 from collapse_utils.config import load_config
-from collapse_utils.train import run_experiment
+from collapse_utils.training.experiment import run_experiment
 changes = json.loads(sys.argv[1])
 run_experiment(load_config("smoke", "E5").with_overrides(**changes), progress=False)
 """

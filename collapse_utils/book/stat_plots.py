@@ -2,9 +2,9 @@
 
 Table functions take the ``results`` frames (``run_summary``, ``per_layer_delta``) or histories
 and return DataFrames; every table of p-values is one family of tests and carries Holm-adjusted
-p-values (``*_holm`` columns, :func:`collapse_utils.stats.holm` within that table only). A test
-that cannot run (its runs are missing, one run per group) is left out of the table and a note
-says why. Figure functions return matplotlib Figures; the notebook only calls them.
+p-values (``*_holm`` columns, ``analysis.stats.holm`` within that table only). A test that
+cannot run (its runs are missing, one run per group) is left out of the table and a note says
+why. Figure functions return matplotlib Figures; the notebook only calls them.
 
 Groups follow the report: the "no regularization" reference is E2 (Full FT EuroSAT at the
 profile's default learning rate); §6.4 A compares the EuroSAT runs of the ``full_vs_lora``
@@ -23,9 +23,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from collapse_utils.plots import METRIC_LABELS, new_figure
-from collapse_utils.results import run_means, trajectory
-from collapse_utils.stats import (
+from collapse_utils.analysis.results import run_means, trajectory
+from collapse_utils.analysis.stats import (
     CorrelationMatrix,
     UnitComparison,
     anova_by_layer_group,
@@ -38,6 +37,7 @@ from collapse_utils.stats import (
     run_level_test,
     seed_level_test,
 )
+from collapse_utils.book.figures import METRIC_LABELS, new_figure
 
 REFERENCE_RUN = "E2"
 """Full FT EuroSAT without regularization: the reference of §6.4 C and the LR sweep's default."""

@@ -17,9 +17,9 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from .config import DataSpec
-from .labels import CLASS_NAMES
-from .storage import write_torch
+from collapse_utils.config import DataSpec
+from collapse_utils.storage import write_torch
+from collapse_utils.training.labels import CLASS_NAMES
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

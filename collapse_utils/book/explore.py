@@ -19,8 +19,8 @@ import numpy as np
 from IPython.display import display
 from safetensors.torch import load_file
 
-from . import plots
-from .results import find_histories, load_history
+from collapse_utils.analysis.results import find_histories, load_history
+from collapse_utils.book import figures as plots
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPModel, CLIPTokenizer
 
-from .config import ModelSpec
-from .data import ImageSet, normalize
-from .model import TINY_VOCAB_SIZE
-from .storage import cache_key, write_torch
+from collapse_utils.config import ModelSpec
+from collapse_utils.storage import cache_key, write_torch
+from collapse_utils.training.data import ImageSet, normalize
+from collapse_utils.training.model import TINY_VOCAB_SIZE
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "single": ("a photo of a {}.",),

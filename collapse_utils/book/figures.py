@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .config import METRICS
-from .results import pct_change, trajectory
+from collapse_utils.analysis.results import pct_change, trajectory
+from collapse_utils.config import METRICS
 
 METRIC_LABELS = {
     "entropy": "Entropy (nats)",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .config import METRICS
+from collapse_utils.config import METRICS
 
 __all__ = ["METRICS", "cls_to_patch", "entropy", "erf", "gini", "head_diversity", "layer_metrics"]
 

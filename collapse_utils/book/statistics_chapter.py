@@ -11,11 +11,11 @@ import pandas as pd
 from IPython.display import Image, Markdown, display
 from myst_nb import glue
 
-from . import stat_plots as sp
-from .config import profile_output_root
-from .plots import save_figure
-from .results import load_histories, per_layer_delta, run_summary
-from .stats import EXACT_MAX_N, metric_correlations
+from collapse_utils.analysis.results import load_histories, per_layer_delta, run_summary
+from collapse_utils.analysis.stats import EXACT_MAX_N, metric_correlations
+from collapse_utils.book import stat_plots as sp
+from collapse_utils.book.figures import save_figure
+from collapse_utils.config import profile_output_root
 
 A_COLUMNS = (
     "mean_full", "mean_lora", "welch_t", "welch_p", "welch_p_holm", "mwu_p", "mwu_p_holm",

@@ -18,12 +18,12 @@ import pandas as pd
 from IPython.display import Markdown, display
 from myst_nb import glue
 
-from . import plots
-from .config import RunConfig, load_config, load_family, profile_output_root
-from .results import load_histories, pct_change, run_means, run_summary
+from collapse_utils.analysis.results import load_histories, pct_change, run_means, run_summary
+from collapse_utils.book import figures as plots
+from collapse_utils.config import RunConfig, load_config, load_family, profile_output_root
 
 if TYPE_CHECKING:
-    from .train import RunResult
+    from collapse_utils.training.experiment import RunResult
 
 SMOKE_NOTE = (
     "*Smoke profile: a tiny random CLIP on synthetic images. These numbers check the pipeline; "
@@ -122,7 +122,7 @@ def _family_ids(profile: str, family: str) -> list[str]:
 def run_page(profile: str, config_id: str) -> RunResult:
     """Run (or load) one configuration and show its settings, curves and per-layer heat map."""
     # Imported here: torch/transformers/PEFT take seconds to import and only run pages train.
-    from .train import run_experiment
+    from collapse_utils.training.experiment import run_experiment
 
     config = load_config(profile, config_id)
     display(config_table(config))

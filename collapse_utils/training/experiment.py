@@ -26,13 +26,11 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .attention import capture_cls_attention
-from .config import RegSpec, RunConfig, TrainSpec
-from .data import ImageSet, load_splits, load_test_set, normalize
-from .metrics import METRICS, layer_metrics
-from .model import CLIPClassifier, load_clip, merged_clip, prepare_for_training
-from .regularizers import apr_penalty, attention_kl, entropy_floor_penalty
-from .storage import (
+from collapse_utils.config import RegSpec, RunConfig, TrainSpec
+from collapse_utils.measurement.attention import capture_cls_attention
+from collapse_utils.measurement.metrics import METRICS, layer_metrics
+from collapse_utils.measurement.regularizers import apr_penalty, attention_kl, entropy_floor_penalty
+from collapse_utils.storage import (
     cache_key,
     read_json,
     remove_stale_temp_files,
@@ -40,7 +38,14 @@ from .storage import (
     write_safetensors,
     write_torch,
 )
-from .zeroshot import cached_text_classifier, zeroshot_accuracy
+from collapse_utils.training.data import ImageSet, load_splits, load_test_set, normalize
+from collapse_utils.training.model import (
+    CLIPClassifier,
+    load_clip,
+    merged_clip,
+    prepare_for_training,
+)
+from collapse_utils.training.zeroshot import cached_text_classifier, zeroshot_accuracy
 
 EVAL_BATCH = 256
 

@@ -16,7 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPModel
 
-from .config import LoraSpec, ModelSpec, TrainSpec
+from collapse_utils.config import LoraSpec, ModelSpec, TrainSpec
 
 # Vocabulary of the offline smoke tokenizer (see ``zeroshot.tiny_tokenizer``): 256 byte symbols,
 # their end-of-word forms and the two special tokens.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .metrics import cls_to_patch, entropy
+from collapse_utils.measurement.metrics import cls_to_patch, entropy
 
 
 def attention_kl(current: Tensor, initial: Tensor, reduce_dims=None) -> Tensor:

@@ -1,0 +1,1 @@
+"""Analysis: run records into tidy tables and the statistical tests (no torch import)."""

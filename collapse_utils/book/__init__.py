@@ -1,0 +1,1 @@
+"""Book: figures, what each page shows, the widget explorer and the papermill runner."""

@@ -1,0 +1,1 @@
+"""Measurement: the [CLS]-attention capture, the four metrics and the attention regularizers."""

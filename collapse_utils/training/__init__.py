@@ -1,0 +1,1 @@
+"""Training: datasets, CLIP wrappers (full FT, LoRA, freezing), zero-shot, the experiment."""
