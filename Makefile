@@ -54,7 +54,7 @@ book: venv book-assets
 	$(BIN)/python -m collapse_utils run --profile $(PROFILE) --jobs $(JOBS)
 
 bench: venv
-	$(BIN)/python -m collapse_utils.bench
+	$(BIN)/python bench.py
 
 clean:
 	rm -rf _build book/executed _toc.yml outputs/smoke

@@ -9,9 +9,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
-
 TMP_SUFFIX = ".tmp"
 
 
@@ -41,13 +38,17 @@ def read_json(path: Path) -> Any:
 
 def write_torch(path: Path, payload: Any) -> None:
     """``torch.save`` via a temp file and rename."""
+    import torch  # lazily: analysis code writes JSON through this module without torch
+
     tmp = _temp_for(path)
     torch.save(payload, tmp)
     _replace(tmp, path)
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+def write_safetensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str]):
     """Weights as safetensors (contiguous CPU copies) via a temp file and rename."""
+    from safetensors.torch import save_file
+
     tmp = _temp_for(path)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata)
     _replace(tmp, path)
@@ -77,6 +78,6 @@ def _jsonable(value: Any) -> Any:
         return str(value)
     if isinstance(value, tuple):
         return list(value)
-    if isinstance(value, torch.Tensor):
+    if hasattr(value, "tolist"):  # torch tensors and numpy arrays
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")

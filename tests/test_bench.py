@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from collapse_utils import bench
+import bench
 from collapse_utils.config import available_experiments, load_config
 
 

@@ -27,7 +27,7 @@ def test_metric_trajectories_plot_each_runs_layer_mean(runs):
     axes = fig.axes
     assert len(axes) == 4
     y = axes[0].lines[1].get_ydata()
-    expected = [np.mean(e["metrics"]["entropy"]) for e in histories[1]["evals"]]
+    expected = [e.layer_mean("entropy") for e in histories[1].evals]
     np.testing.assert_allclose(y, expected)
     assert [line.get_label() for line in axes[3].lines] == ["E2", "E5"]
 
@@ -38,7 +38,7 @@ def test_layer_heatmaps_share_one_colour_scale(runs):
     images = [ax.images[0] for ax in fig.axes if ax.images]
     assert len(images) == 2
     assert images[0].get_clim() == images[1].get_clim()
-    assert images[0].get_array().shape == (3, len(histories[0]["evals"]))
+    assert images[0].get_array().shape == (3, len(histories[0].evals))
 
 
 def test_summary_figures_draw_one_mark_per_run(runs):
@@ -67,7 +67,7 @@ def test_explorer_loads_maps_switches_configuration_and_draws(runs):
     assert len(explorer.output.outputs) == 1  # the figure lives in the widget's own state
     assert "image/png" in explorer.output.outputs[0]["data"]
     explorer.config.value = "E5"
-    assert explorer.run.history["id"] == "E5"
+    assert explorer.run.history.id == "E5"
     assert len(explorer.output.outputs) == 1  # replaced, not appended
     explorer.step.value = explorer.step.options[0]
     run = RunMaps.load(available_runs(root)["E5"])

@@ -9,10 +9,8 @@ import pandas as pd
 import pytest
 
 from collapse_utils.analysis.results import (
-    find_histories,
     layer_mean,
     load_histories,
-    load_history,
     per_layer_delta,
     run_means,
     run_summary,
@@ -21,6 +19,7 @@ from collapse_utils.analysis.results import (
 )
 from collapse_utils.analysis.stats import collapse_onset
 from collapse_utils.config import LoraSpec, RegSpec, RunConfig, TrainSpec
+from collapse_utils.run_record import RecordError, RunRecord, find_runs, read_record
 
 LAYERS = 3
 
@@ -39,6 +38,7 @@ def evals(entropy_per_eval: list[list[float]], steps: list[int], total: int) -> 
                 "gini": [1 / e for e in entropy],
                 "head_diversity": [0.1] * LAYERS,
             },
+            "kl_to_initial": [0.01 * step] * LAYERS,
         }
         for step, entropy in zip(steps, entropy_per_eval, strict=True)
     ]
@@ -123,15 +123,15 @@ def root(tmp_path):
     return tmp_path
 
 
-def test_find_histories_lists_every_run_and_seed(root):
-    paths = find_histories(root)
-    assert len(paths) == 5
-    assert all(p.name == "history.json" for p in paths)
-    assert root / "runs" / "E2" / "seed7" / "history.json" in paths
+def test_find_runs_lists_every_run_and_seed(root):
+    runs = find_runs(root)
+    assert len(runs) == 5
+    assert all(r.history.name == "history.json" for r in runs)
+    assert root / "runs" / "E2" / "seed7" / "history.json" in [r.history for r in runs]
 
 
-def test_find_histories_on_missing_root_is_empty(tmp_path):
-    assert find_histories(tmp_path / "nowhere") == []
+def test_find_runs_on_missing_root_is_empty(tmp_path):
+    assert find_runs(tmp_path / "nowhere") == []
     assert load_histories(tmp_path / "nowhere") == []
 
 
@@ -143,21 +143,47 @@ def test_tables_of_no_histories_are_empty():
 
 def test_load_histories_keeps_complete_runs_in_id_seed_order(root):
     loaded = load_histories(root)
-    assert [(h["id"], h["seed"]) for h in loaded] == [
+    assert [(h.id, h.seed) for h in loaded] == [
         ("E1_eurosat", 42),
         ("E2", 7),
         ("E2", 42),
         ("E5", 42),
     ]
     everything = load_histories(root, complete_only=False)
-    assert [h["status"] for h in everything if h["id"] == "R1_apr0.1"] == ["failed"]
+    assert [h.status for h in everything if h.id == "R1_apr0.1"] == ["failed"]
 
 
-def test_load_history_names_the_file_when_a_key_is_missing(tmp_path):
+def test_read_record_names_the_file_when_a_key_is_missing(tmp_path):
     path = tmp_path / "history.json"
     path.write_text(json.dumps({"id": "E2"}))
-    with pytest.raises(ValueError, match="history.json.*lacks"):
-        load_history(path)
+    with pytest.raises(RecordError, match="history.json.*lacks"):
+        read_record(path)
+
+
+def test_record_round_trips_through_json_with_its_schema_version(root):
+    record = read_record(root / "runs" / "E2" / "seed42" / "history.json")
+    assert record.schema_version == 1 and record.evals[1].metrics["entropy"][0] == 3.96
+    record.write(root / "copy.json")
+    assert json.loads((root / "copy.json").read_text())["schema_version"] == 1
+    assert read_record(root / "copy.json") == record
+
+
+def test_history_without_a_version_loads_and_a_newer_one_fails_clearly(root):
+    path = root / "runs" / "E2" / "seed42" / "history.json"
+    assert "schema_version" not in json.loads(path.read_text())  # written as before versioning
+    assert read_record(path).schema_version == 1
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"schema_version": 2}))
+    with pytest.raises(RecordError, match="seed42/history.json: history schema_version 2"):
+        read_record(path)
+
+
+def test_malformed_eval_and_unknown_status_are_named(tmp_path):
+    good = make_history(FULL, "complete", evals(FULL_ENTROPY, [0, 20, 40], 40), zs=None)
+    bad_eval = good | {"evals": [{"step": 0}]}
+    with pytest.raises(RecordError, match="malformed"):
+        RunRecord.from_dict(bad_eval, "x.json")
+    with pytest.raises(RecordError, match="status 'done'"):
+        RunRecord.from_dict(good | {"status": "done"}, "x.json")
 
 
 def test_load_histories_refuses_the_same_run_under_two_profiles(root, tmp_path_factory):
@@ -200,7 +226,7 @@ def test_layer_mean_averages_over_layers_only(root):
 
 
 def test_trajectory_feeds_collapse_onset(root):
-    e2 = next(h for h in load_histories(root) if h["id"] == "E2" and h["seed"] == 42)
+    e2 = next(h for h in load_histories(root) if h.id == "E2" and h.seed == 42)
     fraction, entropy = trajectory(e2)
     assert fraction.tolist() == [0.0, 0.5, 1.0]
     assert collapse_onset(fraction, entropy) == 0.5  # 2.9433 is 1.9% below 3.0
@@ -219,7 +245,7 @@ def test_run_summary_has_one_row_per_run_and_seed_with_config_and_changes(root):
     assert e2["d_head_diversity_pct"] == pytest.approx(0.0)
     assert (e2["best_acc"], e2["final_acc"]) == (0.95, 0.94)
     assert (e2["zs_cifar100"], e2["zs_cifar100_pretrained"]) == (0.3, 0.6)
-    assert e2["status"] == "complete"
+    assert e2.status == "complete"
 
 
 def test_run_summary_fills_lora_fields_only_for_lora(root):
@@ -263,6 +289,7 @@ def test_per_layer_delta_is_runs_by_layers_in_percent(root):
 def test_per_layer_delta_gives_nan_for_a_run_without_evals():
     empty = make_history(dataclasses.replace(FAILED, id="X"), "failed", [], zs=None)
     full = make_history(FULL, "complete", evals(FULL_ENTROPY, [0, 20, 40], 40), zs=None)
+    empty, full = RunRecord.from_dict(empty), RunRecord.from_dict(full)
     delta = per_layer_delta([empty, full])
     assert delta.loc[("X", 42)].isna().all()
     summary = run_summary([empty, full]).set_index("run")

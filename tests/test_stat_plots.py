@@ -10,6 +10,7 @@ from collapse_utils.analysis.results import per_layer_delta, run_summary
 from collapse_utils.analysis.stats import holm, metric_correlations
 from collapse_utils.book import stat_plots as sp
 from collapse_utils.config import DataSpec, LoraSpec, RegSpec, RunConfig, TrainSpec
+from collapse_utils.run_record import EpochRecord, EvalRecord, RunRecord, ZeroShotRecord
 
 LAYERS = 6
 START = [2.0 + 0.1 * layer for layer in range(LAYERS)]
@@ -25,7 +26,7 @@ def history(
     reg: RegSpec | None = None,
     seed: int = 42,
     accuracies: tuple[float, ...] = (0.5, 0.8, 0.9),
-) -> dict:
+) -> RunRecord:
     """A history whose entropy moves linearly from START to START·(1 + change) over 3 evals;
     ERF tracks entropy, Gini is its inverse, head diversity drifts with a run-specific slope."""
     config = RunConfig(
@@ -58,21 +59,29 @@ def history(
             }
         )
     trained = method != "none"
-    return {
-        "id": run,
-        "family": family,
-        "seed": seed,
-        "status": "complete",
-        "config": config.to_dict(),
-        "evals": evals,
-        "epochs": [
-            {"epoch": i + 1, "step": 10 * (i + 1), "val_acc": acc}
+    return RunRecord(
+        id=run,
+        family=family,
+        description="",
+        profile="smoke",
+        seed=seed,
+        config=config.to_dict(),
+        config_hash=config.config_hash(),
+        versions={},
+        device="cpu",
+        steps_per_epoch=10,
+        total_steps=40,
+        status="complete",
+        evals=[EvalRecord(**e) for e in evals],
+        epochs=[
+            EpochRecord(epoch=i + 1, step=10 * (i + 1), train_loss=1.0, val_acc=acc,
+                        samples_per_s=1.0)  # fmt: skip
             for i, acc in enumerate(accuracies if trained else ())
         ],
-        "best_val_acc": max(accuracies) if trained else None,
-        "final_val_acc": accuracies[-1] if trained else None,
-        "zeroshot": {"cifar100": {"accuracy": 0.4, "pretrained_accuracy": 0.5}},
-    }
+        best_val_acc=max(accuracies) if trained else None,
+        final_val_acc=accuracies[-1] if trained else None,
+        zeroshot={"cifar100": ZeroShotRecord(0.4, 0.5, "single", 100)},
+    )
 
 
 FULL_CHANGE = [-0.02, -0.01, 0.0, -0.03, -0.04, -0.05]
@@ -83,7 +92,7 @@ LORA_CHANGES = {
 }
 
 
-def histories() -> list[dict]:
+def histories() -> list[RunRecord]:
     lora = [
         history(run, "full_vs_lora", change, method="lora", lr=1e-2)
         for run, change in LORA_CHANGES.items()
@@ -130,8 +139,8 @@ def line(ax, label):
 
 
 def test_trained_drops_baselines_and_select_keeps_the_requested_order(runs):
-    assert "E1_eurosat" not in {h["id"] for h in runs["trained"]}
-    assert [h["id"] for h in sp.select(runs["trained"], ["E5", "missing", "E2"])] == ["E5", "E2"]
+    assert "E1_eurosat" not in {h.id for h in runs["trained"]}
+    assert [h.id for h in sp.select(runs["trained"], ["E5", "missing", "E2"])] == ["E5", "E2"]
 
 
 def test_cell_is_nan_for_a_missing_row_or_an_empty_table():

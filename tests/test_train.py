@@ -13,8 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import collapse_utils.training.evaluation as evaluation
 import collapse_utils.training.experiment as train
+import collapse_utils.training.step as step_module
 from collapse_utils.config import load_config
+from collapse_utils.run_record import Failure, read_record
 from collapse_utils.training.data import DatasetUnavailableError
 from collapse_utils.training.experiment import TrainingFailedError, run_experiment
 from collapse_utils.training.model import load_clip
@@ -39,31 +42,27 @@ def small(tmp_path: Path, experiment: str = "E2", **changes):
     return load_config("smoke", experiment).with_overrides(**sections)
 
 
-def mean_last(history, metric="entropy"):
-    return float(np.mean(history["evals"][-1]["metrics"][metric]))
-
-
 @pytest.mark.parametrize("experiment", ["E2", "E5"])
 def test_full_and_lora_runs_finish_with_complete_histories(tmp_path, experiment):
     result = run_experiment(small(tmp_path, experiment), progress=False)
     history = result.history
-    assert history["status"] == "complete" and history["failure"] is None
-    assert len(history["evals"]) == 1 + 2 * 2  # step 0 + evals_per_epoch × epochs
-    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
-    assert history["evals"][-1]["fraction"] == 1.0
-    for record in history["evals"]:
-        assert set(record["metrics"]) == {"entropy", "erf", "gini", "head_diversity"}
-        assert all(len(v) == 3 and np.isfinite(v).all() for v in record["metrics"].values())
-    assert 0 <= history["best_val_acc"] <= 1 and history["final_val_acc"] is not None
-    assert history["epochs"][0]["samples_per_s"] > 0
-    assert set(history["zeroshot"]) == {"cifar100"}
-    assert history["config_hash"] == result.config.config_hash()
+    assert history.status == "complete" and history.failure is None
+    assert len(history.evals) == 1 + 2 * 2  # step 0 + evals_per_epoch × epochs
+    assert [e.epoch for e in history.epochs] == [1, 2]
+    assert history.evals[-1].fraction == 1.0
+    for record in history.evals:
+        assert set(record.metrics) == {"entropy", "erf", "gini", "head_diversity"}
+        assert all(len(v) == 3 and np.isfinite(v).all() for v in record.metrics.values())
+    assert 0 <= history.best_val_acc <= 1 and history.final_val_acc is not None
+    assert history.epochs[0].samples_per_s > 0
+    assert set(history.zeroshot) == {"cifar100"}
+    assert history.config_hash == result.config.config_hash()
     files = {p.name for p in result.run_dir.iterdir()}
     assert {"history.json", "best.safetensors", "final.safetensors"} <= files
     assert "resume.pt" not in files  # a complete run keeps no optimizer state
     assert {"attention_maps.safetensors", "tensorboard"} <= files
     assert not list(result.run_dir.glob("*.tmp"))
-    maps = load_file(result.maps_path)
+    maps = load_file(result.files.maps)
     assert maps["maps"].shape == (5, 2, 3, 4, 50) and maps["steps"].tolist()[0] == 0
 
 
@@ -94,16 +93,16 @@ def test_frozen_layers_are_bit_identical_after_training(tmp_path):
 def test_apr_keeps_attention_closer_to_the_pretrained_model(tmp_path):
     free = small(tmp_path / "free", "E2", train={"lr": 1e-2})
     apr = small(tmp_path / "apr", "R1_apr1.0", train={"lr": 1e-2}, reg={"lam": 50.0})
-    kl_free = np.mean(run_experiment(free, progress=False).history["evals"][-1]["kl_to_initial"])
-    kl_apr = np.mean(run_experiment(apr, progress=False).history["evals"][-1]["kl_to_initial"])
+    kl_free = np.mean(run_experiment(free, progress=False).history.evals[-1].kl_to_initial)
+    kl_apr = np.mean(run_experiment(apr, progress=False).history.evals[-1].kl_to_initial)
     assert kl_apr < 0.5 * kl_free
 
 
 def test_apr_frozen_copy_and_cache_give_the_same_run(tmp_path):
     cached = small(tmp_path / "c", "R1_apr1.0", train={"epochs": 1})
     frozen = small(tmp_path / "f", "R1_apr1.0", train={"epochs": 1}, reg={"reference": "frozen"})
-    a = run_experiment(cached, progress=False).history["evals"][-1]["metrics"]["entropy"]
-    b = run_experiment(frozen, progress=False).history["evals"][-1]["metrics"]["entropy"]
+    a = run_experiment(cached, progress=False).history.evals[-1].metrics["entropy"]
+    b = run_experiment(frozen, progress=False).history.evals[-1].metrics["entropy"]
     np.testing.assert_allclose(a, b, rtol=1e-5)
 
 
@@ -114,37 +113,37 @@ def test_entropy_floor_keeps_every_layer_near_the_pretrained_entropy(tmp_path):
     free = run_experiment(small(tmp_path / "free", "E5", **changes), progress=False).history
     floor_cfg = small(tmp_path / "floor", "R2_entfloor0.1", reg={"lam": 100.0}, **changes)
     floored = run_experiment(floor_cfg, progress=False).history
-    floor = np.array(floored["evals"][0]["metrics"]["entropy"])
+    floor = np.array(floored.evals[0].metrics["entropy"])
     tolerance = 0.02  # nats; the penalty is on per-image entropy, the check on its mean
-    free_final = np.array(free["evals"][-1]["metrics"]["entropy"])
+    free_final = np.array(free.evals[-1].metrics["entropy"])
     assert (free_final < floor - tolerance).any(), "setting does not collapse; test is vacuous"
-    assert (np.array(floored["evals"][-1]["metrics"]["entropy"]) >= floor - tolerance).all()
+    assert (np.array(floored.evals[-1].metrics["entropy"]) >= floor - tolerance).all()
 
 
 def test_zero_shot_uses_the_merged_fine_tuned_model(tmp_path, monkeypatch):
     calls = []
-    real = train.merged_clip
+    real = evaluation.merged_clip
 
     def spy(model, base):
         calls.append(type(model).__name__)
         return real(model, base)
 
-    monkeypatch.setattr(train, "merged_clip", spy)
+    monkeypatch.setattr(evaluation, "merged_clip", spy)
     lora = run_experiment(small(tmp_path, "E5"), progress=False).history
     assert calls == ["PeftModel"]
     full = run_experiment(small(tmp_path, "E2", train={"lr": 1e-2}), progress=False).history
     assert (
-        full["zeroshot"]["cifar100"]["accuracy"]
-        != full["zeroshot"]["cifar100"]["pretrained_accuracy"]
+        full.zeroshot["cifar100"].accuracy
+        != full.zeroshot["cifar100"].pretrained_accuracy
     )
     assert (
-        lora["zeroshot"]["cifar100"]["pretrained_accuracy"]
-        == (full["zeroshot"]["cifar100"]["pretrained_accuracy"])
+        lora.zeroshot["cifar100"].pretrained_accuracy
+        == (full.zeroshot["cifar100"].pretrained_accuracy)
     )
 
 
 def test_non_finite_loss_stops_the_run_with_a_clear_failure(tmp_path, monkeypatch):
-    real = train.classification_loss
+    real = step_module.classification_loss
     calls = []
 
     def poisoned(logits, labels):
@@ -152,13 +151,13 @@ def test_non_finite_loss_stops_the_run_with_a_clear_failure(tmp_path, monkeypatc
         loss = real(logits, labels)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(train, "classification_loss", poisoned)
+    monkeypatch.setattr(step_module, "classification_loss", poisoned)
     config = small(tmp_path)
     with pytest.raises(TrainingFailedError, match="step 3: non-finite loss nan"):
         run_experiment(config, progress=False)
-    history = json.loads((config.run_dir / "history.json").read_text())
-    assert history["status"] == "failed"
-    assert history["failure"] == {"step": 3, "reason": "non-finite loss nan"}
+    history = read_record(config.run_dir / "history.json")
+    assert history.status == "failed"
+    assert history.failure == Failure(step=3, reason="non-finite loss nan")
 
 
 def test_complete_run_is_not_retrained_but_a_changed_config_is(tmp_path, monkeypatch):
@@ -185,6 +184,7 @@ def test_missing_dataset_fails_before_training(tmp_path):
 KILL_SCRIPT = """
 import json, sys
 from collapse_utils.config import load_config
+from collapse_utils.run_record import Failure, read_record
 from collapse_utils.training.experiment import run_experiment
 changes = json.loads(sys.argv[1])
 run_experiment(load_config("smoke", "E5").with_overrides(**changes), progress=False)
@@ -225,9 +225,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     straight_cfg = killed_cfg.with_overrides(output_root=str(tmp_path / "straight"))
     straight = run_experiment(straight_cfg, progress=False).history
     assert not list(killed_cfg.run_dir.glob("*.tmp"))
-    assert [e["step"] for e in resumed["evals"]] == [e["step"] for e in straight["evals"]]
-    for a, b in zip(resumed["evals"], straight["evals"], strict=True):
-        for metric in a["metrics"]:
-            np.testing.assert_allclose(a["metrics"][metric], b["metrics"][metric], rtol=1e-6)
-    assert [e["val_acc"] for e in resumed["epochs"]] == [e["val_acc"] for e in straight["epochs"]]
-    assert resumed["zeroshot"] == straight["zeroshot"]
+    assert [e.step for e in resumed.evals] == [e.step for e in straight.evals]
+    for a, b in zip(resumed.evals, straight.evals, strict=True):
+        for metric in a.metrics:
+            np.testing.assert_allclose(a.metrics[metric], b.metrics[metric], rtol=1e-6)
+    assert [e.val_acc for e in resumed.epochs] == [e.val_acc for e in straight.epochs]
+    assert resumed.zeroshot == straight.zeroshot

@@ -1,7 +1,8 @@
 """Read run histories into tidy tables.
 
-Every run writes ``<output_root>/runs/<id>/seed<k>/history.json`` (schema: ``train.py``). This
-module only reads those files: the book's numbers come from here, never from logs.
+Every run writes ``<output_root>/runs/<id>/seed<k>/history.json`` (schema and reader:
+:mod:`collapse_utils.run_record`). This module turns them into tables: the book's numbers come
+from here, never from logs.
 
 Conventions. ``run`` is the experiment id, ``seed`` the training seed; one history is one
 (run, seed). Layers are 1-based. "First" and "final" are the first and last entries of
@@ -11,7 +12,6 @@ is ``100 · (final − first) / first``; "layer mean" is the unweighted mean ove
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,60 +20,41 @@ import numpy as np
 import pandas as pd
 
 from collapse_utils.config import METRICS
+from collapse_utils.run_record import RunRecord, find_runs, read_record
 
-_REQUIRED = ("id", "family", "seed", "status", "config", "evals")
 _TIDY_COLUMNS = ["run", "seed", "family", "layer", "step", "fraction", "metric", "value"]
 
 
-def find_histories(root: Path | str) -> list[Path]:
-    """All ``runs/<id>/seed<k>/history.json`` below ``root`` (at any depth), sorted.
-    A missing ``root`` gives an empty list."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted(root.glob("**/runs/*/seed*/history.json"))
-
-
-def load_history(path: Path | str) -> dict[str, Any]:
-    """One history as a dict; raises ``ValueError`` naming the file if a required key is
-    missing."""
-    path = Path(path)
-    history = json.loads(path.read_text())
-    missing = [key for key in _REQUIRED if key not in history]
-    if missing:
-        raise ValueError(f"{path}: history lacks {missing}")
-    return history
-
-
-def load_histories(root: Path | str, complete_only: bool = True) -> list[dict[str, Any]]:
-    """All histories below ``root``, in (id, seed) order; by default only ``status='complete'``.
+def load_histories(root: Path | str, complete_only: bool = True) -> list[RunRecord]:
+    """All run records below ``root``, in (id, seed) order; by default only complete ones.
 
     Raises ``ValueError`` if two files hold the same (id, seed), e.g. when ``root`` spans two
-    profiles: pass ``outputs/<profile>`` instead."""
+    profiles: pass ``outputs/<profile>`` instead; :class:`RecordError` names an unreadable
+    file."""
     seen: dict[tuple[str, int], Path] = {}
     histories = []
-    for path in find_histories(root):
-        history = load_history(path)
-        if complete_only and history["status"] != "complete":
+    for files in find_runs(root):
+        history = read_record(files.history)
+        if complete_only and history.status != "complete":
             continue
-        key = (history["id"], history["seed"])
+        key = (history.id, history.seed)
         if key in seen:
-            raise ValueError(f"run {key} found twice: {seen[key]} and {path}")
-        seen[key] = path
+            raise ValueError(f"run {key} found twice: {seen[key]} and {files.history}")
+        seen[key] = files.history
         histories.append(history)
-    return sorted(histories, key=lambda h: (h["id"], h["seed"]))
+    return sorted(histories, key=lambda h: (h.id, h.seed))
 
 
-def tidy_metrics(histories: Iterable[dict[str, Any]]) -> pd.DataFrame:
+def tidy_metrics(histories: Iterable[RunRecord]) -> pd.DataFrame:
     """Long table, one row per eval × layer × metric.
 
     Columns: run, seed, family, layer (1-based), step, fraction (0..1 of training), metric,
     value. Use :func:`layer_mean` for the mean over layers."""
     rows = [
-        (h["id"], h["seed"], h["family"], layer, e["step"], e["fraction"], metric, value)
+        (h.id, h.seed, h.family, layer, e.step, e.fraction, metric, value)
         for h in histories
-        for e in h["evals"]
-        for metric, per_layer in e["metrics"].items()
+        for e in h.evals
+        for metric, per_layer in e.metrics.items()
         for layer, value in enumerate(per_layer, start=1)
     ]
     return pd.DataFrame(rows, columns=_TIDY_COLUMNS)
@@ -85,10 +66,10 @@ def layer_mean(tidy: pd.DataFrame) -> pd.DataFrame:
     return tidy.groupby(keys, sort=False, as_index=False)["value"].mean()
 
 
-def trajectory(history: dict[str, Any], metric: str = "entropy") -> tuple[np.ndarray, np.ndarray]:
+def trajectory(history: RunRecord, metric: str = "entropy") -> tuple[np.ndarray, np.ndarray]:
     """(fraction, layer-mean value) over the evals of one run, both shaped (evals,)."""
-    fraction = np.array([e["fraction"] for e in history["evals"]], dtype=float)
-    values = np.array([np.mean(e["metrics"][metric]) for e in history["evals"]], dtype=float)
+    fraction = np.array([e.fraction for e in history.evals], dtype=float)
+    values = np.array([np.mean(e.metrics[metric]) for e in history.evals], dtype=float)
     return fraction, values
 
 
@@ -99,7 +80,7 @@ def pct_change(first: float, final: float) -> float:
     return 100.0 * (final - first) / first
 
 
-def run_summary(histories: Iterable[dict[str, Any]]) -> pd.DataFrame:
+def run_summary(histories: Iterable[RunRecord]) -> pd.DataFrame:
     """One row per (run, seed).
 
     Columns: run, seed, family, method, dataset, lr, weight_decay, rank and targets (missing
@@ -118,14 +99,14 @@ def run_summary(histories: Iterable[dict[str, Any]]) -> pd.DataFrame:
     return frame[ordered + zs + ["status"]]
 
 
-def _summary_row(h: dict[str, Any]) -> dict[str, Any]:
-    config = h["config"]
+def _summary_row(h: RunRecord) -> dict[str, Any]:
+    config = h.config
     train, lora, reg = config["train"], config["lora"], config["reg"]
     is_lora = train["method"] == "lora"
     row: dict[str, Any] = {
-        "run": h["id"],
-        "seed": h["seed"],
-        "family": h["family"],
+        "run": h.id,
+        "seed": h.seed,
+        "family": h.family,
         "method": train["method"],
         "dataset": config["data"]["dataset"],
         "lr": train.get("lr"),
@@ -135,20 +116,20 @@ def _summary_row(h: dict[str, Any]) -> dict[str, Any]:
         "freeze_layers": train.get("freeze_layers", 0),
         "reg_kind": reg["kind"],
         "lam": reg["lam"],
-        "best_acc": h.get("best_val_acc"),
-        "final_acc": h.get("final_val_acc"),
+        "best_acc": h.best_val_acc,
+        "final_acc": h.final_val_acc,
     }
-    evals = h["evals"]
+    evals = h.evals
     for metric in METRICS:
-        first = float(np.mean(evals[0]["metrics"][metric])) if evals else float("nan")
-        final = float(np.mean(evals[-1]["metrics"][metric])) if evals else float("nan")
+        first = float(np.mean(evals[0].metrics[metric])) if evals else float("nan")
+        final = float(np.mean(evals[-1].metrics[metric])) if evals else float("nan")
         row[f"{metric}_0"] = first
         row[f"{metric}_f"] = final
         row[f"d_{metric}_pct"] = pct_change(first, final)
-    for dataset, result in sorted((h.get("zeroshot") or {}).items()):
-        row[f"zs_{dataset}"] = result["accuracy"]
-        row[f"zs_{dataset}_pretrained"] = result["pretrained_accuracy"]
-    row["status"] = h["status"]
+    for dataset, result in sorted(h.zeroshot.items()):
+        row[f"zs_{dataset}"] = result.accuracy
+        row[f"zs_{dataset}_pretrained"] = result.pretrained_accuracy
+    row["status"] = h.status
     return row
 
 
@@ -161,21 +142,21 @@ def run_means(summary: pd.DataFrame) -> pd.DataFrame:
     return first
 
 
-def per_layer_delta(histories: Iterable[dict[str, Any]], metric: str = "entropy") -> pd.DataFrame:
+def per_layer_delta(histories: Iterable[RunRecord], metric: str = "entropy") -> pd.DataFrame:
     """Change in % from first to final eval, per layer.
 
     Returns a (runs × layers) frame: index (run, seed), columns ``layer`` 1..L. A history
     without evals gives a row of NaN."""
     rows = {}
     for h in histories:
-        evals = h["evals"]
+        evals = h.evals
         if evals:
-            first = np.asarray(evals[0]["metrics"][metric], dtype=float)
-            final = np.asarray(evals[-1]["metrics"][metric], dtype=float)
+            first = np.asarray(evals[0].metrics[metric], dtype=float)
+            final = np.asarray(evals[-1].metrics[metric], dtype=float)
             values = [pct_change(a, b) for a, b in zip(first, final, strict=True)]
         else:
             values = []
-        rows[(h["id"], h["seed"])] = pd.Series(values, index=range(1, len(values) + 1))
+        rows[(h.id, h.seed)] = pd.Series(values, index=range(1, len(values) + 1))
     index = pd.MultiIndex.from_tuples(list(rows), names=["run", "seed"])
     frame = pd.DataFrame(list(rows.values()), index=index)
     frame.columns.name = "layer"

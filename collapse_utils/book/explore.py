@@ -19,8 +19,8 @@ import numpy as np
 from IPython.display import display
 from safetensors.torch import load_file
 
-from collapse_utils.analysis.results import find_histories, load_history
 from collapse_utils.book import figures as plots
+from collapse_utils.run_record import RunFiles, RunRecord, find_runs, read_record
 
 
 @dataclass(frozen=True)
@@ -28,16 +28,16 @@ class RunMaps:
     """One run's saved maps: maps (evals, images, layers, heads, tokens), steps (evals,),
     images (images, 3, S, S) uint8, and its history."""
 
-    history: dict
+    history: RunRecord
     maps: np.ndarray
     steps: np.ndarray
     images: np.ndarray
 
     @classmethod
-    def load(cls, history_path: Path) -> RunMaps:
-        tensors = load_file(history_path.parent / "attention_maps.safetensors")
+    def load(cls, files: RunFiles) -> RunMaps:
+        tensors = load_file(files.maps)
         return cls(
-            history=load_history(history_path),
+            history=read_record(files.history),
             maps=tensors["maps"].float().numpy(),
             steps=tensors["steps"].numpy(),
             images=tensors["images"].numpy(),
@@ -49,12 +49,12 @@ class RunMaps:
         return rows.mean(axis=0) if head is None else rows[head]
 
 
-def available_runs(output_root: Path | str) -> dict[str, Path]:
-    """Run id → history path, for runs whose attention maps were saved."""
+def available_runs(output_root: Path | str) -> dict[str, RunFiles]:
+    """Run id → run files, for runs whose attention maps were saved."""
     found = {}
-    for path in find_histories(output_root):
-        if (path.parent / "attention_maps.safetensors").exists():
-            found[path.parent.parent.name] = path
+    for files in find_runs(output_root):
+        if files.maps.exists():
+            found[files.run_dir.parent.name] = files
     return dict(sorted(found.items()))
 
 
@@ -66,7 +66,7 @@ def image_grid(run: RunMaps, step_index: int, layer: int):
         row = run.row(step_index, image, layer, None)
         plots.attention_overlay(ax, run.images[image], row, f"image {image}")
     step = int(run.steps[step_index])
-    fig.suptitle(f"{run.history['id']}, layer {layer + 1}, mean of heads, step {step}")
+    fig.suptitle(f"{run.history.id}, layer {layer + 1}, mean of heads, step {step}")
     return fig
 
 
@@ -83,13 +83,13 @@ def draw(run: RunMaps, step_index: int, image: int, layer: int, head: int | None
         run.row(step_index, image, layer, head),
         f"layer {layer + 1}, {head_name}, step {int(run.steps[step_index])}",
     )
-    evals = run.history["evals"]
-    steps = [e["step"] for e in evals]
+    evals = run.history.evals
+    steps = [e.step for e in evals]
     for ax, metric in zip(right.subplots(2, 2).flat, plots.METRICS, strict=True):
-        ax.plot(steps, [e["metrics"][metric][layer] for e in evals], marker=".")
+        ax.plot(steps, [e.metrics[metric][layer] for e in evals], marker=".")
         ax.axvline(run.steps[step_index], color="tab:red", linestyle="--")
         ax.set(xlabel="step", title=plots.METRIC_LABELS[metric])
-    fig.suptitle(f"{run.history['id']}: {run.history['description']}")
+    fig.suptitle(f"{run.history.id}: {run.history.description}")
     return fig
 
 

@@ -40,17 +40,17 @@ def new_figure(ncols: int = 1, nrows: int = 1, width: float = 4.2, height: float
 
 
 def _label(history: dict) -> str:
-    return f"{history['id']}: {history['description']}" if history["description"] else history["id"]
+    return f"{history.id}: {history.description}" if history.description else history.id
 
 
 def baseline_structure(histories: list[dict]) -> Figure:
     """fig2: the pre-trained model's four metrics per layer (one line per baseline run)."""
     fig, axes = new_figure(ncols=4, width=3.4)
     for history in histories:
-        metrics = history["evals"][0]["metrics"]
+        metrics = history.evals[0].metrics
         layers = np.arange(1, len(metrics["entropy"]) + 1)
         for ax, metric in zip(axes[0], METRICS, strict=True):
-            ax.plot(layers, metrics[metric], marker="o", label=history["id"])
+            ax.plot(layers, metrics[metric], marker="o", label=history.id)
     for ax, metric in zip(axes[0], METRICS, strict=True):
         ax.set(xlabel="layer", ylabel=METRIC_LABELS[metric], title=METRIC_LABELS[metric])
     axes[0, 0].legend(fontsize="small")
@@ -62,17 +62,17 @@ def training_curves(history: dict) -> Figure:
     """fig3: validation accuracy per epoch, training loss and layer-mean entropy over training."""
     fig, axes = new_figure(ncols=2, width=4.6)
     left, right = axes[0]
-    epochs = history["epochs"]
-    total = max(history["total_steps"], 1)
-    steps = [e["step"] / total for e in epochs]
-    left.plot(steps, [e["val_acc"] for e in epochs], marker="o", color="tab:blue")
+    epochs = history.epochs
+    total = max(history.total_steps, 1)
+    steps = [e.step / total for e in epochs]
+    left.plot(steps, [e.val_acc for e in epochs], marker="o", color="tab:blue")
     left.set(xlabel="fraction of training", ylabel="validation accuracy", ylim=(0, 1.02))
     twin = left.twinx()
     fraction, entropy = trajectory(history, "entropy")
     twin.plot(fraction, entropy, color="tab:red", marker=".")
     twin.set_ylabel("mean entropy (nats)", color="tab:red")
     left.set_title("accuracy and entropy")
-    losses = [(e["fraction"], e["train_loss"]) for e in history["evals"] if e["train_loss"]]
+    losses = [(e.fraction, e.train_loss) for e in history.evals if e.train_loss]
     if losses:
         right.plot(*zip(*losses, strict=True), marker=".", color="tab:gray")
     right.set(xlabel="fraction of training", ylabel="training loss", title="loss")
@@ -85,7 +85,7 @@ def metric_trajectories(histories: list[dict], title: str = "") -> Figure:
     fig, axes = new_figure(ncols=4, width=3.4)
     for history in histories:
         for ax, metric in zip(axes[0], METRICS, strict=True):
-            ax.plot(*trajectory(history, metric), marker=".", label=history["id"])
+            ax.plot(*trajectory(history, metric), marker=".", label=history.id)
     for ax, metric in zip(axes[0], METRICS, strict=True):
         ax.set(xlabel="fraction of training", ylabel=METRIC_LABELS[metric])
     axes[0, -1].legend(fontsize="small", loc="best")
@@ -100,9 +100,9 @@ def single_metric_trajectories(histories: list[dict], metric: str, title: str = 
     fig, axes = new_figure(ncols=2, width=4.6)
     left, right = axes[0]
     for history in histories:
-        left.plot(*trajectory(history, metric), marker=".", label=history["id"])
-        first = np.array(history["evals"][0]["metrics"][metric])
-        final = np.array(history["evals"][-1]["metrics"][metric])
+        left.plot(*trajectory(history, metric), marker=".", label=history.id)
+        first = np.array(history.evals[0].metrics[metric])
+        final = np.array(history.evals[-1].metrics[metric])
         change = [pct_change(a, b) for a, b in zip(first, final, strict=True)]
         right.plot(np.arange(1, len(first) + 1), change, marker="o")
     left.set(xlabel="fraction of training", ylabel=METRIC_LABELS[metric], title="layer mean")
@@ -116,7 +116,7 @@ def single_metric_trajectories(histories: list[dict], metric: str, title: str = 
 def layer_heatmaps(histories: list[dict], metric: str = "entropy") -> Figure:
     """fig4: per-layer metric (rows) at each eval (columns), one panel per run; a shared
     colour scale so panels compare."""
-    grids = [np.array([e["metrics"][metric] for e in h["evals"]]).T for h in histories]
+    grids = [np.array([e.metrics[metric] for e in h.evals]).T for h in histories]
     low = min(g.min() for g in grids)
     high = max(g.max() for g in grids)
     fig, axes = new_figure(ncols=len(histories), width=3.6, height=3.4)
@@ -130,7 +130,7 @@ def layer_heatmaps(histories: list[dict], metric: str = "entropy") -> Figure:
             cmap="viridis",
             extent=(0, 1, 0.5, grid.shape[0] + 0.5),
         )
-        ax.set(title=history["id"], xlabel="fraction of training", ylabel="layer")
+        ax.set(title=history.id, xlabel="fraction of training", ylabel="layer")
     fig.colorbar(image, ax=axes[0].tolist(), label=METRIC_LABELS[metric])
     return fig
 
@@ -152,7 +152,7 @@ def lr_sweep(summary: pd.DataFrame, histories: list[dict]) -> Figure:
     left.legend(fontsize="small")
     middle.plot(ordered["lr"], ordered["best_acc"], marker="o", color="tab:green")
     middle.set(xscale="log", xlabel="learning rate", ylabel="best validation accuracy")
-    by_id = {h["id"]: h for h in histories}
+    by_id = {h.id: h for h in histories}
     for _, row in ordered.iterrows():
         right.plot(*trajectory(by_id[row["run"]], "entropy"), label=f"lr={row['lr']:g}")
     right.set(xlabel="fraction of training", ylabel="mean entropy (nats)")
@@ -185,9 +185,9 @@ def regularization(summary: pd.DataFrame, histories: list[dict]) -> Figure:
     left.set(ylabel="Δ entropy first → final (%)", title="entropy change")
     left.tick_params(axis="x", rotation=45)
     for history in histories:
-        fraction = [e["fraction"] for e in history["evals"]]
-        kl = [np.mean(e["kl_to_initial"]) for e in history["evals"]]
-        right.plot(fraction, kl, marker=".", label=history["id"])
+        fraction = [e.fraction for e in history.evals]
+        kl = [np.mean(e.kl_to_initial) for e in history.evals]
+        right.plot(fraction, kl, marker=".", label=history.id)
     right.set(
         xlabel="fraction of training",
         ylabel="KL(pre-trained ‖ current) (nats)",

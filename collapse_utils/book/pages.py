@@ -90,8 +90,8 @@ def _pick(histories: list[dict], ids: Sequence[str]) -> list[dict]:
     """The histories of ``ids`` in that order (lowest seed where a run has several: curves show
     one seed); says which are missing instead of failing."""
     by_id: dict[str, dict] = {}
-    for history in sorted(histories, key=lambda h: -h["seed"]):
-        by_id[history["id"]] = history
+    for history in sorted(histories, key=lambda h: -h.seed):
+        by_id[history.id] = history
     missing = [i for i in ids if i not in by_id]
     if missing:
         display(Markdown(f"**Not complete yet, left out:** {', '.join(missing)}"))
@@ -128,13 +128,13 @@ def run_page(profile: str, config_id: str) -> RunResult:
     display(config_table(config))
     result = run_experiment(config, progress=False)
     history = result.history
-    first, last = history["evals"][0]["metrics"], history["evals"][-1]["metrics"]
+    first, last = history.evals[0].metrics, history.evals[-1].metrics
     values = {m: (float(np.mean(first[m])), float(np.mean(last[m]))) for m in METRIC_NAMES}
     for metric, (start, end) in values.items():
         glue(f"{metric}_0", start, display=False)
         glue(f"{metric}_f", end, display=False)
         glue(f"d_{metric}_pct", pct_change(start, end), display=False)
-    zeroshot = history["zeroshot"]
+    zeroshot = history.zeroshot
     if config.train.method == "none":
         _show_figure(plots.baseline_structure([history]), profile, f"fig2_baseline_{config_id}")
         display(_per_layer_table(history))
@@ -147,20 +147,20 @@ def run_page(profile: str, config_id: str) -> RunResult:
     else:
         _show_figure(plots.training_curves(history), profile, f"fig3_triple_curve_{config_id}")
         _show_figure(plots.layer_heatmaps([history]), profile, f"fig4_layer_entropy_{config_id}")
-        glue("best_acc", history["best_val_acc"], display=False)
-        glue("final_acc", history["final_val_acc"], display=False)
+        glue("best_acc", history.best_val_acc, display=False)
+        glue("final_acc", history.final_val_acc, display=False)
         text = (
-            f"Best validation accuracy {history['best_val_acc']:.3f} (final "
-            f"{history['final_val_acc']:.3f}). Layer-mean entropy went from "
+            f"Best validation accuracy {history.best_val_acc:.3f} (final "
+            f"{history.final_val_acc:.3f}). Layer-mean entropy went from "
             f"{values['entropy'][0]:.3f} to {values['entropy'][1]:.3f} nats "
             f"({_pct(values['entropy'])}), ERF@0.95 {_pct(values['erf'])}, Gini "
             f"{_pct(values['gini'])}, head diversity {_pct(values['head_diversity'])}."
         )
     for name, zs in zeroshot.items():
-        glue(f"zs_{name}", zs["accuracy"], display=False)
+        glue(f"zs_{name}", zs.accuracy, display=False)
         text += (
-            f" Zero-shot {name}: {zs['accuracy']:.3f} against {zs['pretrained_accuracy']:.3f} "
-            f"for the pre-trained model ({zs['n_images']} images, {zs['templates']} templates)."
+            f" Zero-shot {name}: {zs.accuracy:.3f} against {zs.pretrained_accuracy:.3f} "
+            f"for the pre-trained model ({zs.n_images} images, {zs.templates} templates)."
         )
     _glue_findings(profile, text)
     return result
@@ -171,7 +171,7 @@ def _pct(pair: tuple[float, float]) -> str:
 
 
 def _per_layer_table(history: dict) -> pd.DataFrame:
-    metrics = history["evals"][0]["metrics"]
+    metrics = history.evals[0].metrics
     table = pd.DataFrame({METRIC_NAMES[m]: metrics[m] for m in METRIC_NAMES})
     table.index = pd.RangeIndex(1, len(table) + 1, name="layer")
     return table.round(4)
@@ -188,10 +188,10 @@ def baseline_summary(profile: str) -> None:
     rows = []
     for history in chosen:
         for metric, name in METRIC_NAMES.items():
-            values = np.array(history["evals"][0]["metrics"][metric])
+            values = np.array(history.evals[0].metrics[metric])
             rows.append(
                 {
-                    "baseline": history["id"],
+                    "baseline": history.id,
                     "metric": name,
                     "mean": values.mean(),
                     "std": values.std(ddof=1),
@@ -202,9 +202,9 @@ def baseline_summary(profile: str) -> None:
     table = pd.DataFrame(rows).set_index(["baseline", "metric"]).round(4)
     display(table)
     text = " ".join(
-        f"On {h['id']}, layer-mean entropy is {np.mean(h['evals'][0]['metrics']['entropy']):.3f} "
+        f"On {h.id}, layer-mean entropy is {np.mean(h.evals[0]['metrics']['entropy']):.3f} "
         f"nats and the most concentrated layer is layer "
-        f"{int(np.argmin(h['evals'][0]['metrics']['entropy'])) + 1}."
+        f"{int(np.argmin(h.evals[0]['metrics']['entropy'])) + 1}."
         for h in chosen
     )
     _glue_findings(profile, text)
@@ -396,19 +396,19 @@ def _reproducibility(profile: str) -> pd.DataFrame:
     table = pd.DataFrame(
         [
             {
-                "run": h["id"],
-                "seed": h["seed"],
-                "status": h["status"],
-                "config hash": h["config_hash"],
-                "device": h.get("device"),
-                "wall time (s)": round(h.get("wall_time_s", float("nan")), 1),
+                "run": h.id,
+                "seed": h.seed,
+                "status": h.status,
+                "config hash": h.config_hash,
+                "device": h.device,
+                "wall time (s)": round(h.wall_time_s, 1),
             }
             for h in histories
         ]
     ).set_index("run")
     display(table)
     versions = pd.DataFrame(
-        sorted({(k, v) for h in histories for k, v in h["versions"].items()}),
+        sorted({(k, v) for h in histories for k, v in h.versions.items()}),
         columns=["package", "version"],
     )
     display(versions)

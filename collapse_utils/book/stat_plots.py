@@ -68,13 +68,13 @@ def delta_label(column: str) -> str:
 
 def trained(histories: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Histories of runs that trained (method is not ``none``): baselines have no change."""
-    return [h for h in histories if h["config"]["train"]["method"] != "none"]
+    return [h for h in histories if h.method != "none"]
 
 
 def select(histories: Iterable[dict[str, Any]], runs: Sequence[str]) -> list[dict[str, Any]]:
     """The histories of ``runs`` that exist, in the order of ``runs`` (then seed)."""
-    by_run = sorted(histories, key=lambda h: h["seed"])
-    return [h for run in runs for h in by_run if h["id"] == run]
+    by_run = sorted(histories, key=lambda h: h.seed)
+    return [h for run in runs for h in by_run if h.id == run]
 
 
 def cell(frame: pd.DataFrame, row: Any, column: str) -> float:
@@ -329,8 +329,8 @@ def dynamics_table(
         onset = collapse_onset(fraction, entropy, threshold)
         rows.append(
             {
-                "run": h["id"],
-                "seed": h["seed"],
+                "run": h.id,
+                "seed": h.seed,
                 "onset_fraction": float("nan") if onset is None else onset,
                 "d_entropy_pct": float(_relative(entropy)[-1]),
                 "max_abs_velocity": velocity.max_abs_rate,
@@ -347,16 +347,16 @@ def convergence_table(
     accuracy over the ``last`` epochs) and ``converged`` (late_std < :data:`CONVERGENCE_STD`)."""
     rows = []
     for h in histories:
-        acc = np.array([e["val_acc"] for e in h["epochs"]], dtype=float)
+        acc = np.array([e.val_acc for e in h.epochs], dtype=float)
         if acc.size == 0:
             continue
         rows.append(
             {
-                "run": h["id"],
-                "seed": h["seed"],
+                "run": h.id,
+                "seed": h.seed,
                 "epochs": int(acc.size),
-                "best_acc": h.get("best_val_acc"),
-                "final_acc": h.get("final_val_acc"),
+                "best_acc": h.best_val_acc,
+                "final_acc": h.final_val_acc,
                 "late_std": float(acc[-last:].std()),
                 "converged": bool(acc[-last:].std() < CONVERGENCE_STD),
             }
@@ -537,7 +537,7 @@ def fig12_training_dynamics(
     ΔERF and ΔGini (%) against Δentropy (%), i.e. how the three metrics co-evolve."""
     fig, axes = new_figure(ncols=2, nrows=2, width=4.8, height=3.5)
     (velocity_ax, entropy_ax), (erf_ax, gini_ax) = axes
-    usable = [h for h in histories if len(h["evals"]) >= 2]
+    usable = [h for h in histories if len(h.evals) >= 2]
     if not usable:
         for ax in axes.ravel():
             _empty(ax, "no run with two or more evals")
@@ -545,9 +545,9 @@ def fig12_training_dynamics(
     for h in usable:
         c = _curves(h)
         label = (
-            h["id"]
-            if len({x["seed"] for x in usable if x["id"] == h["id"]}) == 1
-            else (f"{h['id']}/s{h['seed']}")
+            h.id
+            if len({x.seed for x in usable if x.id == h.id}) == 1
+            else (f"{h.id}/s{h.seed}")
         )
         velocity = entropy_velocity(c["fraction"], c["raw_entropy"])
         (line,) = velocity_ax.plot(velocity.midpoints, velocity.rate, marker=".", label=label)
@@ -620,8 +620,8 @@ def fig13_metric_correlations(matrix: CorrelationMatrix) -> Figure:
 
 def fig14_convergence(histories: Sequence[dict[str, Any]]) -> Figure:
     """Validation accuracy per epoch, one panel per family, one line per (run, seed)."""
-    runs = [h for h in histories if h["epochs"]]
-    families = list(dict.fromkeys(h["family"] for h in runs))
+    runs = [h for h in histories if h.epochs]
+    families = list(dict.fromkeys(h.family for h in runs))
     ncols = max(1, min(3, len(families)))
     nrows = max(1, math.ceil(len(families) / ncols))
     fig, axes = new_figure(ncols=ncols, nrows=nrows, width=4.2, height=3.0)
@@ -630,10 +630,10 @@ def fig14_convergence(histories: Sequence[dict[str, Any]]) -> Figure:
         _empty(flat[0], "no run with epochs")
         return fig
     for ax, family in zip(flat, families, strict=False):
-        for h in (h for h in runs if h["family"] == family):
-            epochs = [e["epoch"] for e in h["epochs"]]
-            acc = [e["val_acc"] for e in h["epochs"]]
-            ax.plot(epochs, acc, marker="o", markersize=3, label=f"{h['id']}/s{h['seed']}")
+        for h in (h for h in runs if h.family == family):
+            epochs = [e.epoch for e in h.epochs]
+            acc = [e.val_acc for e in h.epochs]
+            ax.plot(epochs, acc, marker="o", markersize=3, label=f"{h.id}/s{h.seed}")
         ax.set_title(family)
         ax.set_xlabel("Epoch")
         ax.set_ylabel("Val. accuracy")

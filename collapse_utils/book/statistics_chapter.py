@@ -157,7 +157,7 @@ class StatisticsPage:
         glue("onset_n_reached", int(table["onset_fraction"].notna().sum()), display=False)
         glue("onset_n_runs", len(table), display=False)
         shown = sp.select(self.trained, sp.DYNAMICS_RUNS)
-        present = {h["id"] for h in shown}
+        present = {h.id for h in shown}
         note([f"{r} is not complete and is missing from the figure." for r in sp.DYNAMICS_RUNS
               if r not in present])  # fmt: skip
         self.show(sp.fig12_training_dynamics(shown), "fig12_training_dynamics")

@@ -1,4 +1,4 @@
-"""``python -m collapse_utils.bench``: speed of preprocessing, a training step and tracking.
+"""``python bench.py`` (``make bench``): speed of preprocessing, a training step and tracking.
 
 Two paths, side by side in one process, on the same synthetic images and weights:
 
@@ -22,15 +22,15 @@ the whole study (``params/experiments`` × the ``full`` profile). Writes
 from __future__ import annotations
 
 import argparse
-import copy
 import io
+import itertools
 import math
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -47,19 +47,16 @@ from collapse_utils.config import RegSpec, TrainSpec, available_experiments, loa
 from collapse_utils.measurement.metrics import layer_metrics
 from collapse_utils.storage import write_json
 from collapse_utils.training.data import image_to_uint8, normalize, synthetic_images
-from collapse_utils.training.experiment import (
-    accuracy,
-    apply_gradients,
-    autocast_dtype,
+from collapse_utils.training.environment import autocast_dtype, device_name, package_versions
+from collapse_utils.training.evaluation import accuracy, cls_attention, snapshot
+from collapse_utils.training.model import CLIPClassifier, load_clip
+from collapse_utils.training.step import (
+    Optimization,
+    RegularizerInputs,
+    StepPlan,
     batch_loss,
     classification_loss,
-    cls_attention,
-    device_name,
-    make_optimizer,
-    package_versions,
-    snapshot,
 )
-from collapse_utils.training.model import CLIPClassifier, load_clip
 
 # Dense 16-bit tensor-core peak FLOP/s (no sparsity), from the vendors' data sheets. Matched
 # against torch.cuda.get_device_name(); more specific names first.
@@ -112,15 +109,14 @@ def study_workload(profile: str = "full") -> dict[str, Any]:
         work["eval_images"] += sum(tests.values())
         if c.train.method == "none":
             continue
-        epochs = c.train.epochs
-        steps_per_epoch = math.ceil(n_train / c.train.batch_size)
+        plan = StepPlan.of(n_train, c.train)
         kind = {"none": "ours", "entropy_floor": "ours_entropy_floor"}.get(
             c.reg.kind, f"ours_apr_{c.reg.reference}"
         )
         work["trained_runs"] += 1
-        train[kind] += epochs * n_train
-        work["snapshots"] += epochs * min(c.train.evals_per_epoch, steps_per_epoch)
-        work["eval_images"] += epochs * n_val
+        train[kind] += plan.epochs * n_train
+        work["snapshots"] += plan.epochs * len(plan.eval_points)
+        work["eval_images"] += plan.epochs * n_val
         if c.reg.kind == "apr" and c.reg.reference == "cache":
             work["reference_images"] += n_train
     work["eval_images"] += sum(zeroshot_sets.values())
@@ -294,107 +290,153 @@ def _pil_processor():
 # --- training steps, tracking -----------------------------------------------------------------
 
 
-def bench_size(size: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Step, tracking and regularizer timings of one model size."""
+@dataclass
+class _Rig:
+    """The models, images and step-0 references one model size is timed on."""
+
+    model: CLIPClassifier
+    report_model: CLIPClassifier
+    dtype: torch.dtype | None
+    report_dtype: torch.dtype | None
+    pool: tuple[Tensor, Tensor]  # training images (N, 3, 224, 224) uint8, labels (N,)
+    metric: tuple[Tensor, Tensor]  # the metric subset
+    batches: list[Tensor]  # index tensors of one batch each
+    report_batches: list[Tensor]  # the report loader's CPU float batches
+    initial: Tensor  # pre-trained [CLS] attention of the metric subset
+
+
+def _rig(size: str, args: argparse.Namespace, device: torch.device) -> _Rig:
     batch = args.batch_size
     dtype = autocast_dtype("auto", device)
-    report_dtype = torch.float16 if device.type == "cuda" else None
-    train = TrainSpec(lr=1e-5)
-
-    ours_clip = build_clip(size, "sdpa")
-    model = CLIPClassifier(ours_clip, N_CLASSES).to(device).train()
+    model = CLIPClassifier(build_clip(size, "sdpa"), N_CLASSES).to(device).train()
     report_model = CLIPClassifier(build_clip(size, "eager"), N_CLASSES).to(device).train()
-    del ours_clip
-    config = model.vision_model.config
-    n_params = sum(p.numel() for p in model.parameters())
-
     # Training images and the metric subset: synthetic, 224 px, uint8 on the device.
-    per_class = math.ceil(4 * batch / N_CLASSES)
-    pool_images, pool_labels = synthetic_images(N_CLASSES, per_class, seed=1, size=224)
-    pool_images, pool_labels = pool_images.to(device), pool_labels.to(device)
+    pool = synthetic_images(N_CLASSES, math.ceil(4 * batch / N_CLASSES), seed=1, size=224)
+    pool = tuple(t.to(device) for t in pool)
     per_class = math.ceil(args.metric_images / N_CLASSES)
-    metric_images, metric_labels = synthetic_images(N_CLASSES, per_class, seed=2, size=224)
-    metric_images = metric_images[: args.metric_images].to(device)
-    metric_labels = metric_labels[: args.metric_images].to(device)
-    n_batches = len(pool_images) // batch
+    metric = synthetic_images(N_CLASSES, per_class, seed=2, size=224)
+    metric = tuple(t[: args.metric_images].to(device) for t in metric)
+    n_batches = len(pool[0]) // batch
     batches = [torch.arange(i * batch, (i + 1) * batch, device=device) for i in range(n_batches)]
-    # The report's loader hands over CPU float batches; the copy to the device is in its step.
-    report_batches = [normalize(pool_images[b]).cpu() for b in batches]
+    return _Rig(
+        model, report_model, dtype,
+        report_dtype=torch.float16 if device.type == "cuda" else None,
+        pool=pool, metric=metric, batches=batches,
+        # The report's loader hands over CPU float batches; the copy to the device is its step's.
+        report_batches=[normalize(pool[0][b]).cpu() for b in batches],
+        initial=cls_attention(model, metric[0], dtype),
+    )  # fmt: skip
 
-    # Step-0 references, as run_experiment computes them.
-    initial = cls_attention(model, metric_images, dtype)
-    floor = layer_metrics(initial)["entropy"].to(device)
-    reference = cls_attention(model, pool_images, dtype)
-    frozen = copy.deepcopy(model).eval().requires_grad_(False)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, train, device)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, 0, 10**6)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    forward = torch.compile(model) if args.compile else model
-    report_params = list(report_model.parameters())
-    report_optimizer = torch.optim.AdamW(report_params, lr=train.lr, weight_decay=0.01)
-    report_scheduler = get_cosine_schedule_with_warmup(report_optimizer, 0, 10**6)
-    report_scaler = torch.amp.GradScaler(device.type, enabled=report_dtype == torch.float16)
-    counter = {"step": 0}
-
-    def next_batch() -> int:
-        counter["step"] += 1
-        return counter["step"] % n_batches
+def _step_functions(rig: _Rig, args: argparse.Namespace, device) -> dict[str, Callable]:
+    """One training step of the report's path and of ours with each regularizer, each on the
+    next batch; ours is the training code's own ``batch_loss`` + ``Optimization.step``."""
+    train = TrainSpec(lr=1e-5, warmup_fraction=0.0)
+    images, labels = rig.pool
+    # Step-0 references, as run_experiment prepares them.
+    floor = layer_metrics(rig.initial)["entropy"].to(device)
+    forward = torch.compile(rig.model) if args.compile else rig.model
+    ours = Optimization.of(rig.model, train, 10**6, rig.dtype)
+    report = _report_optimization(rig, train, device)
+    counter = itertools.count(1)
 
     def report_step() -> None:
-        k = next_batch()
-        pixels, labels = report_batches[k].to(device), pool_labels[batches[k]]
-        half = torch.autocast(device.type, dtype=torch.float16, enabled=report_dtype is not None)
-        with half:
-            loss = classification_loss(report_logits(report_model, pixels), labels)
+        k = next(counter) % len(rig.batches)
+        pixels = rig.report_batches[k].to(device)
+        half = rig.report_dtype is not None
+        with torch.autocast(device.type, dtype=torch.float16, enabled=half):
+            logits = report_logits(rig.report_model, pixels)
+            loss = classification_loss(logits, labels[rig.batches[k]])
         loss.item()
-        apply_gradients(loss, report_optimizer, report_scaler, report_scheduler, report_params, 1.0)
+        report.step(loss)
 
-    def our_step(reg: RegSpec) -> Callable[[], None]:
+    def our_step(spec: RegSpec) -> Callable[[], None]:
+        reg = RegularizerInputs.prepare(spec, rig.model, floor, images, rig.dtype)
+
         def step() -> None:
-            index = batches[next_batch()]
-            rows = reference[index] if reg.kind == "apr" and reg.reference == "cache" else None
-            images, labels = pool_images[index], pool_labels[index]
-            loss, _ = batch_loss(model, forward, images, labels, reg, dtype, floor, rows, frozen)
+            index = rig.batches[next(counter) % len(rig.batches)]
+            loss, _ = batch_loss(rig.model, forward, images[index], labels[index], index, reg,
+                                 rig.dtype)  # fmt: skip
             loss.item()
-            apply_gradients(loss, optimizer, scaler, scheduler, params, train.grad_clip)
+            ours.step(loss)
 
         return step
 
-    steps = {"report": report_step} | {name: our_step(reg) for name, reg in OUR_STEPS}
+    return {"report": report_step} | {name: our_step(reg) for name, reg in OUR_STEPS}
+
+
+def _report_optimization(rig: _Rig, train: TrainSpec, device) -> Optimization:
+    """The report's optimizer: unfused AdamW, same schedule, clip 1.0, fp16 GradScaler."""
+    params = list(rig.report_model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=0.01)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, 0, 10**6)
+    scaler = torch.amp.GradScaler(device.type, enabled=rig.report_dtype == torch.float16)
+    return Optimization(params, optimizer, scheduler, scaler, 1.0)
+
+
+def _flops_per_image(rig: _Rig) -> float:
+    """Model FLOPs of one training step (forward + backward) per image, counted on the eager
+    model: the same arithmetic as sdpa, and FlopCounterMode does not see the CPU sdpa kernel."""
+    pixels = rig.report_batches[0].to(rig.pool[0].device)
+    with FlopCounterMode(display=False) as flops:
+        logits = rig.report_model(pixels)
+        classification_loss(logits, rig.pool[1][rig.batches[0]]).backward()
+    rig.report_model.zero_grad(set_to_none=True)
+    return flops.get_total_flops() / len(pixels)
+
+
+def bench_size(size: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Step, tracking and regularizer timings of one model size."""
+    rig = _rig(size, args, device)
+    steps = _step_functions(rig, args, device)
     step_times = time_round_robin(steps, args.warmup, args.steps, device)
+    model, (metric_images, metric_labels) = rig.model, rig.metric
     evals = time_round_robin(
         {
-            "snapshot": lambda: snapshot(model, metric_images, initial, MAP_IMAGES, dtype),
-            "eval": lambda: accuracy(model, metric_images, metric_labels, dtype),
+            "snapshot": lambda: snapshot(model, metric_images, rig.initial, MAP_IMAGES, rig.dtype),
+            "eval": lambda: accuracy(model, metric_images, metric_labels, rig.dtype),
         },
         warmup=1,
         repeats=args.evals,
         device=device,
     )
-
-    # Model FLOPs of one training step (forward + backward), counted on the eager model: the
-    # same arithmetic as sdpa, and FlopCounterMode does not see the CPU sdpa kernel.
-    pixels = report_batches[0].to(device)
-    with FlopCounterMode(display=False) as flops:
-        classification_loss(report_model(pixels), pool_labels[batches[0]]).backward()
-    report_model.zero_grad(set_to_none=True)
-    flops_per_image = flops.get_total_flops() / batch
+    flops_per_image = _flops_per_image(rig)
     peak = peak_flops(device, args.peak_tflops)
-
     step = {}
     for name, seconds in step_times.items():
-        stats = _stats(seconds, batch)
+        stats = _stats(seconds, args.batch_size)
         achieved = flops_per_image * stats["images_per_s"]
         stats |= {"flops_per_s": achieved, "mfu": achieved / peak if peak else None}
         step[name] = stats
     snapshot_s = min(evals["snapshot"])
     eval_ips = len(metric_images) / min(evals["eval"])
-    # APR's cache is built by the same capture forward as a snapshot (less the metrics).
-    capture_ips = len(metric_images) / snapshot_s
-    step_ips = {name: step[name]["images_per_s"] for name, _ in OUR_STEPS}
+    vision = model.vision_model.config
+    return {
+        "model": {
+            "size": size,
+            "vision_hidden": vision.hidden_size,
+            "vision_layers": vision.num_hidden_layers,
+            "vision_heads": vision.num_attention_heads,
+            "classifier_params": sum(p.numel() for p in model.parameters()),
+        },
+        "precision": {
+            "ours": str(rig.dtype or torch.float32),
+            "report": str(rig.report_dtype or torch.float32),
+        },
+        "flops_per_image": flops_per_image,
+        "peak_flops": peak,
+        "step": step,
+        "step_speedup": step["ours"]["images_per_s"] / step["report"]["images_per_s"],
+        "snapshot_s": snapshot_s,
+        "eval_images_per_s": eval_ips,
+    } | _implied(step, snapshot_s, eval_ips, len(metric_images))
 
+
+def _implied(step: dict, snapshot_s: float, eval_ips: float, n_metric: int) -> dict[str, Any]:
+    """Tracking and regularizer overheads and the study time the measured rates imply."""
+    # APR's cache is built by the same capture forward as a snapshot (less the metrics).
+    capture_ips = n_metric / snapshot_s
+    step_ips = {name: step[name]["images_per_s"] for name, _ in OUR_STEPS}
     # Tracking: evals_per_epoch snapshots per epoch, over an epoch's training time.
     work = study_workload()
     full_profile = load_config("full", "E2")
@@ -409,23 +451,6 @@ def bench_size(size: str, args: argparse.Namespace, device: torch.device) -> dic
         name: 100 * (step[name]["s_best"] / step["ours"]["s_best"] - 1) for name, _ in OUR_STEPS[1:]
     }
     return {
-        "model": {
-            "size": size,
-            "vision_hidden": config.hidden_size,
-            "vision_layers": config.num_hidden_layers,
-            "vision_heads": config.num_attention_heads,
-            "classifier_params": n_params,
-        },
-        "precision": {
-            "ours": str(dtype or torch.float32),
-            "report": str(report_dtype or torch.float32),
-        },
-        "flops_per_image": flops_per_image,
-        "peak_flops": peak,
-        "step": step,
-        "step_speedup": step["ours"]["images_per_s"] / step["report"]["images_per_s"],
-        "snapshot_s": snapshot_s,
-        "eval_images_per_s": eval_ips,
         "capture_images_per_s": capture_ips,
         "tracking_overhead_pct": tracking,
         "regularizer_overhead_pct": regularizers,

@@ -1,0 +1,153 @@
+"""One optimisation step and its arithmetic: loss (+ attention regularizer), gradients, the
+steps and tracking points of a run. The benchmark times exactly these functions."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import get_cosine_schedule_with_warmup
+
+from collapse_utils.config import RegSpec, TrainSpec
+from collapse_utils.measurement.attention import capture_cls_attention
+from collapse_utils.measurement.regularizers import apr_penalty, entropy_floor_penalty
+from collapse_utils.training.data import normalize
+from collapse_utils.training.environment import autocast
+from collapse_utils.training.evaluation import cls_attention
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How many optimizer steps a run takes and after which ones it tracks attention."""
+
+    steps_per_epoch: int
+    epochs: int
+    eval_points: frozenset[int]  # 1-based in-epoch steps after which metrics are tracked
+
+    @classmethod
+    def of(cls, n_train: int, train: TrainSpec) -> StepPlan:
+        steps = math.ceil(n_train / train.batch_size)
+        count = min(train.evals_per_epoch, steps)
+        points = frozenset(round(k * steps / count) for k in range(1, count + 1))
+        return cls(steps, train.epochs or 0, points)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+@dataclass(frozen=True)
+class RegularizerInputs:
+    """What the attention regularizer needs besides the current batch: the entropy floor per
+    layer (layers,), APR's pre-trained rows of every training image (train, layers, heads,
+    tokens) when cached, or a frozen pre-trained copy run on each batch."""
+
+    spec: RegSpec
+    floor: Tensor | None = None
+    reference: Tensor | None = None
+    frozen: nn.Module | None = None
+
+    @classmethod
+    def prepare(
+        cls, spec: RegSpec, model: nn.Module, floor: Tensor, train_images: Tensor, dtype=None
+    ) -> RegularizerInputs:
+        """Before training: ``floor`` is the pre-trained layer-mean entropy (layers,)."""
+        if spec.kind == "entropy_floor":
+            return cls(spec, floor=floor)
+        if spec.kind == "apr" and spec.reference == "cache":
+            # Inputs are not augmented, so each image's pre-trained rows never change.
+            return cls(spec, reference=cls_attention(model, train_images, dtype))
+        if spec.kind == "apr":
+            return cls(spec, frozen=copy.deepcopy(model).eval().requires_grad_(False))
+        return cls(spec)
+
+    def penalty(self, attn: Tensor, index: Tensor, images: Tensor, dtype=None) -> Tensor:
+        """The regularizer on the batch's [CLS] attention ``attn`` (batch, layers, heads,
+        tokens); ``index`` are the batch's rows in the training set, ``images`` its pixels."""
+        if self.spec.kind == "entropy_floor":
+            return entropy_floor_penalty(attn, self.floor, self.spec.lam)
+        if self.reference is not None:
+            initial = self.reference[index]
+        else:
+            initial = cls_attention(self.frozen, images, dtype)
+        return apr_penalty(attn, initial, self.spec.lam)
+
+
+def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(logits.float(), labels)
+
+
+def batch_loss(
+    model: nn.Module,
+    forward: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    index: Tensor,
+    reg: RegularizerInputs,
+    dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor]:
+    """Classification loss (+ regularizer) of one uint8 batch (B, 3, S, S) whose rows in the
+    training set are ``index``; returns (loss, logits). ``forward`` is ``model`` or its compiled
+    version, used only without a regularizer (the capture hooks need ``model``)."""
+    pixels = normalize(images)
+    with autocast(images.device, dtype):
+        if reg.spec.kind == "none":
+            logits = forward(pixels)
+            return classification_loss(logits, labels), logits
+        with capture_cls_attention(model) as cap:
+            logits = model(pixels)
+        loss = classification_loss(logits, labels)
+        return loss + reg.penalty(cap.tensor, index, images, dtype), logits
+
+
+@dataclass(frozen=True)
+class Optimization:
+    """AdamW on the trainable parameters, warmup + cosine per step, GradScaler for fp16."""
+
+    params: list[Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    grad_clip: float
+
+    @classmethod
+    def of(cls, model: nn.Module, train: TrainSpec, total_steps: int, dtype) -> Optimization:
+        device = next(model.parameters()).device
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=train.lr, weight_decay=train.weight_decay, fused=device.type == "cuda"
+        )
+        warmup = round(train.warmup_fraction * total_steps)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        return cls(params, optimizer, scheduler, scaler, train.grad_clip)
+
+    def step(self, loss: Tensor) -> None:
+        """Backward (scaled for fp16), gradient-norm clip, optimizer and scheduler step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
