@@ -51,6 +51,7 @@ from collapse_utils.training.environment import autocast_dtype, device_name, pac
 from collapse_utils.training.evaluation import accuracy, cls_attention, snapshot
 from collapse_utils.training.model import CLIPClassifier, load_clip
 from collapse_utils.training.step import (
+    Batch,
     Optimization,
     RegularizerInputs,
     StepPlan,
@@ -355,8 +356,8 @@ def _step_functions(rig: _Rig, args: argparse.Namespace, device) -> dict[str, Ca
 
         def step() -> None:
             index = rig.batches[next(counter) % len(rig.batches)]
-            loss, _ = batch_loss(rig.model, forward, images[index], labels[index], index, reg,
-                                 rig.dtype)  # fmt: skip
+            batch = Batch.take(images, labels, index, flips=None)
+            loss, _ = batch_loss(rig.model, forward, batch, reg, rig.dtype)
             loss.item()
             ours.step(loss)
 

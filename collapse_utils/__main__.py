@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from collapse_utils.book.runner import RunnerError, run
+from collapse_utils.book.runner import RunnerError, run_book
 from collapse_utils.config import ConfigError, available_profiles
 
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     only = [i for item in args.only or [] for i in item.split(",") if i]
     try:
-        report = run(
+        report = run_book(
             args.profile,
             only=only or None,
             jobs=args.jobs,

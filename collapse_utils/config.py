@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,14 +37,10 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 REGULARIZERS = ("none", "apr", "entropy_floor")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 TEMPLATE_SETS = ("single", "ensemble")
-FAMILIES = (
-    "baseline",
-    "full_vs_lora",
-    "lr_sweep",
-    "layer_freezing",
-    "lora_targets",
-    "regularization",
-)
+DATA_SOURCES = ("torchvision", "hf")
+SPLITS = ("heldout", "original")
+INTERPOLATIONS = ("bicubic", "bilinear")
+KL_DIRECTIONS = ("initial_to_current", "current_to_initial")
 
 
 class ConfigError(ValueError):
@@ -79,6 +77,21 @@ class DataSpec:
     synthetic_stand_in: bool = False
     synthetic_classes: int = 10
     synthetic_per_class: int = 40
+    # Where images come from: torchvision datasets, or the Hugging Face builds the report's
+    # code used (``data/hf/<owner>__<name>``, see training/hf_datasets.py).
+    source: str = "torchvision"
+    # heldout: train/val cut from the training pool (val selects the epoch), metric subset from
+    # val. original: the dataset's own train/test splits; "val" accuracy is test accuracy each
+    # epoch and the metric subset is drawn from test by the original RandomState rule.
+    split: str = "heldout"
+    interpolation: str = "bicubic"  # resize of the shorter side to image_size
+    flip: bool = False  # RandomHorizontalFlip on training batches
+    metric_seed: int = 42  # seed of the original metric-subset rule (fixed across run seeds)
+
+    def has_test_split(self, name: str) -> bool:
+        """Whether dataset ``name`` has its own test split here (torchvision's EuroSAT has none;
+        the Hugging Face build and the synthetic stand-in do)."""
+        return self.synthetic_stand_in or not (name == "eurosat" and self.source == "torchvision")
 
 
 @dataclass(frozen=True)
@@ -96,6 +109,8 @@ class TrainSpec:
     precision: str = "auto"
     freeze_layers: int = 0
     evals_per_epoch: int = 5
+    # With freeze_layers > 0: also freeze the patch/position embeddings and the pre-LayerNorm.
+    freeze_embeddings: bool = True
     compile: bool = False
     device: str = "auto"
     checkpoint_every: int = 1  # epochs between resume checkpoints (the last epoch always)
@@ -107,6 +122,7 @@ class LoraSpec:
     alpha: int = 16
     dropout: float = 0.1
     targets: tuple[str, ...] = ("q_proj", "v_proj")
+    train_projection: bool = False  # the visual projection trains beside adapters and head
 
 
 @dataclass(frozen=True)
@@ -118,6 +134,11 @@ class RegSpec:
     kind: str = "none"
     lam: float = 0.0
     reference: str = "cache"
+    floor_ratio: float = 1.0  # entropy floor per layer = ratio × pre-trained mean entropy
+    floor_reduction: str = "mean"  # over layers: mean, or sum (the original)
+    # KL direction of APR: initial_to_current = KL(pre-trained ‖ current);
+    # current_to_initial = KL(current ‖ pre-trained) (the original).
+    kl_direction: str = "initial_to_current"
 
 
 @dataclass(frozen=True)
@@ -125,7 +146,14 @@ class EvalSpec:
     zeroshot_datasets: tuple[str, ...] = ("cifar100",)
     templates: str = "ensemble"
     zeroshot_max_images: int | None = None
+    zeroshot_checkpoint: str = "final"  # weights zero-shot is measured on: final or best epoch
     map_images: int = 8  # metric-subset images whose full [CLS] maps are kept per eval
+    # per_image: head diversity of each image's maps, averaged; batch_mean: of the maps
+    # averaged over each metric batch (the original).
+    head_diversity: str = "per_image"
+    # Metrics averaged per batch of this many metric images, then over batches (the original:
+    # 32); None: over all images at once.
+    metric_batch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -223,6 +251,8 @@ def load_config(
     """Merge ``profiles/<profile>.yaml`` with ``experiments/<experiment_id>.yaml`` into a
     validated :class:`RunConfig`. Experiment values override profile values field by field."""
     params_dir = Path(params_dir)
+    _check_name(profile, "profile")
+    _check_name(experiment_id, "experiment id")
     profile_file = params_dir / "profiles" / f"{profile}.yaml"
     experiment_file = params_dir / "experiments" / f"{experiment_id}.yaml"
     if not profile_file.exists():
@@ -245,6 +275,7 @@ def load_config(
             f"{experiment_file}: field 'id' is {exp['id']!r} but the file is named "
             f"{experiment_id!r}"
         )
+    _check_family(exp["family"], experiment_file, params_dir)
 
     # Which file each section field came from, so semantic errors can name it.
     origin: dict[str, Path] = {}
@@ -285,13 +316,50 @@ def load_config(
 
 def load_family(profile: str, family: str, params_dir: Path | str = PARAMS_DIR) -> list[RunConfig]:
     """All experiment configs of one family, in id order."""
+    _check_family(family, Path(params_dir) / "families.yaml", params_dir)
     configs = [load_config(profile, i, params_dir) for i in available_experiments(Path(params_dir))]
     return [c for c in configs if c.family == family]
 
 
+def _check_family(family: Any, source: Path, params_dir: Path | str) -> None:
+    """``family`` must be one of ``params/families.yaml`` (the book's families)."""
+    from collapse_utils.families import family_names  # families.py imports this module
+
+    _choice(family, family_names(params_dir), "family", {}, source)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that rejects a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"field {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=-]*")
+
+
+def _check_name(name: str, what: str) -> None:
+    """Ids and profile names become folder names: letters, digits, ``_ . = -`` only."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(
+            f"{what} {name!r} is not a safe name (letters, digits, '_', '.', '=', '-'; "
+            "no path separators)"
+        )
+
+
 def _read_yaml(path: Path, allowed: set[str]) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
@@ -380,68 +448,134 @@ def _choice(value: Any, allowed: tuple[str, ...], name: str, origin: dict[str, P
         )
 
 
+# Fields with a closed set of values (tuple fields: every element).
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.source": ("hub", "tiny"),
+    "model.attn_implementation": ("sdpa", "eager"),
+    "data.dataset": DATASETS,
+    "data.source": DATA_SOURCES,
+    "data.split": SPLITS,
+    "data.interpolation": INTERPOLATIONS,
+    "train.method": METHODS,
+    "train.precision": PRECISIONS,
+    "lora.targets": LORA_TARGETS,
+    "reg.kind": REGULARIZERS,
+    "reg.reference": ("cache", "frozen"),
+    "reg.floor_reduction": ("mean", "sum"),
+    "reg.kl_direction": KL_DIRECTIONS,
+    "eval.zeroshot_datasets": DATASETS,
+    "eval.templates": TEMPLATE_SETS,
+    "eval.zeroshot_checkpoint": ("final", "best"),
+    "eval.head_diversity": ("per_image", "batch_mean"),
+}
+# Numeric ranges: field → (low, high, low inclusive, high inclusive); None means unbounded.
+# Every float is also checked to be finite. ``None`` values (optional fields) are skipped.
+_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "model.vision_layers": (1, None, True, True),
+    "model.tiny_hidden": (1, None, True, True),
+    "model.tiny_heads": (1, None, True, True),
+    "model.tiny_init_factor": (0, None, False, True),
+    "data.val_fraction": (0, 1, False, False),
+    "data.metric_subset": (1, None, True, True),
+    "data.image_size": (32, None, True, True),
+    "data.synthetic_classes": (2, 100, True, True),  # labels.SYNTHETIC has 100 names
+    "data.synthetic_per_class": (2, None, True, True),
+    "train.lr": (0, None, False, True),
+    "train.epochs": (1, None, True, True),
+    "train.weight_decay": (0, None, True, True),
+    "train.batch_size": (1, None, True, True),
+    "train.warmup_fraction": (0, 1, True, False),
+    "train.grad_clip": (0, None, False, True),
+    "train.evals_per_epoch": (1, None, True, True),
+    "train.checkpoint_every": (1, None, True, True),
+    "lora.rank": (1, 4096, True, True),
+    "lora.alpha": (0, None, False, True),
+    "lora.dropout": (0, 1, True, False),
+    "reg.lam": (0, None, True, True),
+    "reg.floor_ratio": (0, 1, False, True),
+    "eval.zeroshot_max_images": (1, None, True, True),
+    "eval.map_images": (0, None, True, True),
+    "eval.metric_batch": (1, None, True, True),
+    "seed": (0, 2**32 - 1, True, True),
+}
+
+
+def _field(c: RunConfig, name: str) -> Any:
+    value: Any = c
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _check_range(value: Any, name: str, fail) -> None:
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        fail(name, f"must be a finite number, got {value}")
+    low, high, low_in, high_in = _RANGES[name]
+    too_low = low is not None and (value < low if low_in else value <= low)
+    too_high = high is not None and (value > high if high_in else value >= high)
+    if too_low or too_high:
+        left = "[" if low_in else "("
+        right = "]" if high_in and high is not None else ")"
+        fail(name, f"must be in {left}{low}, {'∞' if high is None else high}{right}, got {value}")
+
+
 def _validate(c: RunConfig, origin: dict[str, Path], fb: Path) -> None:
     def fail(name: str, message: str) -> None:
         raise ConfigError(f"{origin.get(name, fb)}: field {name!r} {message}")
 
-    _choice(c.family, FAMILIES, "family", origin, fb)
-    _choice(c.data.dataset, DATASETS, "data.dataset", origin, fb)
-    _choice(c.train.method, METHODS, "train.method", origin, fb)
-    _choice(c.train.precision, PRECISIONS, "train.precision", origin, fb)
-    _choice(c.reg.kind, REGULARIZERS, "reg.kind", origin, fb)
-    _choice(c.reg.reference, ("cache", "frozen"), "reg.reference", origin, fb)
-    _choice(c.eval.templates, TEMPLATE_SETS, "eval.templates", origin, fb)
-    _choice(c.model.source, ("hub", "tiny"), "model.source", origin, fb)
-    _choice(c.model.attn_implementation, ("sdpa", "eager"), "model.attn_implementation", origin, fb)
-    for target in c.lora.targets:
-        if target not in LORA_TARGETS:
-            fail("lora.targets", f"has unknown target module {target!r}; allowed {LORA_TARGETS}")
-    for name in c.eval.zeroshot_datasets:
-        if name not in DATASETS:
-            fail("eval.zeroshot_datasets", f"has unknown dataset {name!r}; allowed {DATASETS}")
-    if c.train.method != "none":
-        if c.train.lr is None or c.train.lr <= 0:
-            fail("train.lr", f"must be > 0, got {c.train.lr!r}")
-        if c.train.epochs is None or c.train.epochs < 1:
-            fail("train.epochs", f"must be >= 1, got {c.train.epochs!r}")
-    if c.train.batch_size < 1:
-        fail("train.batch_size", f"must be >= 1, got {c.train.batch_size}")
-    if c.train.weight_decay < 0:
-        fail("train.weight_decay", f"must be >= 0, got {c.train.weight_decay}")
-    if not 0 <= c.train.warmup_fraction < 1:
-        fail("train.warmup_fraction", f"must be in [0, 1), got {c.train.warmup_fraction}")
-    if c.train.checkpoint_every < 1:
-        fail("train.checkpoint_every", f"must be >= 1, got {c.train.checkpoint_every}")
-    if c.train.evals_per_epoch < 1:
-        fail("train.evals_per_epoch", f"must be >= 1, got {c.train.evals_per_epoch}")
+    for name, allowed in _CHOICES.items():
+        value = _field(c, name)
+        for item in value if isinstance(value, tuple) else (value,):
+            _choice(item, allowed, name, origin, fb)
+    for name in _RANGES:
+        _check_range(_field(c, name), name, fail)
+    for section in (c.model, c.data, c.train, c.lora, c.reg, c.eval):
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(f"{_section_name(section)}.{f.name}", f"must be a finite number, got {value}")
+    _validate_combinations(c, fail)
+
+
+def _section_name(section: Any) -> str:
+    return {ModelSpec: "model", DataSpec: "data", TrainSpec: "train", LoraSpec: "lora",
+            RegSpec: "reg", EvalSpec: "eval"}[type(section)]  # fmt: skip
+
+
+def _validate_combinations(c: RunConfig, fail) -> None:
+    """Checks that involve more than one field."""
+    if c.train.method != "none" and (c.train.lr is None or c.train.epochs is None):
+        fail("train.lr" if c.train.lr is None else "train.epochs", "is needed to train")
     if not 0 <= c.train.freeze_layers <= c.model.vision_layers:
-        fail(
-            "train.freeze_layers",
-            f"must be between 0 and the number of vision layers ({c.model.vision_layers}), "
-            f"got {c.train.freeze_layers}",
-        )
+        fail("train.freeze_layers", f"must be between 0 and the number of vision layers "
+             f"({c.model.vision_layers}), got {c.train.freeze_layers}")  # fmt: skip
     if c.train.freeze_layers and c.train.method != "full":
         fail("train.freeze_layers", "only applies to method 'full'")
-    if c.lora.rank < 1:
-        fail("lora.rank", f"must be >= 1, got {c.lora.rank}")
-    if c.lora.alpha <= 0:
-        fail("lora.alpha", f"must be > 0, got {c.lora.alpha}")
-    if not 0 <= c.lora.dropout < 1:
-        fail("lora.dropout", f"must be in [0, 1), got {c.lora.dropout}")
     if not c.lora.targets:
         fail("lora.targets", "must name at least one module")
-    if c.reg.lam < 0:
-        fail("reg.lam", f"must be >= 0, got {c.reg.lam}")
     if c.train.compile and c.reg.kind != "none":
         # Regularized steps run the eager model (the capture hooks need it): say so up front.
         fail("train.compile", "cannot be combined with a regularizer (reg.kind)")
     if c.reg.kind != "none" and c.train.method == "none":
         fail("reg.kind", "needs a training method")
-    if not 0 < c.data.val_fraction < 1:
-        fail("data.val_fraction", f"must be in (0, 1), got {c.data.val_fraction}")
-    if c.data.metric_subset < 1:
-        fail("data.metric_subset", f"must be >= 1, got {c.data.metric_subset}")
-    if c.model.vision_layers < 1:
-        fail("model.vision_layers", f"must be >= 1, got {c.model.vision_layers}")
+    if c.data.split == "original" and not c.data.has_test_split(c.data.dataset):
+        fail("data.split", f"'original' needs the dataset's own test split; "
+             f"{c.data.dataset} from {c.data.source} has none (use data.source: hf)")  # fmt: skip
+    if not c.output_root.strip():
+        fail("output_root", "must name a folder, got an empty string")
+    if c.model.source == "tiny":
+        _validate_tiny(c, fail)
+
+
+def _validate_tiny(c: RunConfig, fail) -> None:
+    """The tiny random CLIP: 224 px, patch 32, ``tiny_hidden`` split over ``tiny_heads``."""
     if c.model.tiny_hidden % c.model.tiny_heads:
         fail("model.tiny_hidden", f"must be divisible by model.tiny_heads ({c.model.tiny_heads})")
+    if c.data.image_size != 224:
+        fail(
+            "data.image_size", f"must be 224 for the tiny CLIP (patch 32), got {c.data.image_size}"
+        )
+    if c.lora.rank > c.model.tiny_hidden:
+        fail("lora.rank", f"must be <= the model width ({c.model.tiny_hidden}), got {c.lora.rank}")

@@ -8,18 +8,25 @@ Schema (``schema_version`` 1). Layers are 1-based in tables, lists here are per 
 
 - run: id, family, description, profile, seed, config (``RunConfig.to_dict()``), config_hash,
   status (``running`` | ``complete`` | ``failed``), failure ({step, reason} or null), versions,
-  device, steps_per_epoch, total_steps, best_val_acc, final_val_acc, wall_time_s (s);
+  device, steps_per_epoch, total_steps, best_val_acc, final_val_acc (accuracy on the per-epoch
+  evaluation split: val, or test in the 'original' split protocol), test_acc (held-out test
+  accuracy at the best-val epoch, or null), wall_time_s (s);
 - evals: :class:`EvalRecord` at step 0 and ``evals_per_epoch`` times per epoch;
 - epochs: :class:`EpochRecord` after each epoch;
 - zeroshot: dataset → :class:`ZeroShotRecord` after training.
 
-Histories written before the version field have the same fields and load as version 1.
+Histories written before the version field have the same fields and load as version 1; fields
+added later with a default (test_acc, zero-shot checkpoint) take it when absent.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +39,10 @@ STATUSES = ("running", "complete", "failed")
 
 class RecordError(ValueError):
     """A ``history.json`` cannot be read as a run record; the message names the file."""
+
+
+class RunLockedError(RuntimeError):
+    """Another process is training this run; the message names the folder."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,30 @@ class RunFiles:
     @property
     def tensorboard(self) -> Path:
         return self.run_dir / "tensorboard"
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold this run folder's lock (creating the folder); a second process that asks for it
+        gets :class:`RunLockedError` at once, naming the folder and the holder's pid."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / ".lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise RunLockedError(
+                    f"{self.run_dir.resolve()} is in use by another process (pid {holder}); "
+                    "wait for it to finish or stop it"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def find_runs(root: Path | str) -> list[RunFiles]:
@@ -115,6 +150,7 @@ class ZeroShotRecord:
     pretrained_accuracy: float
     templates: str
     n_images: int
+    checkpoint: str = "final"  # the fine-tuned weights measured: final or best epoch
 
 
 @dataclass(frozen=True)
@@ -145,6 +181,7 @@ class RunRecord:
     epochs: list[EpochRecord] = field(default_factory=list)
     best_val_acc: float | None = None
     final_val_acc: float | None = None
+    test_acc: float | None = None  # test accuracy at the best-val epoch ('heldout' split only)
     zeroshot: dict[str, ZeroShotRecord] = field(default_factory=dict)
     wall_time_s: float = 0.0
     schema_version: int = SCHEMA_VERSION

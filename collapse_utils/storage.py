@@ -1,4 +1,11 @@
-"""Atomic file writes: a crash never leaves a half-written result behind."""
+"""Atomic, checksummed files: a crash never leaves a half-written result behind, and a damaged
+file is detected and named instead of read.
+
+Every ``write_*`` writes the data to a temp file and renames it, then writes the data's SHA-256
+beside it (``<name>.sha256``, also atomically). ``verify`` compares the two; ``read_*`` and
+:func:`cached` refuse or recompute a file whose checksum is missing or wrong. Histories are
+read by structure instead (``run_record``), so a hand-edited ``history.json`` still loads.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,17 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 TMP_SUFFIX = ".tmp"
+CHECKSUM_SUFFIX = ".sha256"
+
+
+class DamagedFileError(RuntimeError):
+    """A file's content does not match its checksum (or it has none); the message names it."""
 
 
 def _temp_for(path: Path) -> Path:
@@ -19,25 +33,59 @@ def _temp_for(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
 
 
-def _replace(tmp: Path, path: Path) -> None:
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def _digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _replace(tmp: Path, path: Path, checksum: bool = True) -> None:
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
+    digest = _digest(tmp) if checksum else None
     os.replace(tmp, path)
+    if digest is not None:
+        side = _temp_for(checksum_path(path))
+        side.write_text(digest + "\n")
+        os.replace(side, checksum_path(path))
+
+
+def verify(path: Path) -> bool:
+    """Whether ``path`` exists and matches the checksum written with it."""
+    side = checksum_path(path)
+    if not (path.exists() and side.exists()):
+        return False
+    return side.read_text().strip() == _digest(path)
+
+
+def require_verified(path: Path) -> None:
+    """Raise :class:`DamagedFileError` naming ``path`` unless it matches its checksum."""
+    if not verify(path):
+        reason = "missing" if not path.exists() else "damaged (checksum missing or wrong)"
+        raise DamagedFileError(f"{path.resolve()}: {reason}")
 
 
 def write_json(path: Path, payload: Any) -> None:
-    """Write JSON to ``path`` via a temp file and rename."""
+    """Write JSON to ``path`` via a temp file and rename, with its checksum."""
     tmp = _temp_for(path)
     tmp.write_text(json.dumps(payload, indent=1, default=_jsonable))
     _replace(tmp, path)
 
 
 def read_json(path: Path) -> Any:
+    """JSON from ``path`` after checking its checksum."""
+    require_verified(path)
     return json.loads(path.read_text())
 
 
 def write_torch(path: Path, payload: Any) -> None:
-    """``torch.save`` via a temp file and rename."""
+    """``torch.save`` via a temp file and rename, with its checksum."""
     import torch  # lazily: analysis code writes JSON through this module without torch
 
     tmp = _temp_for(path)
@@ -45,13 +93,42 @@ def write_torch(path: Path, payload: Any) -> None:
     _replace(tmp, path)
 
 
+def read_torch(path: Path, weights_only: bool = True) -> Any:
+    """``torch.load`` of ``path`` after checking its checksum."""
+    import torch
+
+    require_verified(path)
+    return torch.load(path, weights_only=weights_only)
+
+
 def write_safetensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str]):
-    """Weights as safetensors (contiguous CPU copies) via a temp file and rename."""
+    """Weights as safetensors (contiguous CPU copies) via a temp file and rename, with checksum."""
     from safetensors.torch import save_file
 
     tmp = _temp_for(path)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata)
     _replace(tmp, path)
+
+
+def read_safetensors(path: Path, device: str = "cpu") -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    require_verified(path)
+    return load_file(path, device=device)
+
+
+def cached(path: Path, compute: Callable[[], Any], fmt: str = "torch") -> Any:
+    """The value stored at ``path`` (``fmt`` 'torch' or 'json') if it verifies, else
+    ``compute()`` written there. A damaged file is named in a warning and recomputed."""
+    read, write = (read_torch, write_torch) if fmt == "torch" else (read_json, write_json)
+    if path.exists():
+        try:
+            return read(path)
+        except DamagedFileError as err:
+            warnings.warn(f"{err}; recomputing it", stacklevel=2)
+    value = compute()
+    write(path, value)
+    return value
 
 
 def cache_key(*parts: Any) -> str:

@@ -7,6 +7,7 @@ import torch
 
 import bench
 from collapse_utils.config import available_experiments, load_config
+from collapse_utils.storage import verify
 
 
 def _positive_numbers(mapping: dict) -> bool:
@@ -17,8 +18,9 @@ def test_quick_cpu_benchmark_writes_well_formed_json(tmp_path, capsys):
     argv = ["--quick", "--device", "cpu", "--size", "smoke", "--out", str(tmp_path)]
     result = bench.main(argv + ["--threads", str(torch.get_num_threads())])
 
-    written = sorted(p.name for p in tmp_path.iterdir())
+    written = sorted(p.name for p in tmp_path.glob("*.json"))
     assert len(written) == 2 and "latest.json" in written
+    assert all(verify(tmp_path / name) for name in written)  # each with its checksum
     assert json.loads((tmp_path / "latest.json").read_text()) == json.loads(json.dumps(result))
     assert {
         "created",

@@ -9,15 +9,16 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from collapse_utils.book.runner import BookPaths, run
+from collapse_utils.book.runner import BookPaths, run_book
 from collapse_utils.config import PARAMS_DIR
+from collapse_utils.families import FAMILIES_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = ("E1_eurosat", "E2", "E5")
 BROKEN = """id: E9_broken
 family: full_vs_lora
 description: Full FT on a dataset that is not on disk
-data: {dataset: eurosat, synthetic_stand_in: false, root: no-such-data}
+data: {dataset: eurosat, synthetic_stand_in: false, split: heldout, root: no-such-data}
 train: {method: full}
 """
 
@@ -27,6 +28,7 @@ def book(tmp_path_factory):
     root = tmp_path_factory.mktemp("book")
     params = root / "params"
     shutil.copytree(PARAMS_DIR / "profiles", params / "profiles")
+    shutil.copy(PARAMS_DIR / FAMILIES_FILE, params / FAMILIES_FILE)
     (params / "experiments").mkdir()
     for i in CONFIGS:
         shutil.copy(PARAMS_DIR / "experiments" / f"{i}.yaml", params / "experiments")
@@ -34,7 +36,7 @@ def book(tmp_path_factory):
     shutil.copytree(REPO / "book", root / "book", ignore=shutil.ignore_patterns("executed"))
     shutil.copy(REPO / "_config.yml", root / "_config.yml")
     paths = BookPaths(root=root, notebooks=REPO / "notebooks", params=params, book=root / "book")
-    report = run("smoke", paths, jobs=2)
+    report = run_book("smoke", paths, jobs=2)
     return paths, report
 
 

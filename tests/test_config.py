@@ -97,6 +97,7 @@ def test_bad_config_fails_naming_file_and_field(bad: Path, tmp_path: Path):
     expected = bad.read_text().splitlines()[0].removeprefix("# expect:").strip()
     (tmp_path / "experiments").mkdir()
     shutil.copytree(PARAMS_DIR / "profiles", tmp_path / "profiles")
+    shutil.copy(PARAMS_DIR / "families.yaml", tmp_path / "families.yaml")
     shutil.copy(bad, tmp_path / "experiments" / bad.name)
     with pytest.raises(ConfigError) as err:
         load_config("smoke", bad.stem, params_dir=tmp_path)
@@ -111,3 +112,18 @@ def test_bad_profile_value_names_the_profile_file(tmp_path: Path):
     profile.write_text(profile.read_text().replace("batch_size: 32", "batch_size: 0"))
     with pytest.raises(ConfigError, match=r"smoke\.yaml: field 'train\.batch_size'"):
         load_config("smoke", "E2", params_dir=tmp_path / "params")
+
+
+def test_params_file_that_is_not_utf8_is_named(tmp_path: Path):
+    shutil.copytree(PARAMS_DIR, tmp_path / "params")
+    (tmp_path / "params" / "experiments" / "E2.yaml").write_bytes(
+        b'id: E2\nfamily: full_vs_lora\ndescription: "caf\xe9"\n'
+    )
+    with pytest.raises(ConfigError, match=r"E2\.yaml: not UTF-8 text"):
+        load_config("smoke", "E2", params_dir=tmp_path / "params")
+
+
+@pytest.mark.parametrize("bad_id", ["../evil", "a/b", "", ".hidden"])
+def test_ids_that_are_not_safe_folder_names_are_refused(bad_id: str):
+    with pytest.raises(ConfigError, match="not a safe name"):
+        load_config("smoke", bad_id)

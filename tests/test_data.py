@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from collapse_utils.config import DataSpec
 from collapse_utils.training.data import (
     DatasetUnavailableError,
     balanced_subset,
+    load_images,
     load_splits,
     load_test_set,
     normalize,
@@ -17,6 +20,7 @@ from collapse_utils.training.data import (
     stratified_split,
     synthetic_images,
 )
+from collapse_utils.training.hf_datasets import hf_folder, original_metric_subset
 from collapse_utils.training.labels import CLASS_NAMES
 
 # Measured with transformers 5.24 (its CLIPImageProcessor resizes tensors with torchvision too):
@@ -127,3 +131,48 @@ def test_class_name_lists_have_the_dataset_sizes():
         "flowers102": 102,
         "synthetic": 100,
     }
+
+
+def test_original_split_trains_on_train_and_scores_test_with_the_original_subset():
+    data = DataSpec(synthetic_stand_in=True, synthetic_classes=4, synthetic_per_class=10,
+                    metric_subset=10, split="original")  # fmt: skip
+    splits = load_splits(data, seed=42)
+    test = load_images(data, "eurosat", "test", seed=42)
+    assert len(splits.train) == 40 and splits.test is None
+    assert torch.equal(splits.val.images, test.images)  # "val" accuracy is test accuracy
+    order = original_metric_subset(test.labels.numpy(), 10, 42)
+    assert torch.equal(splits.metric.images, test.images[torch.from_numpy(order)])
+    assert torch.bincount(splits.metric.labels).tolist() == [3, 3, 2, 2]  # 2 per label + 2
+
+
+def test_heldout_split_cuts_val_from_train_and_keeps_the_test_split_apart():
+    data = DataSpec(synthetic_stand_in=True, synthetic_classes=4, synthetic_per_class=10,
+                    metric_subset=4, split="heldout")  # fmt: skip
+    splits = load_splits(data, seed=42)
+    assert len(splits.train) + len(splits.val) == 40 and len(splits.test) == 40
+    assert torch.equal(splits.test.images, load_images(data, "eurosat", "test", 42).images)
+
+
+def test_hf_source_feeds_the_splits_and_is_decoded_once(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(0)
+
+    def split(n: int):
+        pixels = rng.integers(0, 256, (n, 30, 40, 3), dtype=np.uint8)
+        return datasets.Dataset.from_dict(
+            {"image": [Image.fromarray(p) for p in pixels], "label": [i % 3 for i in range(n)]},
+            features=datasets.Features({"image": datasets.Image(),
+                                        "label": datasets.ClassLabel(names=["a_b", "c", "d"])}),
+        )  # fmt: skip
+
+    folder = hf_folder(tmp_path / "hf", "eurosat")
+    datasets.DatasetDict({"train": split(12), "test": split(9)}).save_to_disk(str(folder))
+    data = DataSpec(root=str(tmp_path), source="hf", split="original", metric_subset=6,
+                    interpolation="bilinear")  # fmt: skip
+    splits = load_splits(data, seed=0)
+    assert (len(splits.train), len(splits.val), len(splits.metric)) == (12, 9, 6)
+    assert splits.train.class_names == ("a b", "c", "d")
+    assert splits.train.images.shape == (12, 3, 224, 224)
+    shutil.rmtree(folder)  # a second load reads the decoded cache only
+    again = load_splits(data, seed=0)
+    assert torch.equal(again.metric.images, splits.metric.images)

@@ -14,6 +14,7 @@ from collapse_utils.measurement.metrics import (
     gini,
     head_diversity,
     layer_metrics,
+    mean_map_head_diversity,
 )
 
 N = 49
@@ -125,3 +126,106 @@ def test_layer_metrics_shapes_and_averaging():
 def test_layer_metrics_rejects_wrong_rank():
     with pytest.raises(ValueError, match="images, layers, heads, tokens"):
         layer_metrics(torch.rand(2, 3, 50))
+
+
+# --- the original study's batched protocol ------------------------------------------------------
+
+
+def _rows(*patch_maps: list[float], cls_weight: float = 0.5) -> torch.Tensor:
+    """[CLS] rows (heads, 1 + patches) whose patch part renormalises to the given maps."""
+    return torch.tensor(
+        [[cls_weight] + [(1 - cls_weight) * w for w in m] for m in patch_maps], dtype=torch.float64
+    )
+
+
+def _diversity_case() -> torch.Tensor:
+    """(3 images, 1 layer, 2 heads, 3 tokens). Image 0: heads [1,0] and [0,1]; image 1: the
+    same swapped (the batch means of images 0-1 are identical: diversity 0, while each image
+    alone has orthogonal heads: diversity 1); image 2: [1,0] and [.5,.5], cosine 1/√2."""
+    images = [
+        _rows([1.0, 0.0], [0.0, 1.0]),
+        _rows([0.0, 1.0], [1.0, 0.0]),
+        _rows([1.0, 0.0], [0.5, 0.5]),
+    ]
+    return torch.stack(images)[:, None]
+
+
+def test_batch_mean_diversity_of_two_batches_is_the_mean_of_each_batchs_averaged_map_diversity():
+    result = layer_metrics(_diversity_case(), diversity="batch_mean", metric_batch=2)
+    # batch [0, 1]: averaged heads both [.5, .5] → 0; batch [2]: 1 − 1/√2; unweighted mean.
+    assert result["head_diversity"].item() == pytest.approx((0 + 1 - 1 / math.sqrt(2)) / 2)
+
+
+def test_per_image_diversity_with_batches_averages_per_image_values_per_batch():
+    result = layer_metrics(_diversity_case(), diversity="per_image", metric_batch=2)
+    # batch [0, 1]: (1 + 1) / 2; batch [2]: 1 − 1/√2; unweighted mean of the two batch means.
+    assert result["head_diversity"].item() == pytest.approx((1 + 1 - 1 / math.sqrt(2)) / 2)
+
+
+def test_batch_mean_diversity_without_batch_size_averages_the_maps_of_all_images():
+    result = layer_metrics(_diversity_case(), diversity="batch_mean")
+    # head A mean [2/3, 1/3], head B mean [1/2, 1/2]: cosine (1/2) / (√5/3 · 1/√2) = 3/√10.
+    assert result["head_diversity"].item() == pytest.approx(1 - 3 / math.sqrt(10))
+    plain = layer_metrics(_diversity_case())
+    assert plain["head_diversity"].item() == pytest.approx((3 - 1 / math.sqrt(2)) / 3)
+
+
+def test_mean_map_head_diversity_averages_over_images_before_the_cosine():
+    p = cls_to_patch(_diversity_case())  # (3, 1, 2, 2)
+    assert mean_map_head_diversity(p[:2]).item() == pytest.approx(0.0, abs=1e-12)
+    assert mean_map_head_diversity(p[2:]).item() == pytest.approx(1 - 1 / math.sqrt(2))
+
+
+def _per_image_case() -> torch.Tensor:
+    """(3 images, 1 layer, 2 heads, 3 tokens): images 0 and 1 uniform over the two patches
+    (H = ln 2, ERF = 1, Gini = 0), image 2 one-hot (H = 0, ERF = 1/2, Gini = 1/2)."""
+    uniform = _rows([0.5, 0.5], [0.5, 0.5])
+    one_hot = _rows([1.0, 0.0], [0.0, 1.0])
+    return torch.stack([uniform, uniform, one_hot])[:, None]
+
+
+def test_metric_batch_gives_the_short_last_batch_the_weight_of_a_full_one():
+    batched = layer_metrics(_per_image_case(), metric_batch=2)
+    # batch [0, 1] then batch [2], each batch mean weighted 1/2.
+    assert batched["entropy"].item() == pytest.approx((math.log(2) + 0) / 2, rel=1e-6)
+    assert batched["erf"].item() == pytest.approx((1 + 0.5) / 2)
+    assert batched["gini"].item() == pytest.approx((0 + 0.5) / 2)
+    plain = layer_metrics(_per_image_case())
+    assert plain["entropy"].item() == pytest.approx(2 * math.log(2) / 3, rel=1e-6)
+    assert plain["erf"].item() == pytest.approx((1 + 1 + 0.5) / 3)
+    assert plain["gini"].item() == pytest.approx(0.5 / 3)
+
+
+def test_explicit_defaults_and_whole_or_single_image_batches_reproduce_todays_metrics():
+    attn = torch.rand(5, 3, 4, N + 1).softmax(-1)
+    today = layer_metrics(attn)
+    explicit = layer_metrics(attn, diversity="per_image", metric_batch=None)
+    one_batch = layer_metrics(attn, diversity="per_image", metric_batch=5)
+    singles = layer_metrics(attn, diversity="per_image", metric_batch=1)
+    for name in today:
+        assert torch.equal(today[name], explicit[name])
+        torch.testing.assert_close(one_batch[name], today[name])
+        torch.testing.assert_close(singles[name], today[name])
+
+
+def test_original_protocol_on_200_images_matches_a_loop_over_batches_of_32():
+    attn = torch.rand(200, 2, 3, N + 1, dtype=torch.float64).softmax(-1)
+    result = layer_metrics(attn, diversity="batch_mean", metric_batch=32)
+    p = cls_to_patch(attn)
+    starts = range(0, 200, 32)
+    assert [min(s + 32, 200) - s for s in starts] == [32] * 6 + [8]
+    entropies, diversities = [], []
+    for s in starts:
+        batch = p[s : s + 32]
+        entropies.append(entropy(batch).mean(dim=(0, 2)))
+        diversities.append(head_diversity(batch.mean(dim=0)))
+    torch.testing.assert_close(result["entropy"], torch.stack(entropies).mean(0).float())
+    torch.testing.assert_close(result["head_diversity"], torch.stack(diversities).mean(0).float())
+
+
+def test_layer_metrics_rejects_unknown_diversity_and_non_positive_batch():
+    attn = torch.rand(2, 1, 2, 5).softmax(-1)
+    with pytest.raises(ValueError, match="diversity"):
+        layer_metrics(attn, diversity="per_head")
+    with pytest.raises(ValueError, match="metric_batch"):
+        layer_metrics(attn, metric_batch=0)

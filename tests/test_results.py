@@ -9,13 +9,17 @@ import pandas as pd
 import pytest
 
 from collapse_utils.analysis.results import (
+    histories_of,
     layer_mean,
     load_histories,
+    pct_change,
     per_layer_delta,
     run_means,
     run_summary,
     tidy_metrics,
     trajectory,
+    zeroshot_change,
+    zeroshot_datasets,
 )
 from collapse_utils.analysis.stats import collapse_onset
 from collapse_utils.config import LoraSpec, RegSpec, RunConfig, TrainSpec
@@ -310,3 +314,18 @@ def test_run_means_averages_numeric_columns_over_seeds():
     assert list(means.index) == ["E2", "E5"]
     assert means.loc["E2", "d_entropy_pct"] == 2.0
     assert means.loc["E2", "method"] == "full"
+    assert means["seeds"].tolist() == [2, 1]
+
+
+def test_histories_of_keeps_the_order_asked_for_and_every_seed(root):
+    loaded = load_histories(root)
+    chosen = histories_of(loaded, ["E5", "missing", "E2", "E5"])
+    assert [(h.id, h.seed) for h in chosen] == [("E5", 42), ("E2", 7), ("E2", 42)]
+
+
+def test_pct_change_is_nan_from_zero_and_zeroshot_change_is_in_points(root):
+    assert math.isnan(pct_change(0.0, 1.0)) and pct_change(2.0, 3.0) == 50.0
+    summary = run_summary(load_histories(root))
+    assert zeroshot_datasets(summary) == ["cifar100"]
+    change = zeroshot_change(summary.set_index(["run", "seed"]), "cifar100")
+    assert change.loc[("E2", 42)] == pytest.approx(100 * (0.3 - 0.6))

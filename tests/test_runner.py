@@ -11,20 +11,22 @@ import yaml
 from collapse_utils.__main__ import main
 from collapse_utils.book import runner
 from collapse_utils.book.runner import (
-    FAMILY_NOTEBOOKS,
     METADATA_KEY,
     PROFILE_NOTEBOOKS,
     BookPaths,
     RunnerError,
     build_plan,
-    run,
+    run_book,
     stamp_of,
     write_build_config,
 )
-from collapse_utils.config import FAMILIES, PARAMS_DIR, available_experiments, load_config
+from collapse_utils.config import PARAMS_DIR, available_experiments, load_config
+from collapse_utils.families import FAMILIES_FILE, load_families
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
+FAMILIES = load_families()
+FAMILY_NOTEBOOKS = {name: family.notebook for name, family in FAMILIES.items()}
 NOTEBOOK_STEMS = [*FAMILY_NOTEBOOKS.values(), *PROFILE_NOTEBOOKS]
 
 
@@ -32,8 +34,8 @@ def make_book(
     root: Path, experiments: tuple[str, ...] | None = ("E2", "E4", "A1_lr1e-4"), failing=()
 ) -> BookPaths:
     """A book in ``root``: fixture notebooks under every planned name (09_explore with a widget,
-    ``failing`` ones raising), the real profiles and ``experiments`` (``None``: the real params
-    folder), the real _config.yml and pages."""
+    ``failing`` ones raising), the real profiles, families and ``experiments`` (``None``: the
+    real params folder), the real _config.yml and pages."""
     notebooks = root / "notebooks"
     notebooks.mkdir()
     for stem in NOTEBOOK_STEMS:
@@ -45,6 +47,7 @@ def make_book(
         params = root / "params"
         (params / "experiments").mkdir(parents=True)
         shutil.copytree(PARAMS_DIR / "profiles", params / "profiles")
+        shutil.copy(PARAMS_DIR / FAMILIES_FILE, params / FAMILIES_FILE)
         for i in experiments:
             shutil.copy(PARAMS_DIR / "experiments" / f"{i}.yaml", params / "experiments")
     book = root / "book"
@@ -69,15 +72,18 @@ class FakeExecutor:
 
 def fake_run(paths: BookPaths, **kwargs) -> tuple[runner.Report, list[str]]:
     fake = FakeExecutor()
-    report = run("smoke", paths, build=False, executor=fake, **kwargs)
+    report = run_book("smoke", paths, build=False, executor=fake, **kwargs)
     return report, fake.calls
 
 
 # --- plan -------------------------------------------------------------------------------------
 
 
-def test_every_family_has_a_notebook():
-    assert list(FAMILY_NOTEBOOKS) == list(FAMILIES)
+def test_every_family_has_a_notebook_and_every_experiment_a_family():
+    for stem in FAMILY_NOTEBOOKS.values():
+        assert (REPO / "notebooks" / f"{stem}.ipynb").is_file(), stem
+    families = {load_config("smoke", i).family for i in available_experiments()}
+    assert families == set(FAMILIES)
 
 
 def test_plan_runs_each_family_notebook_per_configuration_then_summaries_then_study_notebooks(
@@ -196,7 +202,7 @@ def test_only_runs_those_configurations_and_their_family_summaries(tmp_path):
     _, calls = fake_run(paths, only=["A1_lr1e-4"])
     assert calls == ["03_lr_sweep/A1_lr1e-4", "03_lr_sweep/summary"]
     toc = yaml.safe_load(paths.toc.read_text())
-    assert [p["caption"] for p in toc["parts"]] == ["The study", runner.FAMILY_TITLES["lr_sweep"]]
+    assert [p["caption"] for p in toc["parts"]] == ["The study", FAMILIES["lr_sweep"].title]
 
 
 def test_unknown_only_id_is_an_error_listing_the_available_ids(tmp_path, capsys):
@@ -236,7 +242,7 @@ def test_toc_lists_every_page_with_summaries_first(tmp_path):
 def test_toc_leaves_out_pages_executed_for_another_profile_or_config(tmp_path):
     paths = make_book(tmp_path)
     fake_run(paths)
-    run("full", paths, build=False, executor=FakeExecutor(), only=["E2"])
+    run_book("full", paths, build=False, executor=FakeExecutor(), only=["E2"])
     files = [
         c["file"] for p in yaml.safe_load(paths.toc.read_text())["parts"] for c in p["chapters"]
     ]
@@ -264,7 +270,7 @@ def test_smoke_build_says_numbers_are_not_findings_and_full_build_does_not(tmp_p
 @pytest.mark.slow
 def test_failure_is_reported_others_run_and_the_book_shows_the_error_page(tmp_path, capsys):
     paths = make_book(tmp_path, experiments=("E2", "A1_lr1e-4"), failing=("03_lr_sweep",))
-    report = run("smoke", paths, jobs=2)
+    report = run_book("smoke", paths, jobs=2)
 
     assert not report.ok
     assert sorted(e.name for e, _ in report.failed) == [
@@ -302,5 +308,5 @@ def test_failure_is_reported_others_run_and_the_book_shows_the_error_page(tmp_pa
     for text in (explore, method, page):
         assert not re.search(r"""<(script|link)[^>]+(src|href)="https?://""", text)
 
-    again = run("smoke", paths, build=False)
+    again = run_book("smoke", paths, build=False)
     assert len(again.skipped) == 6 and len(again.failed) == 2 and not again.executed

@@ -17,6 +17,7 @@ import collapse_utils.training.evaluation as evaluation
 import collapse_utils.training.experiment as train
 import collapse_utils.training.step as step_module
 from collapse_utils.config import load_config
+from collapse_utils.measurement.metrics import cls_to_patch
 from collapse_utils.run_record import Failure, read_record
 from collapse_utils.training.data import DatasetUnavailableError
 from collapse_utils.training.experiment import TrainingFailedError, run_experiment
@@ -66,41 +67,66 @@ def test_full_and_lora_runs_finish_with_complete_histories(tmp_path, experiment)
     assert maps["maps"].shape == (5, 2, 3, 4, 50) and maps["steps"].tolist()[0] == 0
 
 
-def test_lora_checkpoint_holds_only_adapters_and_head(tmp_path):
-    result = run_experiment(small(tmp_path, "E5"), progress=False)
+@pytest.mark.parametrize("projection", [False, True])
+def test_lora_checkpoint_holds_adapters_head_and_projection_if_trained(tmp_path, projection):
+    config = small(tmp_path, "E5", lora={"train_projection": projection})
+    result = run_experiment(config, progress=False)
     keys = load_file(result.run_dir / "final.safetensors").keys()
-    assert keys and all("lora_" in k or ".head." in k for k in keys)
+    parts = ("lora_", ".head.", ".visual_projection.") if projection else ("lora_", ".head.")
+    assert keys and all(any(part in k for part in parts) for k in keys)
     assert any("lora_B" in k for k in keys)
+    assert any(".visual_projection." in k for k in keys) == projection
 
 
-def test_frozen_layers_are_bit_identical_after_training(tmp_path):
-    config = small(tmp_path, "E2", train={"freeze_layers": 2})
+@pytest.mark.parametrize("embeddings", [True, False])
+def test_frozen_layers_are_bit_identical_after_training(tmp_path, embeddings):
+    config = small(tmp_path, "E2", train={"freeze_layers": 2, "freeze_embeddings": embeddings})
     result = run_experiment(config, progress=False)
     trained = load_file(result.run_dir / "final.safetensors")
     base = load_clip(config.model, seed=config.seed).vision_model.state_dict()
-    frozen_prefixes = ("encoder.layers.0.", "encoder.layers.1.", "embeddings.", "pre_layrnorm.")
-    frozen = [name for name in base if name.startswith(frozen_prefixes)]
-    assert any(name.startswith("pre_layrnorm.") for name in frozen)
-    for name in frozen:
-        assert torch.equal(trained[f"vision_model.{name}"], base[name]), name
-    changed = [
-        k for k in base if k.startswith("encoder.layers.2.")
-        if not torch.equal(trained[f"vision_model.{k}"], base[k])
-    ]  # fmt: skip
-    assert changed
+
+    def unchanged(name: str) -> bool:
+        return torch.equal(trained[f"vision_model.{name}"], base[name])
+
+    below = [name for name in base if name.startswith(("embeddings.", "pre_layrnorm."))]
+    frozen = [name for name in base if name.startswith(("encoder.layers.0.", "encoder.layers.1."))]
+    assert below and all(unchanged(name) for name in frozen)
+    # The report's code freezes the layers only: embeddings and pre-norm keep training.
+    assert all(unchanged(name) for name in below) == embeddings
+    assert not all(unchanged(k) for k in base if k.startswith("encoder.layers.2."))
 
 
-def test_apr_keeps_attention_closer_to_the_pretrained_model(tmp_path):
-    free = small(tmp_path / "free", "E2", train={"lr": 1e-2})
-    apr = small(tmp_path / "apr", "R1_apr1.0", train={"lr": 1e-2}, reg={"lam": 50.0})
-    kl_free = np.mean(run_experiment(free, progress=False).history.evals[-1].kl_to_initial)
-    kl_apr = np.mean(run_experiment(apr, progress=False).history.evals[-1].kl_to_initial)
-    assert kl_apr < 0.5 * kl_free
+def _final_kl(result, direction: str) -> float:
+    """KL between the last and the first saved [CLS]→patch maps, in nats, mean over images,
+    layers and heads. The maps are float16: patch weights are clamped at 1e-6 (as the original
+    adds 1e-10), so an underflowed zero does not dominate the mean."""
+    maps = cls_to_patch(load_file(result.files.maps)["maps"].float()).clamp_min(1e-6)
+    p, p0 = maps[-1], maps[0]
+    a, b = (p, p0) if direction == "current_to_initial" else (p0, p)
+    return float((a * (a.log() - b.log())).sum(-1).mean())
 
 
-def test_apr_frozen_copy_and_cache_give_the_same_run(tmp_path):
-    cached = small(tmp_path / "c", "R1_apr1.0", train={"epochs": 1})
-    frozen = small(tmp_path / "f", "R1_apr1.0", train={"epochs": 1}, reg={"reference": "frozen"})
+# KL(initial ‖ current) is mass-covering: APR keeps every patch the pre-trained model attended.
+# KL(current ‖ initial), the original's, is mode-seeking: attention may still collapse onto the
+# pre-trained model's strongest patches at a cost of −log p0(patch), so the effect is smaller.
+@pytest.mark.parametrize(
+    ("direction", "ratio"), [("initial_to_current", 0.5), ("current_to_initial", 0.9)]
+)
+def test_apr_keeps_attention_closer_to_the_pretrained_model(tmp_path, direction, ratio):
+    changes = {"train": {"lr": 1e-2}, "eval": {"map_images": 8}}
+    free = run_experiment(small(tmp_path / "free", "E2", **changes), progress=False)
+    apr_cfg = small(tmp_path / "apr", "R1_apr1.0", reg={"lam": 50.0, "kl_direction": direction},
+                    **changes)  # fmt: skip
+    apr = run_experiment(apr_cfg, progress=False)
+    assert _final_kl(apr, direction) < ratio * _final_kl(free, direction)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_apr_frozen_copy_and_cache_give_the_same_run(tmp_path, flip):
+    # The cache holds both orientations, so it stays exact under the random flip.
+    changes = {"train": {"epochs": 1}, "data": {"flip": flip}}
+    cached = small(tmp_path / "c", "R1_apr1.0", **changes)
+    frozen = small(tmp_path / "f", "R1_apr1.0", reg={"reference": "frozen"}, **changes)
     a = run_experiment(cached, progress=False).history.evals[-1].metrics["entropy"]
     b = run_experiment(frozen, progress=False).history.evals[-1].metrics["entropy"]
     np.testing.assert_allclose(a, b, rtol=1e-5)
@@ -111,7 +137,10 @@ def test_entropy_floor_keeps_every_layer_near_the_pretrained_entropy(tmp_path):
     changes = {"train": {"method": "lora", "lr": 3e-2, "epochs": 3},
                "model": {"tiny_init_factor": 4.0}}  # fmt: skip
     free = run_experiment(small(tmp_path / "free", "E5", **changes), progress=False).history
-    floor_cfg = small(tmp_path / "floor", "R2_entfloor0.1", reg={"lam": 100.0}, **changes)
+    # Our floor (1.0 × the pre-trained mean, mean over layers): the original's 0.7 × floor is
+    # not reached by this tiny model, its penalty is pinned in test_regularizers.
+    reg = {"lam": 100.0, "floor_ratio": 1.0, "floor_reduction": "mean"}
+    floor_cfg = small(tmp_path / "floor", "R2_entfloor0.1", reg=reg, **changes)
     floored = run_experiment(floor_cfg, progress=False).history
     floor = np.array(floored.evals[0].metrics["entropy"])
     tolerance = 0.02  # nats; the penalty is on per-image entropy, the check on its mean
@@ -132,13 +161,9 @@ def test_zero_shot_uses_the_merged_fine_tuned_model(tmp_path, monkeypatch):
     lora = run_experiment(small(tmp_path, "E5"), progress=False).history
     assert calls == ["PeftModel"]
     full = run_experiment(small(tmp_path, "E2", train={"lr": 1e-2}), progress=False).history
-    assert (
-        full.zeroshot["cifar100"].accuracy
-        != full.zeroshot["cifar100"].pretrained_accuracy
-    )
-    assert (
-        lora.zeroshot["cifar100"].pretrained_accuracy
-        == (full.zeroshot["cifar100"].pretrained_accuracy)
+    assert full.zeroshot["cifar100"].accuracy != full.zeroshot["cifar100"].pretrained_accuracy
+    assert lora.zeroshot["cifar100"].pretrained_accuracy == (
+        full.zeroshot["cifar100"].pretrained_accuracy
     )
 
 
@@ -175,7 +200,8 @@ def test_complete_run_is_not_retrained_but_a_changed_config_is(tmp_path, monkeyp
 
 
 def test_missing_dataset_fails_before_training(tmp_path):
-    config = small(tmp_path, data={"synthetic_stand_in": False, "root": str(tmp_path / "d")})
+    data = {"synthetic_stand_in": False, "root": str(tmp_path / "d"), "split": "heldout"}
+    config = small(tmp_path, data=data)
     with pytest.raises(DatasetUnavailableError, match="eurosat"):
         run_experiment(config, progress=False)
     assert not (config.run_dir / "history.json").exists()
@@ -184,7 +210,6 @@ def test_missing_dataset_fails_before_training(tmp_path):
 KILL_SCRIPT = """
 import json, sys
 from collapse_utils.config import load_config
-from collapse_utils.run_record import Failure, read_record
 from collapse_utils.training.experiment import run_experiment
 changes = json.loads(sys.argv[1])
 run_experiment(load_config("smoke", "E5").with_overrides(**changes), progress=False)
@@ -231,3 +256,41 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
             np.testing.assert_allclose(a.metrics[metric], b.metrics[metric], rtol=1e-6)
     assert [e.val_acc for e in resumed.epochs] == [e.val_acc for e in straight.epochs]
     assert resumed.zeroshot == straight.zeroshot
+
+
+def test_heldout_run_scores_test_once_with_the_best_epochs_weights(tmp_path, monkeypatch):
+    seen = {}
+    real = train.accuracy
+
+    def spy(model, images, labels, dtype=None):
+        seen[len(images)] = train.trainable_state(model, "full")
+        return real(model, images, labels, dtype)
+
+    monkeypatch.setattr(train, "accuracy", spy)
+    config = small(tmp_path, data={"split": "heldout"}, train={"epochs": 3})
+    history = run_experiment(config, progress=False).history
+    test_size = 4 * 12  # the synthetic test split
+    assert 0 <= history.test_acc <= 1 and test_size in seen
+    best = load_file(config.run_dir / "best.safetensors")
+    assert all(torch.equal(best[k], seen[test_size][k].cpu()) for k in best)
+    assert history.zeroshot["cifar100"].checkpoint == "best"  # the smoke profile, as `full`
+
+
+@pytest.mark.parametrize("checkpoint", ["best", "final"])
+def test_zero_shot_runs_on_the_chosen_checkpoint(tmp_path, monkeypatch, checkpoint):
+    states = []
+    real = train.evaluate_zeroshot
+
+    def spy(model, *args):
+        states.append(train.trainable_state(model, "full"))
+        return real(model, *args)
+
+    monkeypatch.setattr(train, "evaluate_zeroshot", spy)
+    config = small(tmp_path, train={"epochs": 3, "lr": 3e-2},
+                   eval={"zeroshot_checkpoint": checkpoint})  # fmt: skip
+    history = run_experiment(config, progress=False).history
+    vals = [e.val_acc for e in history.epochs]
+    assert vals.index(max(vals)) != len(vals) - 1, "best epoch is the last: test is vacuous"
+    weights = load_file(config.run_dir / f"{checkpoint}.safetensors")
+    assert all(torch.equal(weights[k], states[0][k].cpu()) for k in weights)
+    assert history.zeroshot["cifar100"].checkpoint == checkpoint and history.test_acc is None

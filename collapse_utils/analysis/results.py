@@ -133,13 +133,36 @@ def _summary_row(h: RunRecord) -> dict[str, Any]:
     return row
 
 
+def zeroshot_datasets(summary: pd.DataFrame) -> list[str]:
+    """The zero-shot datasets ``d`` of a :func:`run_summary` table (``zs_d`` columns), sorted."""
+    return sorted(
+        c.removeprefix("zs_")
+        for c in summary.columns
+        if c.startswith("zs_") and not c.endswith("_pretrained")
+    )
+
+
+def zeroshot_change(summary: pd.DataFrame, dataset: str) -> pd.Series:
+    """Zero-shot accuracy on ``dataset`` minus the pre-trained model's, in points (×100)."""
+    return 100 * (summary[f"zs_{dataset}"] - summary[f"zs_{dataset}_pretrained"])
+
+
 def run_means(summary: pd.DataFrame) -> pd.DataFrame:
     """One row per run, indexed by run: numeric columns averaged over seeds, the others taken
-    from the first seed."""
+    from the first seed; ``seeds`` counts the seeds averaged. This is what pages show of a run
+    with several seeds."""
     numeric = summary.select_dtypes("number").columns.drop("seed", errors="ignore")
     first = summary.groupby("run", sort=True).first()
     first[numeric] = summary.groupby("run", sort=True)[list(numeric)].mean()
+    first["seeds"] = summary.groupby("run", sort=True).size()
     return first
+
+
+def histories_of(histories: Iterable[RunRecord], runs: Iterable[str]) -> list[RunRecord]:
+    """The histories of ``runs`` that exist, in the order of ``runs``, every seed (by seed):
+    curves of a run with several seeds show each seed."""
+    by_seed = sorted(histories, key=lambda h: h.seed)
+    return [h for run in dict.fromkeys(runs) for h in by_seed if h.id == run]
 
 
 def per_layer_delta(histories: Iterable[RunRecord], metric: str = "entropy") -> pd.DataFrame:

@@ -2,8 +2,9 @@
 
 Each run stores, at every tracking point, the full [CLS] attention rows of the first
 ``eval.map_images`` metric images (``attention_maps.safetensors``). The explorer picks a
-configuration, layer, head (or the head mean), image and training step and draws the attention
-over the image next to the layer's metric curves.
+run (every seed of it), layer, head (or the head mean), image and training step and draws the
+attention over the image, CLS→CLS dropped and renormalised by ``measurement.metrics.cls_to_patch``
+as in the metrics, next to the layer's metric curves.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ from pathlib import Path
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from IPython.display import display
 from safetensors.torch import load_file
 
-from collapse_utils.book import figures as plots
+from collapse_utils.book.figures import attention_overlay, new_figure
+from collapse_utils.book.style import metric_label, seed_labels
+from collapse_utils.config import METRICS
+from collapse_utils.measurement.metrics import cls_to_patch
 from collapse_utils.run_record import RunFiles, RunRecord, find_runs, read_record
 
 
@@ -48,23 +53,28 @@ class RunMaps:
         rows = self.maps[step_index, image, layer]
         return rows.mean(axis=0) if head is None else rows[head]
 
+    def patches(self, step_index: int, image: int, layer: int, head: int | None) -> np.ndarray:
+        """(patches,) [CLS]→patch weights of :meth:`row`, CLS→CLS dropped and renormalised."""
+        return cls_to_patch(torch.from_numpy(self.row(step_index, image, layer, head))).numpy()
+
 
 def available_runs(output_root: Path | str) -> dict[str, RunFiles]:
-    """Run id → run files, for runs whose attention maps were saved."""
-    found = {}
-    for files in find_runs(output_root):
-        if files.maps.exists():
-            found[files.run_dir.parent.name] = files
-    return dict(sorted(found.items()))
+    """Run label (the id, or ``id/s<seed>`` for every seed of a run with several) → run files,
+    for runs whose attention maps were saved."""
+    found = [f for f in find_runs(output_root) if f.maps.exists()]
+    keys = [(f.run_dir.parent.name, int(f.run_dir.name.removeprefix("seed"))) for f in found]
+    order = sorted(range(len(found)), key=lambda i: keys[i])
+    labels = seed_labels([keys[i] for i in order])
+    return {label: found[i] for label, i in zip(labels, order, strict=True)}
 
 
 def image_grid(run: RunMaps, step_index: int, layer: int):
     """Static view: the head-mean attention of every saved image at one step and layer."""
     count = run.images.shape[0]
-    fig, axes = plots.new_figure(ncols=count, width=2.0, height=2.2)
+    fig, axes = new_figure(ncols=count, width=2.0, height=2.2)
     for image, ax in enumerate(axes[0]):
-        row = run.row(step_index, image, layer, None)
-        plots.attention_overlay(ax, run.images[image], row, f"image {image}")
+        patches = run.patches(step_index, image, layer, None)
+        attention_overlay(ax, run.images[image], patches, f"image {image}")
     step = int(run.steps[step_index])
     fig.suptitle(f"{run.history.id}, layer {layer + 1}, mean of heads, step {step}")
     return fig
@@ -77,19 +87,19 @@ def draw(run: RunMaps, step_index: int, image: int, layer: int, head: int | None
     plt.close(fig)
     left, right = fig.subfigures(1, 2, width_ratios=(1, 1.35))
     head_name = "mean of heads" if head is None else f"head {head}"
-    plots.attention_overlay(
+    attention_overlay(
         left.add_subplot(),
         run.images[image],
-        run.row(step_index, image, layer, head),
+        run.patches(step_index, image, layer, head),
         f"layer {layer + 1}, {head_name}, step {int(run.steps[step_index])}",
     )
     evals = run.history.evals
     steps = [e.step for e in evals]
-    for ax, metric in zip(right.subplots(2, 2).flat, plots.METRICS, strict=True):
+    for ax, metric in zip(right.subplots(2, 2).flat, METRICS, strict=True):
         ax.plot(steps, [e.metrics[metric][layer] for e in evals], marker=".")
         ax.axvline(run.steps[step_index], color="tab:red", linestyle="--")
-        ax.set(xlabel="step", title=plots.METRIC_LABELS[metric])
-    fig.suptitle(f"{run.history.id}: {run.history.description}")
+        ax.set(xlabel="step", title=metric_label(metric))
+    fig.suptitle(run.history.label)
     return fig
 
 

@@ -1,25 +1,35 @@
-"""Figures of the book (the report's figure index, §7). Each function takes results (histories or
-the run summary from ``results``) and returns a matplotlib Figure; ``save_figure`` writes it under
-``<output_root>/figures/``. Notebooks only call these and show the result."""
+"""Figures of the run and family pages (the report's figure index, §7), and the one way a page
+shows a figure (:func:`show_figure`: saved under ``<output_root>/figures/``, then displayed).
+
+Each figure function takes results (histories, or seed-mean rows of ``run_summary``) and returns
+a matplotlib Figure. A run with several seeds draws one curve per seed (labels from
+:mod:`~collapse_utils.book.style`)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from IPython.display import Image, display
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from collapse_utils.analysis.results import pct_change, trajectory
+from collapse_utils.analysis.results import per_layer_delta, trajectory, zeroshot_change
+from collapse_utils.book.style import (
+    METHOD_COLORS,
+    METHOD_NAMES,
+    METRIC_NAMES,
+    curve_labels,
+    delta_label,
+    metric_label,
+)
 from collapse_utils.config import METRICS
+from collapse_utils.run_record import RunRecord
 
-METRIC_LABELS = {
-    "entropy": "Entropy (nats)",
-    "erf": "ERF@0.95",
-    "gini": "Gini",
-    "head_diversity": "Head diversity",
-}
+HEATMAP_COLUMNS = 4  # panels per row of layer_heatmaps
 
 
 def save_figure(fig: Figure, output_root: Path | str, name: str) -> Path:
@@ -30,35 +40,44 @@ def save_figure(fig: Figure, output_root: Path | str, name: str) -> Path:
     return path
 
 
+def show_figure(fig: Figure, output_root: Path | str, name: str) -> None:
+    """How every page shows a figure: save it (:func:`save_figure`) and display the saved PNG,
+    so the page shows exactly the file under ``figures/``."""
+    display(Image(filename=save_figure(fig, output_root, name)))
+
+
 def new_figure(ncols: int = 1, nrows: int = 1, width: float = 4.2, height: float = 3.2):
     """A figure with an (nrows, ncols) axes grid, constrained layout, consistent sizing."""
     fig, axes = plt.subplots(
         nrows, ncols, figsize=(width * ncols, height * nrows), layout="constrained", squeeze=False
     )
-    plt.close(fig)  # notebooks display the returned figure explicitly; no duplicate output
+    plt.close(fig)  # pages display the saved figure (show_figure); no duplicate output
     return fig, axes
 
 
-def _label(history: dict) -> str:
-    return f"{history.id}: {history.description}" if history.description else history.id
+def empty_panel(ax: Axes, message: str) -> None:
+    """A panel that says why it has nothing to show."""
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
-def baseline_structure(histories: list[dict]) -> Figure:
+def baseline_structure(histories: list[RunRecord]) -> Figure:
     """fig2: the pre-trained model's four metrics per layer (one line per baseline run)."""
     fig, axes = new_figure(ncols=4, width=3.4)
-    for history in histories:
+    for history, label in zip(histories, curve_labels(histories), strict=True):
         metrics = history.evals[0].metrics
         layers = np.arange(1, len(metrics["entropy"]) + 1)
         for ax, metric in zip(axes[0], METRICS, strict=True):
-            ax.plot(layers, metrics[metric], marker="o", label=history.id)
+            ax.plot(layers, metrics[metric], marker="o", label=label)
     for ax, metric in zip(axes[0], METRICS, strict=True):
-        ax.set(xlabel="layer", ylabel=METRIC_LABELS[metric], title=METRIC_LABELS[metric])
+        ax.set(xlabel="layer", ylabel=metric_label(metric), title=metric_label(metric))
     axes[0, 0].legend(fontsize="small")
     fig.suptitle("Pre-trained [CLS]→patch attention structure per layer")
     return fig
 
 
-def training_curves(history: dict) -> Figure:
+def training_curves(history: RunRecord) -> Figure:
     """fig3: validation accuracy per epoch, training loss and layer-mean entropy over training."""
     fig, axes = new_figure(ncols=2, width=4.6)
     left, right = axes[0]
@@ -70,57 +89,63 @@ def training_curves(history: dict) -> Figure:
     twin = left.twinx()
     fraction, entropy = trajectory(history, "entropy")
     twin.plot(fraction, entropy, color="tab:red", marker=".")
-    twin.set_ylabel("mean entropy (nats)", color="tab:red")
+    twin.set_ylabel(f"mean {metric_label('entropy')}", color="tab:red")
     left.set_title("accuracy and entropy")
     losses = [(e.fraction, e.train_loss) for e in history.evals if e.train_loss]
     if losses:
         right.plot(*zip(*losses, strict=True), marker=".", color="tab:gray")
     right.set(xlabel="fraction of training", ylabel="training loss", title="loss")
-    fig.suptitle(_label(history))
+    fig.suptitle(history.label)
     return fig
 
 
-def metric_trajectories(histories: list[dict], title: str = "") -> Figure:
-    """fig5/5b/6/9/17, extra ERF: each metric's layer mean over training, one line per run."""
+def metric_trajectories(histories: list[RunRecord], title: str = "") -> Figure:
+    """fig5/5b, extra LoRA QKVO: each metric's layer mean over training, one line per run."""
     fig, axes = new_figure(ncols=4, width=3.4)
-    for history in histories:
+    for history, label in zip(histories, curve_labels(histories), strict=True):
         for ax, metric in zip(axes[0], METRICS, strict=True):
-            ax.plot(*trajectory(history, metric), marker=".", label=history.id)
+            ax.plot(*trajectory(history, metric), marker=".", label=label)
     for ax, metric in zip(axes[0], METRICS, strict=True):
-        ax.set(xlabel="fraction of training", ylabel=METRIC_LABELS[metric])
+        ax.set(xlabel="fraction of training", ylabel=metric_label(metric))
     axes[0, -1].legend(fontsize="small", loc="best")
     if title:
         fig.suptitle(title)
     return fig
 
 
-def single_metric_trajectories(histories: list[dict], metric: str, title: str = "") -> Figure:
+def single_metric_trajectories(histories: list[RunRecord], metric: str, title: str = "") -> Figure:
     """fig9 (head diversity), fig17 (Gini), extra (ERF): one metric's layer mean over training,
     one line per run, plus its per-layer change first → final."""
     fig, axes = new_figure(ncols=2, width=4.6)
     left, right = axes[0]
-    for history in histories:
-        left.plot(*trajectory(history, metric), marker=".", label=history.id)
-        first = np.array(history.evals[0].metrics[metric])
-        final = np.array(history.evals[-1].metrics[metric])
-        change = [pct_change(a, b) for a, b in zip(first, final, strict=True)]
-        right.plot(np.arange(1, len(first) + 1), change, marker="o")
-    left.set(xlabel="fraction of training", ylabel=METRIC_LABELS[metric], title="layer mean")
+    change = per_layer_delta(histories, metric)
+    for history, label in zip(histories, curve_labels(histories), strict=True):
+        left.plot(*trajectory(history, metric), marker=".", label=label)
+        right.plot(change.columns, change.loc[(history.id, history.seed)], marker="o")
+    left.set(xlabel="fraction of training", ylabel=metric_label(metric), title="layer mean")
     right.axhline(0, color="black", linewidth=0.8)
     right.set(xlabel="layer", ylabel="Δ first → final (%)", title="per layer")
     left.legend(fontsize="small")
-    fig.suptitle(title or f"{METRIC_LABELS[metric]} over training")
+    fig.suptitle(title or f"{metric_label(metric)} over training")
     return fig
 
 
-def layer_heatmaps(histories: list[dict], metric: str = "entropy") -> Figure:
-    """fig4: per-layer metric (rows) at each eval (columns), one panel per run; a shared
-    colour scale so panels compare."""
+def layer_heatmaps(histories: list[RunRecord], metric: str = "entropy") -> Figure:
+    """fig4: per-layer metric (rows) at each eval (columns), one panel per run (up to
+    :data:`HEATMAP_COLUMNS` per row); a shared colour scale so panels compare."""
+    if not histories:
+        fig, axes = new_figure()
+        empty_panel(axes[0, 0], "no complete run")
+        return fig
     grids = [np.array([e.metrics[metric] for e in h.evals]).T for h in histories]
     low = min(g.min() for g in grids)
     high = max(g.max() for g in grids)
-    fig, axes = new_figure(ncols=len(histories), width=3.6, height=3.4)
-    for ax, history, grid in zip(axes[0], histories, grids, strict=True):
+    ncols = min(HEATMAP_COLUMNS, len(histories))
+    nrows = math.ceil(len(histories) / ncols)
+    fig, axes = new_figure(ncols=ncols, nrows=nrows, width=3.6, height=3.4)
+    flat = axes.ravel()
+    labels = curve_labels(histories)
+    for ax, label, grid in zip(flat, labels, grids, strict=False):
         image = ax.imshow(
             grid,
             aspect="auto",
@@ -130,32 +155,33 @@ def layer_heatmaps(histories: list[dict], metric: str = "entropy") -> Figure:
             cmap="viridis",
             extent=(0, 1, 0.5, grid.shape[0] + 0.5),
         )
-        ax.set(title=history.id, xlabel="fraction of training", ylabel="layer")
-    fig.colorbar(image, ax=axes[0].tolist(), label=METRIC_LABELS[metric])
+        ax.set(title=label, xlabel="fraction of training", ylabel="layer")
+    for ax in flat[len(histories) :]:
+        ax.remove()
+    fig.colorbar(image, ax=flat[: len(histories)].tolist(), label=metric_label(metric))
     return fig
 
 
-def lr_sweep(summary: pd.DataFrame, histories: list[dict]) -> Figure:
-    """fig6: Δ% of entropy/ERF/Gini vs learning rate (log axis), best accuracy vs learning rate,
-    and the entropy trajectories per learning rate."""
+def lr_sweep(summary: pd.DataFrame, histories: list[RunRecord]) -> Figure:
+    """fig6: Δ% of entropy/ERF/Gini vs learning rate (log axis), best accuracy vs learning rate
+    (``summary``: one row per run with a ``run`` column), and the entropy trajectories per
+    learning rate (``histories``)."""
     ordered = summary.sort_values("lr")
     fig, axes = new_figure(ncols=3, width=4.0)
     left, middle, right = axes[0]
-    for column, label in (
-        ("d_entropy_pct", "entropy"),
-        ("d_erf_pct", "ERF@0.95"),
-        ("d_gini_pct", "Gini"),
-    ):
-        left.plot(ordered["lr"], ordered[column], marker="o", label=label)
+    for metric in ("entropy", "erf", "gini"):
+        left.plot(ordered["lr"], ordered[f"d_{metric}_pct"], marker="o", label=METRIC_NAMES[metric])
     left.axhline(0, color="black", linewidth=0.8)
     left.set(xscale="log", xlabel="learning rate", ylabel="Δ first → final (%)")
     left.legend(fontsize="small")
     middle.plot(ordered["lr"], ordered["best_acc"], marker="o", color="tab:green")
     middle.set(xscale="log", xlabel="learning rate", ylabel="best validation accuracy")
-    by_id = {h.id: h for h in histories}
-    for _, row in ordered.iterrows():
-        right.plot(*trajectory(by_id[row["run"]], "entropy"), label=f"lr={row['lr']:g}")
-    right.set(xlabel="fraction of training", ylabel="mean entropy (nats)")
+    lr_of = dict(zip(ordered["run"], ordered["lr"], strict=True))
+    shown = sorted((h for h in histories if h.id in lr_of), key=lambda h: (lr_of[h.id], h.seed))
+    for history, label in zip(shown, curve_labels(shown), strict=True):
+        seed = label.removeprefix(history.id)
+        right.plot(*trajectory(history, "entropy"), label=f"lr={lr_of[history.id]:g}{seed}")
+    right.set(xlabel="fraction of training", ylabel=f"mean {metric_label('entropy')}")
     right.legend(fontsize="small")
     fig.suptitle("Learning-rate sweep (full fine-tuning)")
     return fig
@@ -175,7 +201,7 @@ def ablation_effect(summary: pd.DataFrame, x: str, xlabel: str, title: str) -> F
     return fig
 
 
-def regularization(summary: pd.DataFrame, histories: list[dict]) -> Figure:
+def regularization(summary: pd.DataFrame, histories: list[RunRecord]) -> Figure:
     """fig8: Δentropy % per regularizer setting against no regularization, and the mean KL from
     the pre-trained attention over training."""
     fig, axes = new_figure(ncols=2, width=5.0)
@@ -184,10 +210,10 @@ def regularization(summary: pd.DataFrame, histories: list[dict]) -> Figure:
     left.axhline(0, color="black", linewidth=0.8)
     left.set(ylabel="Δ entropy first → final (%)", title="entropy change")
     left.tick_params(axis="x", rotation=45)
-    for history in histories:
+    for history, label in zip(histories, curve_labels(histories), strict=True):
         fraction = [e.fraction for e in history.evals]
         kl = [np.mean(e.kl_to_initial) for e in history.evals]
-        right.plot(fraction, kl, marker=".", label=history.id)
+        right.plot(fraction, kl, marker=".", label=label)
     right.set(
         xlabel="fraction of training",
         ylabel="KL(pre-trained ‖ current) (nats)",
@@ -200,18 +226,23 @@ def regularization(summary: pd.DataFrame, histories: list[dict]) -> Figure:
 def zeroshot_vs_collapse(summary: pd.DataFrame, dataset: str = "cifar100") -> Figure:
     """fig7: zero-shot accuracy change against Δentropy per fine-tuned run."""
     runs = summary[summary["method"] != "none"]
-    change = 100 * (runs[f"zs_{dataset}"] - runs[f"zs_{dataset}_pretrained"])
+    change = zeroshot_change(runs, dataset)
     fig, axes = new_figure(width=5.0, height=4.0)
     ax = axes[0, 0]
-    for method, colour in (("full", "tab:red"), ("lora", "tab:blue")):
+    for method in dict.fromkeys(runs["method"]):
         chosen = runs["method"] == method
-        ax.scatter(runs.loc[chosen, "d_entropy_pct"], change[chosen], color=colour, label=method)
+        ax.scatter(
+            runs.loc[chosen, "d_entropy_pct"],
+            change[chosen],
+            color=METHOD_COLORS[method],
+            label=METHOD_NAMES[method],
+        )
     for _, row in runs.iterrows():
         ax.annotate(row["run"], (row["d_entropy_pct"], change[row.name]), fontsize=7)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set(
-        xlabel="Δ entropy first → final (%)",
+        xlabel=delta_label("d_entropy_pct"),
         ylabel=f"zero-shot {dataset} change (points)",
         title="Attention change vs zero-shot transfer",
     )
@@ -224,8 +255,7 @@ def zeroshot_bars(summary: pd.DataFrame, dataset: str = "cifar100") -> Figure:
     runs = summary[summary["method"] != "none"]
     fig, axes = new_figure(width=max(5.0, 0.5 * len(runs)), height=3.4)
     ax = axes[0, 0]
-    colours = runs["method"].map({"full": "tab:red", "lora": "tab:blue"})
-    ax.bar(runs["run"], 100 * runs[f"zs_{dataset}"], color=colours)
+    ax.bar(runs["run"], 100 * runs[f"zs_{dataset}"], color=runs["method"].map(METHOD_COLORS))
     pretrained = 100 * runs[f"zs_{dataset}_pretrained"].iloc[0]
     ax.axhline(pretrained, color="black", linestyle="--", label="pre-trained")
     ax.set(ylabel=f"zero-shot {dataset} accuracy (%)", title="Zero-shot transfer after fine-tuning")
@@ -234,10 +264,9 @@ def zeroshot_bars(summary: pd.DataFrame, dataset: str = "cifar100") -> Figure:
     return fig
 
 
-def attention_overlay(ax, image: np.ndarray, row: np.ndarray, title: str = "") -> None:
-    """Draw the [CLS]→patch weights ``row`` (tokens,) as a heat map over ``image`` (3, S, S)
-    uint8; the CLS→CLS entry is dropped and the rest renormalised, as in the metrics."""
-    patches = row[1:] / row[1:].sum()
+def attention_overlay(ax: Axes, image: np.ndarray, patches: np.ndarray, title: str = "") -> None:
+    """Draw [CLS]→patch weights ``patches`` (patches,), CLS→CLS already dropped and renormalised
+    (``measurement.metrics.cls_to_patch``), as a heat map over ``image`` (3, S, S) uint8."""
     grid = int(round(np.sqrt(len(patches))))
     size = image.shape[-1]
     ax.imshow(np.transpose(image, (1, 2, 0)))

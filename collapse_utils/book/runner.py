@@ -10,8 +10,9 @@ The plan (:func:`build_plan`) has three phases, run in order:
 
 An execution is skipped when its output notebook carries, in ``metadata["collapse_runner"]``,
 status ``ok`` and the same key: a hash of the notebook source bytes, the profile, and the
-config hashes it depends on (its own for a configuration page; every config of the family for a
-summary; every config for the cross-study notebooks). A failing execution keeps papermill's
+config hashes it depends on (its own for a configuration page; every config for a summary, which
+also shows other families' reference runs, and for the cross-study notebooks). The families, their
+notebooks and titles come from ``params/families.yaml``. A failing execution keeps papermill's
 notebook with its error cell, so the book shows the failure; the others still run, and the
 run exits non-zero after the toc and the book are still written.
 """
@@ -37,7 +38,6 @@ import yaml
 from tqdm import tqdm
 
 from collapse_utils.config import (
-    FAMILIES,
     PARAMS_DIR,
     PARAMS_ENV,
     REPO_ROOT,
@@ -45,29 +45,14 @@ from collapse_utils.config import (
     available_experiments,
     load_config,
 )
+from collapse_utils.families import load_families
 from collapse_utils.training.data import prepare_datasets
 
 KERNEL = "python3"
 METADATA_KEY = "collapse_runner"
 PHASES = ("config", "summary", "profile")
 
-# family → notebook stem, in book order
-FAMILY_NOTEBOOKS = {
-    "baseline": "01_baseline",
-    "full_vs_lora": "02_full_ft_vs_lora",
-    "lr_sweep": "03_lr_sweep",
-    "layer_freezing": "04_layer_freezing",
-    "lora_targets": "05_lora_targets",
-    "regularization": "06_regularization",
-}
-FAMILY_TITLES = {
-    "baseline": "Baseline: pre-trained attention (E1)",
-    "full_vs_lora": "Full fine-tuning vs LoRA (E2–E7)",
-    "lr_sweep": "Learning-rate sweep (A1)",
-    "layer_freezing": "Layer freezing (A3)",
-    "lora_targets": "LoRA target modules (A2)",
-    "regularization": "Regularization (R1–R3)",
-}
+# Family notebooks and their titles: params/families.yaml (collapse_utils.families).
 # cross-study notebooks (parameter ``profile`` only) → toc title, in book order
 PROFILE_NOTEBOOKS = {
     "07_zero_shot": "Zero-shot transfer",
@@ -174,15 +159,16 @@ def execution_key(source: Path, profile: str, configs: Iterable[RunConfig]) -> s
 def build_plan(profile: str, paths: BookPaths) -> list[Execution]:
     """Every execution of the book for ``profile``, in run order (phases config, summary,
     profile). Raises :class:`RunnerError` naming any missing notebook source."""
-    needed = [*FAMILY_NOTEBOOKS.values(), *PROFILE_NOTEBOOKS]
+    families = load_families(paths.params)
+    needed = [*(f.notebook for f in families.values()), *PROFILE_NOTEBOOKS]
     missing = [n for n in needed if not (paths.notebooks / f"{n}.ipynb").is_file()]
     if missing:
         raise RunnerError(f"missing notebook source(s) in {paths.notebooks}: {missing}")
     configs = [load_config(profile, i, paths.params) for i in available_experiments(paths.params)]
-    by_family = {f: [c for c in configs if c.family == f] for f in FAMILIES}
+    by_family = {f: [c for c in configs if c.family == f] for f in families}
 
     plan: list[Execution] = []
-    for family, stem in FAMILY_NOTEBOOKS.items():
+    for family, stem in ((f.name, f.notebook) for f in families.values()):
         source = paths.notebooks / f"{stem}.ipynb"
         for c in by_family[family]:
             plan.append(
@@ -197,7 +183,7 @@ def build_plan(profile: str, paths: BookPaths) -> list[Execution]:
                     config_id=c.id,
                 )
             )
-    for family, stem in FAMILY_NOTEBOOKS.items():
+    for family, stem in ((f.name, f.notebook) for f in families.values()):
         if not by_family[family]:
             continue
         source = paths.notebooks / f"{stem}.ipynb"
@@ -207,7 +193,8 @@ def build_plan(profile: str, paths: BookPaths) -> list[Execution]:
                 source=source,
                 output=paths.executed / stem / "summary.ipynb",
                 parameters={"profile": profile, "config_id": ""},
-                # Summaries compare against runs of other families (E2, E5), so they depend on all.
+                # Summaries compare against other families' runs (their references), and the
+                # statistics too: every summary depends on every configuration.
                 key=execution_key(source, profile, configs),
                 title="Family comparison",
                 family=family,
@@ -236,7 +223,7 @@ def check_ids(only: Sequence[str], params: Path = PARAMS_DIR) -> None:
         raise RunnerError(f"unknown experiment id(s) {unknown}; available: {', '.join(available)}")
 
 
-def select(plan: Sequence[Execution], only: Sequence[str] | None) -> list[Execution]:
+def select_executions(plan: Sequence[Execution], only: Sequence[str] | None) -> list[Execution]:
     """The executions to run: all, or for ``only`` those ids' pages and their families'
     summaries (the cross-study notebooks need every run, so they wait for a full run)."""
     if not only:
@@ -269,7 +256,7 @@ def is_current(execution: Execution) -> bool:
     return stamp.get("status") == "ok" and stamp.get("key") == execution.key
 
 
-def _finish(execution: Execution, error: str | None) -> None:
+def _stamp_output(execution: Execution, error: str | None) -> None:
     """Stamp the output with key and status; write a stub page if a failure left none."""
     if error is not None and not execution.output.exists():
         nb = nbformat.v4.new_notebook()
@@ -333,7 +320,7 @@ def execute_plan(
     bar = tqdm(total=len(selected), unit="notebook", desc="notebooks", dynamic_ncols=True)
 
     def done(execution: Execution, error: str | None) -> None:
-        _finish(execution, error)
+        _stamp_output(execution, error)
         if error is None:
             report.executed.append(execution)
         else:
@@ -389,11 +376,11 @@ def write_toc(plan: Sequence[Execution], paths: BookPaths) -> Path:
 
     method = {"file": _docname(paths.book / "method", paths.root)}
     parts: list[dict[str, Any]] = [{"caption": "The study", "chapters": [method]}]
-    for family in FAMILY_NOTEBOOKS:
-        pages = [e for e in listed if e.family == family]
+    for family in load_families(paths.params).values():
+        pages = [e for e in listed if e.family == family.name]
         pages.sort(key=lambda e: e.phase != "summary")  # summary first, then plan order
         if pages:
-            parts.append({"caption": FAMILY_TITLES[family], "chapters": [entry(e) for e in pages]})
+            parts.append({"caption": family.title, "chapters": [entry(e) for e in pages]})
     across = [entry(e) for e in listed if e.phase == "profile"]
     if across:
         parts.append({"caption": "Across the study", "chapters": across})
@@ -473,7 +460,7 @@ def _kernel_environment(paths: BookPaths, jobs: int) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def run(
+def run_book(
     profile: str,
     paths: BookPaths | None = None,
     only: Sequence[str] | None = None,
@@ -487,7 +474,7 @@ def run(
     if only:
         check_ids(only, paths.params)
     plan = build_plan(profile, paths)
-    selected = select(plan, only)
+    selected = select_executions(plan, only)
     if jobs > 1:
         # Parallel runs must not download or decode the same dataset at once.
         configs = [load_config(profile, e.config_id, paths.params) for e in selected if e.config_id]

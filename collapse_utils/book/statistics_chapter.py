@@ -1,6 +1,11 @@
-"""The statistics chapter, section by section: each method computes one family of tests with
-``stat_plots``, glues the numbers the chapter's prose uses, displays the table or figure and
-returns the table. ``notebooks/08_statistics.ipynb`` calls one method per section."""
+"""The statistics chapter, section by section: each method computes one family of tests
+(``analysis.stat_tables``), glues the numbers the chapter's prose uses, displays the table or
+figure (``book.stat_figures``) and returns the table. ``notebooks/08_statistics.ipynb`` calls one
+method per section. Which runs a test is about comes from ``params/families.yaml``.
+
+Glue keys are written out in full (a key used in the notebook can be found here with grep): the
+``*_GLUE`` tables map each key to the (row, column) of the section's table it holds.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +13,73 @@ import math
 from pathlib import Path
 
 import pandas as pd
-from IPython.display import Image, Markdown, display
+from IPython.display import Markdown, display
 from myst_nb import glue
 
-from collapse_utils.analysis.results import load_histories, per_layer_delta, run_summary
+from collapse_utils.analysis import stat_tables as tables
+from collapse_utils.analysis.results import (
+    histories_of,
+    load_histories,
+    per_layer_delta,
+    run_summary,
+)
 from collapse_utils.analysis.stats import EXACT_MAX_N, metric_correlations
-from collapse_utils.book import stat_plots as sp
-from collapse_utils.book.figures import save_figure
-from collapse_utils.config import profile_output_root
+from collapse_utils.book import stat_figures
+from collapse_utils.book.figures import show_figure
+from collapse_utils.book.style import DATASET_NAMES
+from collapse_utils.config import PARAMS_DIR, load_config, profile_output_root
+from collapse_utils.families import comparison_ids, load_families, load_statistics_runs
 
-A_COLUMNS = (
-    "mean_full", "mean_lora", "welch_t", "welch_p", "welch_p_holm", "mwu_p", "mwu_p_holm",
-    "cohen_d", "ci_full_low", "ci_full_high", "ci_lora_low", "ci_lora_high", "n_full", "n_lora",
-)  # fmt: skip
-CORRELATION_PAIRS = {
-    "entropy_erf": ("d_entropy_pct", "d_erf_pct"),
-    "entropy_gini": ("d_entropy_pct", "d_gini_pct"),
-    "entropy_head": ("d_entropy_pct", "d_head_diversity_pct"),
-    "entropy_acc": ("d_entropy_pct", "best_acc"),
-    "erf_gini": ("d_erf_pct", "d_gini_pct"),
+A_GLUE = {
+    "a_layer_n_full": ("layer", "n_full"),
+    "a_layer_n_lora": ("layer", "n_lora"),
+    "a_layer_mean_full": ("layer", "mean_full"),
+    "a_layer_mean_lora": ("layer", "mean_lora"),
+    "a_layer_ci_full_low": ("layer", "ci_full_low"),
+    "a_layer_ci_full_high": ("layer", "ci_full_high"),
+    "a_layer_ci_lora_low": ("layer", "ci_lora_low"),
+    "a_layer_ci_lora_high": ("layer", "ci_lora_high"),
+    "a_layer_welch_t": ("layer", "welch_t"),
+    "a_layer_welch_p": ("layer", "welch_p"),
+    "a_layer_welch_p_holm": ("layer", "welch_p_holm"),
+    "a_layer_mwu_p": ("layer", "mwu_p"),
+    "a_layer_cohen_d": ("layer", "cohen_d"),
+    "a_run_n_full": ("run", "n_full"),
+    "a_run_n_lora": ("run", "n_lora"),
+    "a_run_welch_t": ("run", "welch_t"),
+    "a_run_welch_p": ("run", "welch_p"),
+    "a_run_welch_p_holm": ("run", "welch_p_holm"),
+    "a_run_mwu_p": ("run", "mwu_p"),
+}
+B_GLUE = {
+    "b_pearson_r": ("pearson", "r"),
+    "b_pearson_p_asymptotic": ("pearson", "p_asymptotic"),
+    "b_pearson_p_exact": ("pearson", "p_exact"),
+    "b_pearson_p_claim_holm": ("pearson", "p_claim_holm"),
+    "b_spearman_r": ("spearman", "r"),
+    "b_spearman_p_asymptotic": ("spearman", "p_asymptotic"),
+    "b_spearman_p_exact": ("spearman", "p_exact"),
+    "b_spearman_p_claim_holm": ("spearman", "p_claim_holm"),
+}
+C_TOP_GLUE = {
+    "c_top_d_av": "d_av",
+    "c_top_d_z": "d_z",
+    "c_top_t": "t",
+    "c_top_p": "p",
+    "c_top_p_holm": "p_holm",
+    "c_top_mean_diff": "mean_diff",
+}
+CORRELATION_GLUE = {
+    "corr_entropy_erf_r": (("d_entropy_pct", "d_erf_pct"), "r"),
+    "corr_entropy_erf_p_holm": (("d_entropy_pct", "d_erf_pct"), "p_holm"),
+    "corr_entropy_gini_r": (("d_entropy_pct", "d_gini_pct"), "r"),
+    "corr_entropy_gini_p_holm": (("d_entropy_pct", "d_gini_pct"), "p_holm"),
+    "corr_entropy_head_r": (("d_entropy_pct", "d_head_diversity_pct"), "r"),
+    "corr_entropy_head_p_holm": (("d_entropy_pct", "d_head_diversity_pct"), "p_holm"),
+    "corr_entropy_acc_r": (("d_entropy_pct", "best_acc"), "r"),
+    "corr_entropy_acc_p_holm": (("d_entropy_pct", "best_acc"), "p_holm"),
+    "corr_erf_gini_r": (("d_erf_pct", "d_gini_pct"), "r"),
+    "corr_erf_gini_p_holm": (("d_erf_pct", "d_gini_pct"), "p_holm"),
 }
 
 
@@ -43,26 +96,45 @@ def mwu_floor(n_a: float, n_b: float) -> float:
     return 2 / math.comb(int(n_a + n_b), int(n_a))
 
 
-class StatisticsPage:
-    """All complete histories of ``profile`` and the tables computed from them so far."""
+def glue_cells(table: pd.DataFrame, keys: dict[str, tuple]) -> None:
+    """Glue each key of ``keys`` (key → (row, column)) with that cell of ``table`` (NaN if
+    absent)."""
+    for key, (row, column) in keys.items():
+        glue(key, tables.cell(table, row, column), display=False)
 
-    def __init__(self, profile: str):
-        self.output_root: Path = profile_output_root(profile)
+
+def run_list(ids: list[str]) -> str:
+    return ", ".join(ids) if ids else "none"
+
+
+class StatisticsChapter:
+    """All complete histories of ``profile``, the runs each test is about (from the families
+    table of ``params_dir``) and the tables computed so far."""
+
+    def __init__(self, profile: str, params_dir: Path | str = PARAMS_DIR):
+        self.output_root: Path = profile_output_root(profile, params_dir)
         self.histories = load_histories(self.output_root)
-        self.trained = sp.trained(self.histories)
+        self.trained = tables.trained(self.histories)
         if not self.trained:
             raise RuntimeError(
                 f"no complete trained run under {self.output_root}: run the experiments first"
             )
+        families = load_families(params_dir)
+        self.statistics_runs = load_statistics_runs(params_dir)
+        methods = families["full_vs_lora"]
+        self.method_runs = comparison_ids(profile, methods, params_dir)
+        self.method_dataset = load_config(profile, methods.reference, params_dir).data.dataset
+        self.lr_runs = comparison_ids(profile, families["lr_sweep"], params_dir)
+        self.reg_reference = families["regularization"].reference
         self.summary = run_summary(self.histories)
         self.trained_summary = run_summary(self.trained)
         self.delta = per_layer_delta(self.trained)
+        self.lr_points = tables.lr_sweep_points(self.summary, self.lr_runs)
         self.comparisons: dict = {}
-        self.lr_points = self.table_b = self.table_c = pd.DataFrame()
+        self.table_b = self.table_c = pd.DataFrame()
 
     def show(self, fig, name: str) -> None:
-        """Save the figure under the profile's figures folder and display the saved PNG."""
-        display(Image(filename=save_figure(fig, self.output_root, name)))
+        show_figure(fig, self.output_root, name)
 
     def overview(self) -> pd.DataFrame:
         glue("n_histories", len(self.histories), display=False)
@@ -73,30 +145,34 @@ class StatisticsPage:
 
     def full_vs_lora(self) -> pd.DataFrame:
         """§6.4 A: layer-pooled (as the report) and run-level (and seed-level) comparisons."""
-        self.comparisons, notes = sp.full_vs_lora_comparisons(self.summary, self.delta)
-        table = sp.comparison_table(self.comparisons)
+        runs, dataset = self.method_runs, self.method_dataset
+        self.comparisons, notes = tables.full_vs_lora_comparisons(
+            self.summary, self.delta, runs, dataset
+        )
+        table = tables.unit_comparison_table(self.comparisons)
         note(notes)
-        display(Markdown(sp.supports_markdown(self.comparisons)))
-        for unit in ("layer", "run"):
-            for column in A_COLUMNS:
-                glue(f"a_{unit}_{column}", sp.cell(table, unit, column), display=False)
-        n_full, n_lora = sp.cell(table, "run", "n_full"), sp.cell(table, "run", "n_lora")
+        display(Markdown(tables.supports_markdown(self.comparisons)))
+        groups = tables.method_groups(self.summary, runs, dataset)
+        glue("a_dataset", DATASET_NAMES.get(dataset, dataset), display=False)
+        glue("a_layer_full_runs", run_list(groups["layer_full"]), display=False)
+        glue("a_layer_lora_runs", run_list(groups["layer_lora"]), display=False)
+        glue("a_run_full_runs", run_list(groups["run_full"]), display=False)
+        glue("a_run_lora_runs", run_list(groups["run_lora"]), display=False)
+        glue_cells(table, A_GLUE)
+        n_full, n_lora = tables.cell(table, "run", "n_full"), tables.cell(table, "run", "n_lora")
         glue("a_run_mwu_floor", mwu_floor(n_full, n_lora), display=False)
         return table.round(3)
 
     def lr_sweep(self) -> pd.DataFrame:
         """§6.4 B: Pearson and Spearman of Δentropy with log10(lr), asymptotic and exact p."""
-        self.lr_points = sp.lr_sweep_points(self.summary)
-        self.table_b = sp.lr_correlations(self.lr_points)
+        self.table_b = tables.lr_correlations(self.lr_points)
         if self.table_b.empty:
             note([f"Correlation not run: it needs three runs, found {len(self.lr_points)}."])
         display(self.lr_points.round({"log10_lr": 3, "d_entropy_pct": 3}))
-        for method in ("pearson", "spearman"):
-            for column in ("r", "p_asymptotic", "p_exact", "p_claim", "p_claim_holm"):
-                value = sp.cell(self.table_b, method, column)
-                glue(f"b_{method}_{column}", value, display=False)
+        glue_cells(self.table_b, B_GLUE)
         n = len(self.lr_points)
         glue("b_n", n, display=False)
+        glue("b_runs", run_list(list(self.lr_points.index)), display=False)
         glue("b_exact_max_n", EXACT_MAX_N, display=False)
         glue("b_min_exact_p", 1 / math.factorial(n), display=False)
         used = str(self.table_b["p_used"].iloc[0]) if not self.table_b.empty else "none"
@@ -104,33 +180,40 @@ class StatisticsPage:
         return self.table_b.round(4)
 
     def regularizers(self) -> pd.DataFrame:
-        """§6.4 C: each regularizer against E2, paired over layers."""
-        self.table_c = table = sp.regularizer_tests(self.summary, self.delta)
+        """§6.4 C: each regularizer against the regularization family's reference, paired over
+        layers."""
+        reference = self.reg_reference
+        self.table_c = table = tables.regularizer_tests(self.summary, self.delta, reference)
+        glue("c_reference", reference, display=False)
         if table.empty:
-            note(["Regularizer tests not run: no regularized run or no complete E2."])
+            note([f"Regularizer tests not run: no regularized run or no complete {reference}."])
         else:
-            display(Markdown(sp.paired_supports(self.summary, self.delta)))
+            display(Markdown(tables.paired_supports(self.summary, self.delta, reference)))
         glue("c_n", len(table), display=False)
         top = table["d_z"].abs().idxmax() if not table.empty else None
         glue("c_top_run", str(top), display=False)
-        for column in ("d_av", "d_z", "t", "p", "p_holm", "mean_diff"):
-            glue(f"c_top_{column}", sp.cell(table, top, column), display=False)
+        glue_cells(table, {key: (top, column) for key, column in C_TOP_GLUE.items()})
         low = float(table["p_holm"].min()) if not table.empty else float("nan")
         glue("c_min_p_holm", low, display=False)
         return table.round(4)
 
     def layer_position(self) -> pd.DataFrame:
         """§6.4 D: one-way ANOVA of per-layer Δentropy over early/middle/late layers."""
-        table = sp.layer_anova_table(self.delta)
-        note([f"ANOVA of {r} not run: the run is not complete." for r in sp.ANOVA_RUNS
+        runs = self.statistics_runs.layer_anova
+        table = tables.layer_anova_table(self.delta, runs)
+        note([f"ANOVA of {r} not run: the run is not complete." for r in runs
               if r not in table.index])  # fmt: skip
-        for run in sp.ANOVA_RUNS:
-            for column in ("f", "p", "p_holm"):
-                glue(f"d_{run.lower()}_{column}", sp.cell(table, run, column), display=False)
+        glue("d_runs", run_list(list(runs)), display=False)
+        sentences = [
+            f"for {run}, F = {row['f']:.2f}, p = {row['p']:.2g} (Holm {row['p_holm']:.2g})"
+            for run, row in table.iterrows()
+        ]
+        text = "; ".join(sentences) if sentences else "no run of the ANOVA is complete"
+        glue("d_results", text[0].upper() + text[1:] + ".", display=False)
         return table.round(3)
 
     def per_layer_figure(self) -> None:
-        self.show(sp.fig10_per_layer_heatmap(self.delta), "fig10_per_layer_delta_heatmap")
+        self.show(stat_figures.fig10_per_layer_heatmap(self.delta), "fig10_per_layer_delta_heatmap")
 
     def correlations(self) -> pd.DataFrame:
         """§3.10: cross-metric correlation matrix over trained runs, Holm within the matrix."""
@@ -142,43 +225,45 @@ class StatisticsPage:
                 [f"Correlations not run: they need three runs, found {len(self.trained_summary)}."]
             )
         else:
-            table = sp.correlation_pairs(matrix)
-            self.show(sp.fig13_metric_correlations(matrix), "fig13_metric_correlations")
+            table = tables.correlation_pairs(matrix)
+            self.show(stat_figures.fig13_metric_correlations(matrix), "fig13_metric_correlations")
         glue("corr_n", matrix.n if matrix is not None else 0, display=False)
-        for key, pair in CORRELATION_PAIRS.items():
-            for column in ("r", "p_holm"):
-                glue(f"corr_{key}_{column}", sp.cell(table, pair, column), display=False)
+        glue_cells(table, CORRELATION_GLUE)
         return table.round(4)
 
     def dynamics(self) -> pd.DataFrame:
         """§3.9: collapse onset and entropy velocity."""
-        table = sp.dynamics_table(self.trained)
-        glue("onset_threshold_pct", 100 * sp.ONSET_THRESHOLD, display=False)
+        table = tables.dynamics_table(self.trained)
+        glue("onset_threshold_pct", 100 * tables.ONSET_THRESHOLD, display=False)
         glue("onset_n_reached", int(table["onset_fraction"].notna().sum()), display=False)
         glue("onset_n_runs", len(table), display=False)
-        shown = sp.select(self.trained, sp.DYNAMICS_RUNS)
+        runs = self.statistics_runs.dynamics
+        shown = histories_of(self.trained, runs)
         present = {h.id for h in shown}
-        note([f"{r} is not complete and is missing from the figure." for r in sp.DYNAMICS_RUNS
+        note([f"{r} is not complete and is missing from the figure." for r in runs
               if r not in present])  # fmt: skip
-        self.show(sp.fig12_training_dynamics(shown), "fig12_training_dynamics")
+        self.show(stat_figures.fig12_training_dynamics(shown), "fig12_training_dynamics")
         return table.round(3)
 
     def convergence(self) -> pd.DataFrame:
         """The report's convergence check (SD of late-epoch val accuracy)."""
-        table = sp.convergence_table(self.trained)
-        glue("conv_criterion", sp.CONVERGENCE_STD, display=False)
-        glue("conv_epochs", sp.CONVERGENCE_EPOCHS, display=False)
+        table = tables.convergence_table(self.trained)
+        glue("conv_criterion", tables.CONVERGENCE_STD, display=False)
+        glue("conv_epochs", tables.CONVERGENCE_EPOCHS, display=False)
         glue("conv_n_converged", int(table["converged"].sum()), display=False)
         glue("conv_n_runs", len(table), display=False)
-        self.show(sp.fig14_convergence(self.trained), "fig14_convergence")
+        self.show(stat_figures.fig14_convergence(self.trained), "fig14_convergence")
         return table.round(4)
 
     def dashboard(self) -> None:
-        self.show(sp.fig16_dashboard(self.summary, self.delta), "fig16_dashboard")
+        fig = stat_figures.fig16_dashboard(
+            self.summary, self.delta, self.method_runs, self.lr_points
+        )
+        self.show(fig, "fig16_dashboard")
 
     def summary_figure(self) -> None:
         """fig11 from the tables of sections A–C (run them first)."""
-        fig = sp.fig11_statistical_summary(
-            self.comparisons, self.lr_points, self.table_b, self.table_c
+        fig = stat_figures.fig11_statistical_summary(
+            self.comparisons, self.lr_points, self.table_b, self.table_c, self.reg_reference
         )
         self.show(fig, "fig11_statistical_summary")

@@ -1,12 +1,19 @@
 """Datasets as uint8 image tensors, splits, the metric subset, and batched CLIP preprocessing.
 
 Every split is decoded and resized once (shortest side → 224, centre crop) into a uint8 tensor
-``(N, 3, 224, 224)``, cached under ``<root>/cache/``. Per batch only indexing, float conversion
-and normalisation remain (:func:`normalize`), which run on whatever device the tensor is on.
+``(N, 3, 224, 224)``, cached under ``<root>/cache/``. Per batch only indexing, the optional flip,
+float conversion and normalisation remain (:func:`normalize`), on whatever device the tensor is.
+
+Sources: torchvision datasets, or the Hugging Face builds the report's code used
+(:mod:`~collapse_utils.training.hf_datasets`). Split protocols (``data.split``): ``heldout`` cuts
+train/val from the training pool and the metric subset from val; ``original`` trains on the
+dataset's train split, reports test accuracy each epoch and draws the metric subset from test by
+the original rule.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +25,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from collapse_utils.config import DataSpec
-from collapse_utils.storage import write_torch
+from collapse_utils.storage import cached
 from collapse_utils.training.labels import CLASS_NAMES
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -48,23 +55,39 @@ class ImageSet:
 @dataclass(frozen=True)
 class Splits:
     train: ImageSet
-    val: ImageSet
-    metric: ImageSet  # fixed, class-balanced subset of val for attention metrics
+    val: ImageSet  # accuracy each epoch, selects the best epoch (the test split in 'original')
+    metric: ImageSet  # fixed subset of val for attention metrics, in a fixed order
+    test: ImageSet | None = None  # 'heldout': the dataset's test split, scored once at the end
 
 
 # --- preprocessing --------------------------------------------------------------------------
 
 
-def resize_center_crop(images: Tensor, size: int = 224) -> Tensor:
-    """CLIP geometry on uint8 tensors: bicubic (antialiased) resize of the shortest side to
-    ``size``, then centre crop. images: (..., 3, H, W) uint8 → (..., 3, size, size) uint8."""
-    resized = TF.resize(images, [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+_MODES = {"bicubic": TF.InterpolationMode.BICUBIC, "bilinear": TF.InterpolationMode.BILINEAR}
+
+
+def resize_center_crop(images: Tensor, size: int = 224, interpolation: str = "bicubic") -> Tensor:
+    """CLIP geometry on uint8 tensors: antialiased resize of the shortest side to ``size``
+    (``bicubic`` or ``bilinear``), then centre crop. (..., 3, H, W) → (..., 3, size, size)."""
+    mode = _MODES[interpolation]
+    resized = TF.resize(images, [size], interpolation=mode, antialias=True)
     return TF.center_crop(resized, [size, size])
 
 
-def image_to_uint8(image: Image.Image, size: int = 224) -> Tensor:
-    """One PIL image → RGB, CLIP geometry, uint8 (3, size, size): what the split cache holds."""
-    return resize_center_crop(TF.pil_to_tensor(image.convert("RGB")), size)
+def image_to_uint8(image: Image.Image, size: int = 224, interpolation: str = "bicubic") -> Tensor:
+    """One PIL image → RGB, CLIP geometry, uint8 (3, size, size): what the split cache holds.
+    ``bilinear`` resizes the PIL image itself, exactly torchvision ``Resize(size)`` +
+    ``CenterCrop(size)`` of the report's code; ``bicubic`` resizes the uint8 tensor."""
+    image = image.convert("RGB")
+    if interpolation == "bilinear":
+        resized = TF.resize(image, [size], interpolation=TF.InterpolationMode.BILINEAR)
+        return TF.pil_to_tensor(TF.center_crop(resized, [size, size]))
+    return resize_center_crop(TF.pil_to_tensor(image), size, interpolation)
+
+
+def random_flip(images: Tensor, flips: Tensor) -> Tensor:
+    """Horizontal flip of the images where ``flips`` (B,) bool is true. images: (B, 3, S, S)."""
+    return torch.where(flips[:, None, None, None], images.flip(-1), images)
 
 
 def normalize(images: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -161,9 +184,19 @@ _FETCH_HINT = {
 }
 
 
-def _decode(name: str, root: Path, split: str, download: bool, size: int) -> tuple[Tensor, Tensor]:
+def _decode(data: DataSpec, name: str, split: str) -> dict:
+    """{images, labels, class_names (None: labels.py's)} of split 'pool' or 'test'."""
+    root = Path(data.root)
+    if data.source == "hf":
+        # Imported here: ``datasets`` is slow to import and only this source needs it.
+        from collapse_utils.training.hf_datasets import load_hf_split
+
+        hf_split = "train" if split == "pool" else "test"
+        images = load_hf_split(name, hf_split, root / "hf", data.image_size, data.interpolation)
+        return {"images": images.images, "labels": images.labels,
+                "class_names": images.class_names}  # fmt: skip
     try:
-        source = _torchvision_source(name, root, split, download)
+        source = _torchvision_source(name, root, split, data.download)
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted ..."
         raise DatasetUnavailableError(
             f"dataset {name!r} ({split}) not found under {root.resolve()}: {err}. Fetch it on a "
@@ -172,20 +205,16 @@ def _decode(name: str, root: Path, split: str, download: bool, size: int) -> tup
         ) from err
     images, labels = [], []
     for image, label in tqdm(source, desc=f"decode {name}/{split}", leave=False):
-        images.append(image_to_uint8(image, size))
+        images.append(image_to_uint8(image, data.image_size, data.interpolation))
         labels.append(int(label))
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+    return {"images": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.long),
+            "class_names": None}  # fmt: skip
 
 
-def _cached(name: str, root: Path, split: str, download: bool, size: int) -> tuple[Tensor, Tensor]:
-    """Decode once, then read ``<root>/cache/<name>_<split>_<size>.pt`` (written atomically)."""
-    path = root / "cache" / f"{name}_{split}_{size}.pt"
-    if path.exists():
-        blob = torch.load(path)
-        return blob["images"], blob["labels"]
-    images, labels = _decode(name, root, split, download, size)
-    write_torch(path, {"images": images, "labels": labels})
-    return images, labels
+def _cached(data: DataSpec, name: str, split: str) -> dict:
+    """Decode once, then read ``<root>/cache/<source>_<name>_<split>_<size>_<interp>.pt``."""
+    stem = f"{data.source}_{name}_{split}_{data.image_size}_{data.interpolation}"
+    return cached(Path(data.root) / "cache" / f"{stem}.pt", lambda: _decode(data, name, split))
 
 
 def _stand_in_seed(name: str, seed: int) -> int:
@@ -194,36 +223,52 @@ def _stand_in_seed(name: str, seed: int) -> int:
 
 
 def load_images(data: DataSpec, name: str, split: str, seed: int) -> ImageSet:
-    """All images of ``name``'s 'pool' (what train/val are cut from) or 'test' split.
+    """All images of ``name``'s 'pool' (its training split) or 'test' split.
     With ``data.synthetic_stand_in`` (or name 'synthetic') the images are synthetic."""
     if data.synthetic_stand_in or name == "synthetic":
         offset = 0 if split == "pool" else 1
         images, labels = synthetic_images(
             data.synthetic_classes, data.synthetic_per_class, _stand_in_seed(name, seed) + offset
         )
-        images = resize_center_crop(images, data.image_size)
+        images = resize_center_crop(images, data.image_size, data.interpolation)
         classes = CLASS_NAMES["synthetic"][: data.synthetic_classes]
         return ImageSet(f"{name} (synthetic stand-in)", images, labels, classes)
-    images, labels = _cached(name, Path(data.root), split, data.download, data.image_size)
-    return ImageSet(name, images, labels, CLASS_NAMES[name])
+    blob = _cached(data, name, split)
+    names = blob["class_names"] or CLASS_NAMES[name]
+    return ImageSet(name, blob["images"], blob["labels"], tuple(names))
 
 
 def load_splits(data: DataSpec, seed: int) -> Splits:
-    """Stratified train/val split of the dataset's pool and the fixed metric subset of val."""
+    """The training split, the per-epoch evaluation split and the metric subset (``data.split``).
+
+    original: the dataset's own train split; its test split is evaluated each epoch and the
+    metric subset is drawn from it by the original rule, in the original order. heldout: a
+    stratified train/val split of the training pool, a class-balanced metric subset of val, and
+    the test split (where the dataset has one) for one score at the selected epoch."""
+    from collapse_utils.training.hf_datasets import original_metric_subset
+
     pool = load_images(data, data.dataset, "pool", seed)
+    if data.split == "original":
+        test = load_images(data, data.dataset, "test", seed)
+        order = original_metric_subset(test.labels.numpy(), data.metric_subset, data.metric_seed)
+        return Splits(train=pool, val=test, metric=test.subset(torch.from_numpy(order)))
     train_idx, val_idx = stratified_split(pool.labels, data.val_fraction, seed)
     val = pool.subset(val_idx)
     metric = val.subset(balanced_subset(val.labels, data.metric_subset, seed))
-    return Splits(train=pool.subset(train_idx), val=val, metric=metric)
+    test = (
+        load_images(data, data.dataset, "test", seed) if data.has_test_split(data.dataset) else None
+    )
+    return Splits(train=pool.subset(train_idx), val=val, metric=metric, test=test)
 
 
 def load_test_set(data: DataSpec, name: str, seed: int, max_images: int | None = None) -> ImageSet:
-    """Evaluation images for zero-shot. EuroSAT has no official test split: its val split is used.
-    ``max_images`` keeps a seeded class-balanced subset (smoke runs)."""
-    if name == "eurosat" and not data.synthetic_stand_in:
-        test = load_splits(DataSpec(**{**data.__dict__, "dataset": "eurosat"}), seed).val
-    else:
+    """Evaluation images for zero-shot: the dataset's test split (torchvision's EuroSAT has none:
+    its held-out val split is used). ``max_images`` keeps a seeded class-balanced subset."""
+    if data.has_test_split(name):
         test = load_images(data, name, "test", seed)
+    else:
+        eurosat = dataclasses.replace(data, dataset="eurosat", split="heldout")
+        test = load_splits(eurosat, seed).val
     if max_images is not None and max_images < len(test):
         test = test.subset(balanced_subset(test.labels, max_images, seed))
     return test
@@ -238,16 +283,17 @@ def prepare_datasets(configs) -> list[str]:
         data = config.data
         if data.synthetic_stand_in:
             continue
-        needs = [(data.dataset, "pool")]
-        # EuroSAT's zero-shot images are its val split, cut from the pool.
-        needs += [(n, "pool" if n == "eurosat" else "test") for n in config.eval.zeroshot_datasets]
+        names = [data.dataset, *config.eval.zeroshot_datasets]
+        # Without a test split (torchvision's EuroSAT), zero-shot uses val, cut from the pool.
+        needs = [(n, "test" if data.has_test_split(n) else "pool") for n in names]
+        needs.insert(0, (data.dataset, "pool"))
         for name, split in needs:
-            key = (name, split, data.root, data.image_size)
+            key = (name, split, data.root, data.source, data.image_size, data.interpolation)
             if key in seen:
                 continue
             seen.add(key)
             try:
-                _cached(name, Path(data.root), split, data.download, data.image_size)
+                _cached(data, name, split)
             except DatasetUnavailableError as err:
                 problems.append(str(err))
     return problems

@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from collapse_utils.config import RunConfig
+from collapse_utils.config import EvalSpec, RunConfig
 from collapse_utils.measurement.attention import capture_cls_attention
 from collapse_utils.measurement.metrics import METRICS, layer_metrics
 from collapse_utils.measurement.regularizers import attention_kl
 from collapse_utils.run_record import ZeroShotRecord
-from collapse_utils.storage import cache_key, read_json, write_json
+from collapse_utils.storage import cache_key, cached
 from collapse_utils.training.data import ImageSet, normalize
 from collapse_utils.training.environment import autocast
 from collapse_utils.training.model import merged_clip
@@ -47,11 +47,18 @@ class Snapshot:
 
 
 def snapshot(
-    model: nn.Module, images: Tensor, initial: Tensor, map_images: int, dtype=None
+    model: nn.Module,
+    images: Tensor,
+    initial: Tensor,
+    map_images: int,
+    dtype=None,
+    eval_spec: EvalSpec | None = None,
 ) -> Snapshot:
-    """Track attention on the metric subset ``images``; ``initial`` is its pre-trained attention."""
+    """Track attention on the metric subset ``images``; ``initial`` is its pre-trained attention.
+    ``eval_spec`` sets the head-diversity mode and the metric batch (see ``layer_metrics``)."""
     attn = cls_attention(model, images, dtype)
-    metrics = layer_metrics(attn)
+    spec = eval_spec or EvalSpec()
+    metrics = layer_metrics(attn, diversity=spec.head_diversity, metric_batch=spec.metric_batch)
     kl = attention_kl(attn, initial, reduce_dims=(0, 2))
     return Snapshot(
         metrics={name: metrics[name].tolist() for name in METRICS},
@@ -93,6 +100,7 @@ def evaluate_zeroshot(
             pretrained_accuracy=pretrained,
             templates=config.eval.templates,
             n_images=len(images),
+            checkpoint=config.eval.zeroshot_checkpoint,
         )
     return results
 
@@ -102,8 +110,9 @@ def _cached_pretrained_zeroshot(base_clip, config, name, images, weights, cache:
     key = cache_key(config.model, config.seed, name, config.data, images.class_names,
                     config.eval.templates, len(images))  # fmt: skip
     path = cache / "zeroshot_pretrained" / f"{key}.json"
-    if path.exists():
-        return read_json(path)["accuracy"]
-    value = zeroshot_accuracy(base_clip, images, weights, desc=f"zero-shot {name} (pre-trained)")
-    write_json(path, {"accuracy": value})
-    return value
+
+    def compute() -> dict[str, float]:
+        desc = f"zero-shot {name} (pre-trained)"
+        return {"accuracy": zeroshot_accuracy(base_clip, images, weights, desc=desc)}
+
+    return cached(path, compute, fmt="json")["accuracy"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,21 @@ from collapse_utils.run_record import (
     EpochRecord,
     EvalRecord,
     Failure,
+    RecordError,
     RunFiles,
     RunRecord,
+    ZeroShotRecord,
     read_record,
 )
-from collapse_utils.storage import remove_stale_temp_files, write_safetensors, write_torch
+from collapse_utils.storage import (
+    DamagedFileError,
+    read_safetensors,
+    read_torch,
+    remove_stale_temp_files,
+    verify,
+    write_safetensors,
+    write_torch,
+)
 from collapse_utils.training.data import ImageSet, load_splits, load_test_set
 from collapse_utils.training.environment import (
     autocast_dtype,
@@ -55,7 +66,13 @@ from collapse_utils.training.evaluation import (
     snapshot,
 )
 from collapse_utils.training.model import CLIPClassifier, load_clip, prepare_for_training
-from collapse_utils.training.step import Optimization, RegularizerInputs, StepPlan, batch_loss
+from collapse_utils.training.step import (
+    Batch,
+    Optimization,
+    RegularizerInputs,
+    StepPlan,
+    batch_loss,
+)
 
 
 class TrainingFailedError(RuntimeError):
@@ -86,6 +103,7 @@ class Setup:
     dtype: torch.dtype | None
     train: tuple[Tensor, Tensor]  # images (N, 3, S, S), labels (N,)
     val: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor] | None  # scored once at the selected epoch ('heldout' split)
     metric_images: Tensor  # (M, 3, S, S), the fixed metric subset
     metric_images_cpu: Tensor
     test_sets: dict[str, ImageSet]
@@ -100,8 +118,7 @@ class Setup:
 def load_setup(config: RunConfig) -> Setup:
     """Everything that can be missing offline is loaded here, before any training."""
     files = RunFiles(config.run_dir)
-    files.run_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(files.run_dir)
+    remove_stale_temp_files(files.run_dir)  # safe: this process holds the run's lock
     device = resolve_device(config.train.device)
     dtype = autocast_dtype(config.train.precision, device)
     seed_everything(config.seed)
@@ -117,6 +134,8 @@ def load_setup(config: RunConfig) -> Setup:
         config, files, device, dtype,
         train=(splits.train.images.to(device), splits.train.labels.to(device)),
         val=(splits.val.images.to(device), splits.val.labels.to(device)),
+        test=None if splits.test is None else (splits.test.images.to(device),
+                                               splits.test.labels.to(device)),
         metric_images=splits.metric.images.to(device),
         metric_images_cpu=splits.metric.images,
         test_sets=test_sets, base_clip=base_clip, model=model,
@@ -180,10 +199,17 @@ def run_experiment(config: RunConfig, progress: bool = True) -> RunResult:
     Raises ``TrainingFailedError`` on a non-finite loss (the record says step and reason),
     and fails before training if a dataset or the model cannot be loaded.
     """
-    done = completed_record(config)
-    if done is not None:
-        _log(progress, f"{config.id}: complete with hash {done.config_hash}, not retrained")
-        return RunResult(config, done)
+    resolve_device(config.train.device)  # an unusable device fails before anything is written
+    with RunFiles(config.run_dir).locked():
+        done = completed_record(config)
+        if done is not None:
+            _log(progress, f"{config.id}: complete with hash {done.config_hash}, not retrained")
+            return RunResult(config, done)
+        return _train(config, progress)
+
+
+def _train(config: RunConfig, progress: bool) -> RunResult:
+    """Steps 1–5 of the module docstring, under the run folder's lock."""
     started = time.perf_counter()
     setup = load_setup(config)
     # 2. references, before any resume so they are never the trained model's
@@ -207,13 +233,30 @@ def run_experiment(config: RunConfig, progress: bool = True) -> RunResult:
     loop.close()
     # 5. finish
     _save_weights(setup.files.final, setup, loop.step)
-    record.zeroshot = evaluate_zeroshot(setup.model, setup.base_clip, config, setup.test_sets)
+    record.zeroshot, record.test_acc = final_evaluation(setup)
     return _finish(setup, record, started)
 
 
+def final_evaluation(setup: Setup) -> tuple[dict[str, ZeroShotRecord], float | None]:
+    """Zero-shot transfer of the final or the best epoch's weights (``eval.zeroshot_checkpoint``)
+    and, with a held-out test split, the test accuracy of the epoch val selected. Leaves the
+    model at the best epoch's weights when either needs them."""
+    config = setup.config
+    zeroshot = None
+    if config.eval.zeroshot_checkpoint == "final":
+        zeroshot = evaluate_zeroshot(setup.model, setup.base_clip, config, setup.test_sets)
+    if zeroshot is None or setup.test is not None:
+        _load_weights(setup.files.best, setup)
+    test_acc = None if setup.test is None else accuracy(setup.model, *setup.test, setup.dtype)
+    if zeroshot is None:
+        zeroshot = evaluate_zeroshot(setup.model, setup.base_clip, config, setup.test_sets)
+    return zeroshot, test_acc
+
+
 def _snapshot(setup: Setup, initial_attn: Tensor) -> Snapshot:
-    n_maps = setup.config.eval.map_images
-    return snapshot(setup.model, setup.metric_images, initial_attn, n_maps, setup.dtype)
+    spec = setup.config.eval
+    return snapshot(setup.model, setup.metric_images, initial_attn, spec.map_images,
+                    setup.dtype, spec)  # fmt: skip
 
 
 def _evaluate_baseline(setup: Setup, first: Snapshot, started: float) -> RunResult:
@@ -246,22 +289,24 @@ class _Loop:
         which the next stretch of wall time is counted."""
         setup, plan = self.setup, self.setup.plan
         images, labels = setup.train
-        order = epoch_order(len(images), setup.config.seed, epoch).to(setup.device)
+        order, flips = epoch_order(len(images), setup.config.seed, epoch, setup.config.data.flip)
+        order = order.to(setup.device)
+        flips = None if flips is None else flips.to(setup.device)
         window, epoch_stats = _Window(), _Window()
-        batch = setup.config.train.batch_size
+        size = setup.config.train.batch_size
         setup.model.train()
         for local in range(1, plan.steps_per_epoch + 1):
-            index = order[(local - 1) * batch : local * batch]
+            index = order[(local - 1) * size : local * size]
             tick = time.perf_counter()
-            loss, logits = batch_loss(setup.model, self.forward, images[index], labels[index],
-                                      index, self.reg, setup.dtype)  # fmt: skip
+            batch = Batch.take(images, labels, index, flips)
+            loss, logits = batch_loss(setup.model, self.forward, batch, self.reg, setup.dtype)
             self.step += 1
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise self._failure(f"non-finite loss {loss_value}", started)
             self.opt.step(loss)
             epoch_stats.seconds += time.perf_counter() - tick
-            correct = (logits.argmax(-1) == labels[index]).sum().item()
+            correct = (logits.argmax(-1) == batch.labels).sum().item()
             window.add(loss_value, correct, len(index))
             epoch_stats.add(loss_value, correct, len(index))
             self._log_step(loss_value)
@@ -352,10 +397,12 @@ class _Window:
         return self.correct / self.seen
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
-    """The shuffle of epoch ``epoch``; it depends only on (seed, epoch), so a resumed epoch sees
-    the same batches."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+def epoch_order(n: int, seed: int, epoch: int, flip: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The shuffle (n,) of epoch ``epoch`` and, with ``flip``, which images it flips (n,) bool.
+    Both depend only on (seed, epoch), so a resumed epoch sees the same batches."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(n, generator=generator)
+    return order, (torch.rand(n, generator=generator) < 0.5) if flip else None
 
 
 def write_eval_scalars(writer: SummaryWriter, record: EvalRecord) -> None:
@@ -379,6 +426,12 @@ def _save_weights(path: Path, setup: Setup, step: int) -> None:
     config = setup.config
     meta = {"config_hash": config.config_hash(), "step": str(step), "method": config.train.method}
     write_safetensors(path, trainable_state(setup.model, config.train.method), meta)
+
+
+def _load_weights(path: Path, setup: Setup) -> None:
+    """Load weights written by :func:`_save_weights` (LoRA: only the trainable tensors)."""
+    state = read_safetensors(path, device=str(setup.device))
+    setup.model.load_state_dict(state, strict=setup.config.train.method != "lora")
 
 
 def _write_resume(setup: Setup, opt: Optimization, record, maps: MapLog, epoch: int) -> None:
@@ -405,21 +458,38 @@ def _resume(setup: Setup, opt: Optimization, progress: bool) -> tuple[RunRecord,
 
 
 def _load_resume(path: Path, config_hash: str) -> dict[str, Any] | None:
+    """The resume state of this config, or None: absent, another config's, or damaged (then
+    the run starts again from epoch 0, the last state known good)."""
     if not path.exists():
         return None
-    state = torch.load(path, weights_only=False)
+    try:
+        state = read_torch(path, weights_only=False)
+    except DamagedFileError as err:
+        warnings.warn(f"{err}; training this run again from the start", stacklevel=2)
+        return None
     return state if state["config_hash"] == config_hash else None
 
 
 def completed_record(config: RunConfig) -> RunRecord | None:
-    """The record of a complete run of this exact config, if there is one."""
-    path = RunFiles(config.run_dir).history
-    if not path.exists():
+    """The record of a complete run of this exact config whose files are intact, if any. A
+    damaged history or checkpoint is named in a warning and the run is trained again."""
+    files = RunFiles(config.run_dir)
+    if not files.history.exists():
         return None
-    record = read_record(path)
-    if record.status == "complete" and record.config_hash == config.config_hash():
-        return record
-    return None
+    try:
+        record = read_record(files.history)
+    except RecordError as err:
+        warnings.warn(f"{err}; training this run again", stacklevel=2)
+        return None
+    if record.status != "complete" or record.config_hash != config.config_hash():
+        return None
+    written = [files.maps] if record.method == "none" else [files.maps, files.best, files.final]
+    damaged = [path for path in written if not verify(path)]
+    if damaged:
+        names = ", ".join(str(p.resolve()) for p in damaged)
+        warnings.warn(f"{names}: missing or damaged; training this run again", stacklevel=2)
+        return None
+    return record
 
 
 def _finish(setup: Setup, record: RunRecord, started: float) -> RunResult:

@@ -119,12 +119,14 @@ def vision_layers(model: nn.Module) -> nn.ModuleList:
     return base.vision_model.encoder.layers
 
 
-def freeze_first_layers(classifier: CLIPClassifier, k: int) -> None:
-    """Freeze the patch/position embeddings, the pre-norm and the first ``k`` vision layers."""
+def freeze_first_layers(classifier: CLIPClassifier, k: int, embeddings: bool = True) -> None:
+    """Freeze the first ``k`` vision layers and, with ``embeddings``, the patch/position
+    embeddings and the pre-norm below them (the report's code freezes the layers only)."""
     if k == 0:
         return
     vision = classifier.vision_model
-    for module in (vision.embeddings, vision.pre_layrnorm, *vision.encoder.layers[:k]):
+    below = (vision.embeddings, vision.pre_layrnorm) if embeddings else ()
+    for module in (*below, *vision.encoder.layers[:k]):
         module.requires_grad_(False)
 
 
@@ -137,12 +139,13 @@ def prepare_for_training(classifier: CLIPClassifier, train: TrainSpec, lora: Lor
     """Set trainable parameters per method; returns the model to train (PEFT-wrapped for LoRA).
 
     full: everything trains except ``train.freeze_layers`` first layers (see freeze_first_layers).
-    lora: only the LoRA matrices on ``lora.targets`` of the vision attention and the head train.
+    lora: the LoRA matrices on ``lora.targets`` of the vision attention and the head train, and
+    the visual projection with ``lora.train_projection``.
     none: nothing trains (baseline analysis).
     """
     if train.method == "full":
         classifier.requires_grad_(True)
-        freeze_first_layers(classifier, train.freeze_layers)
+        freeze_first_layers(classifier, train.freeze_layers, train.freeze_embeddings)
         return classifier
     if train.method == "lora":
         config = LoraConfig(
@@ -153,6 +156,7 @@ def prepare_for_training(classifier: CLIPClassifier, train: TrainSpec, lora: Lor
         )
         model = get_peft_model(classifier, config)
         model.base_model.model.head.requires_grad_(True)
+        model.base_model.model.visual_projection.requires_grad_(lora.train_projection)
         return model
     classifier.requires_grad_(False)
     return classifier

@@ -15,7 +15,7 @@ from transformers import get_cosine_schedule_with_warmup
 from collapse_utils.config import RegSpec, TrainSpec
 from collapse_utils.measurement.attention import capture_cls_attention
 from collapse_utils.measurement.regularizers import apr_penalty, entropy_floor_penalty
-from collapse_utils.training.data import normalize
+from collapse_utils.training.data import normalize, random_flip
 from collapse_utils.training.environment import autocast
 from collapse_utils.training.evaluation import cls_attention
 
@@ -41,10 +41,29 @@ class StepPlan:
 
 
 @dataclass(frozen=True)
+class Batch:
+    """One training batch: uint8 ``images`` (B, 3, S, S) as the model sees them (flipped where
+    ``flips``), ``labels`` (B,), and ``index`` (B,), its rows in the training set."""
+
+    images: Tensor
+    labels: Tensor
+    index: Tensor
+    flips: Tensor | None = None  # (B,) bool; None: no augmentation
+
+    @classmethod
+    def take(cls, images: Tensor, labels: Tensor, index: Tensor, flips: Tensor | None) -> Batch:
+        """Rows ``index`` of the training set; ``flips`` (N,) bool for every training image."""
+        if flips is None:
+            return cls(images[index], labels[index], index)
+        return cls(random_flip(images[index], flips[index]), labels[index], index, flips[index])
+
+
+@dataclass(frozen=True)
 class RegularizerInputs:
     """What the attention regularizer needs besides the current batch: the entropy floor per
-    layer (layers,), APR's pre-trained rows of every training image (train, layers, heads,
-    tokens) when cached, or a frozen pre-trained copy run on each batch."""
+    layer (layers,), APR's pre-trained rows of every training image when cached — (2, train,
+    layers, heads, tokens): as stored and flipped — or a frozen pre-trained copy run on each
+    batch."""
 
     spec: RegSpec
     floor: Tensor | None = None
@@ -59,22 +78,28 @@ class RegularizerInputs:
         if spec.kind == "entropy_floor":
             return cls(spec, floor=floor)
         if spec.kind == "apr" and spec.reference == "cache":
-            # Inputs are not augmented, so each image's pre-trained rows never change.
-            return cls(spec, reference=cls_attention(model, train_images, dtype))
+            # Both orientations, so the cache stays exact under a random horizontal flip.
+            upright = cls_attention(model, train_images, dtype)
+            flipped = cls_attention(model, train_images.flip(-1), dtype)
+            return cls(spec, reference=torch.stack([upright, flipped]))
         if spec.kind == "apr":
             return cls(spec, frozen=copy.deepcopy(model).eval().requires_grad_(False))
         return cls(spec)
 
-    def penalty(self, attn: Tensor, index: Tensor, images: Tensor, dtype=None) -> Tensor:
-        """The regularizer on the batch's [CLS] attention ``attn`` (batch, layers, heads,
-        tokens); ``index`` are the batch's rows in the training set, ``images`` its pixels."""
-        if self.spec.kind == "entropy_floor":
-            return entropy_floor_penalty(attn, self.floor, self.spec.lam)
-        if self.reference is not None:
-            initial = self.reference[index]
+    def penalty(self, attn: Tensor, batch: Batch, dtype=None) -> Tensor:
+        """The regularizer on the batch's [CLS] attention ``attn`` (B, layers, heads, tokens)."""
+        spec = self.spec
+        if spec.kind == "entropy_floor":
+            return entropy_floor_penalty(
+                attn, self.floor, spec.lam, spec.floor_ratio, spec.floor_reduction
+            )
+        if self.reference is None:
+            initial = cls_attention(self.frozen, batch.images, dtype)
+        elif batch.flips is None:
+            initial = self.reference[0, batch.index]
         else:
-            initial = cls_attention(self.frozen, images, dtype)
-        return apr_penalty(attn, initial, self.spec.lam)
+            initial = self.reference[batch.flips.long(), batch.index]
+        return apr_penalty(attn, initial, spec.lam, spec.kl_direction)
 
 
 def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -82,26 +107,20 @@ def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def batch_loss(
-    model: nn.Module,
-    forward: nn.Module,
-    images: Tensor,
-    labels: Tensor,
-    index: Tensor,
-    reg: RegularizerInputs,
-    dtype: torch.dtype | None,
+    model: nn.Module, forward: nn.Module, batch: Batch, reg: RegularizerInputs, dtype=None
 ) -> tuple[Tensor, Tensor]:
-    """Classification loss (+ regularizer) of one uint8 batch (B, 3, S, S) whose rows in the
-    training set are ``index``; returns (loss, logits). ``forward`` is ``model`` or its compiled
-    version, used only without a regularizer (the capture hooks need ``model``)."""
-    pixels = normalize(images)
-    with autocast(images.device, dtype):
+    """Classification loss (+ regularizer) of one batch; returns (loss, logits (B, classes)).
+    ``forward`` is ``model`` or its compiled version, used only without a regularizer (the
+    capture hooks need ``model``)."""
+    pixels = normalize(batch.images)
+    with autocast(pixels.device, dtype):
         if reg.spec.kind == "none":
             logits = forward(pixels)
-            return classification_loss(logits, labels), logits
+            return classification_loss(logits, batch.labels), logits
         with capture_cls_attention(model) as cap:
             logits = model(pixels)
-        loss = classification_loss(logits, labels)
-        return loss + reg.penalty(cap.tensor, index, images, dtype), logits
+        loss = classification_loss(logits, batch.labels)
+        return loss + reg.penalty(cap.tensor, batch, dtype), logits
 
 
 @dataclass(frozen=True)

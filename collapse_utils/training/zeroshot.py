@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPModel, CLIPTokenizer
 
 from collapse_utils.config import ModelSpec
-from collapse_utils.storage import cache_key, write_torch
+from collapse_utils.storage import cache_key, cached
 from collapse_utils.training.data import ImageSet, normalize
 from collapse_utils.training.model import TINY_VOCAB_SIZE
 
@@ -81,11 +81,12 @@ def cached_text_classifier(
     """:func:`text_classifier` read from / written to ``cache_dir`` (keyed by the model spec, its
     init seed for tiny models, the class names and the templates)."""
     path = cache_dir / f"{cache_key(spec, model_seed, class_names, TEMPLATES[template_set])}.pt"
-    if path.exists():
-        return torch.load(path)
-    weights = text_classifier(clip, load_tokenizer(spec), class_names, TEMPLATES[template_set])
-    write_torch(path, weights.cpu())
-    return weights.cpu()
+
+    def compute() -> Tensor:
+        templates = TEMPLATES[template_set]
+        return text_classifier(clip, load_tokenizer(spec), class_names, templates).cpu()
+
+    return cached(path, compute)
 
 
 @torch.no_grad()

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from collapse_utils.analysis.results import run_summary
-from collapse_utils.book import figures as plots
+from collapse_utils.book import figures
 from collapse_utils.book.explore import AttentionExplorer, RunMaps, available_runs, draw, image_grid
+from collapse_utils.measurement.metrics import cls_to_patch
 from collapse_utils.training.experiment import run_experiment
 from tests.test_train import small
 
@@ -23,7 +25,7 @@ def runs(tmp_path_factory):
 
 def test_metric_trajectories_plot_each_runs_layer_mean(runs):
     _, histories = runs
-    fig = plots.metric_trajectories(histories)
+    fig = figures.metric_trajectories(histories)
     axes = fig.axes
     assert len(axes) == 4
     y = axes[0].lines[1].get_ydata()
@@ -34,7 +36,7 @@ def test_metric_trajectories_plot_each_runs_layer_mean(runs):
 
 def test_layer_heatmaps_share_one_colour_scale(runs):
     _, histories = runs
-    fig = plots.layer_heatmaps(histories)
+    fig = figures.layer_heatmaps(histories)
     images = [ax.images[0] for ax in fig.axes if ax.images]
     assert len(images) == 2
     assert images[0].get_clim() == images[1].get_clim()
@@ -44,16 +46,17 @@ def test_layer_heatmaps_share_one_colour_scale(runs):
 def test_summary_figures_draw_one_mark_per_run(runs):
     _, histories = runs
     summary = run_summary(histories)
-    bars = plots.zeroshot_bars(summary).axes[0].patches
+    bars = figures.zeroshot_bars(summary).axes[0].patches
     assert [b.get_height() for b in bars] == pytest.approx((100 * summary["zs_cifar100"]).tolist())
-    scatter = plots.zeroshot_vs_collapse(summary).axes[0]
+    scatter = figures.zeroshot_vs_collapse(summary).axes[0]
     assert sum(len(c.get_offsets()) for c in scatter.collections) == 2
 
 
 def test_attention_overlay_shows_the_renormalised_patch_grid():
-    fig, axes = plots.new_figure()
-    row = np.r_[0.5, np.full(49, 0.5 / 49)]
-    plots.attention_overlay(axes[0, 0], np.zeros((3, 224, 224), np.uint8), row)
+    fig, axes = figures.new_figure()
+    row = torch.tensor(np.r_[0.5, np.full(49, 0.5 / 49)])
+    patches = cls_to_patch(row).numpy()  # the one CLS→patch slicing, as the explorer uses it
+    figures.attention_overlay(axes[0, 0], np.zeros((3, 224, 224), np.uint8), patches)
     overlay = axes[0, 0].images[1].get_array()
     assert overlay.shape == (7, 7)
     assert overlay.sum() == pytest.approx(1.0)
@@ -72,6 +75,10 @@ def test_explorer_loads_maps_switches_configuration_and_draws(runs):
     explorer.step.value = explorer.step.options[0]
     run = RunMaps.load(available_runs(root)["E5"])
     assert run.row(0, 0, 2, None).shape == (50,)
+    patches = run.patches(0, 0, 2, None)
+    assert patches.shape == (49,) and patches.sum() == pytest.approx(1.0, abs=1e-5)
+    row = run.row(0, 0, 2, 1)
+    np.testing.assert_allclose(run.patches(0, 0, 2, 1), row[1:] / row[1:].sum(), rtol=1e-5)
     assert len(draw(run, 0, 0, 2, 1).axes) == 5
     assert len(image_grid(run, -1, 0).axes) == run.images.shape[0]
 

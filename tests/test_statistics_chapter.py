@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-import collapse_utils.book.statistics_chapter as page_module
-from collapse_utils.book.statistics_chapter import StatisticsPage, mwu_floor
+import collapse_utils.book.statistics_chapter as chapter_module
+from collapse_utils.book.statistics_chapter import StatisticsChapter, mwu_floor
 from collapse_utils.training.experiment import run_experiment
 from tests.test_train import small
 
@@ -21,8 +21,8 @@ def page(tmp_path_factory):
     for experiment in ("E1_eurosat", "E2", "E4", "E5", "R2_entfloor0.1"):
         run_experiment(small(root, experiment, output_root=str(root)), progress=False)
     patch = pytest.MonkeyPatch()
-    patch.setattr(page_module, "profile_output_root", lambda profile: root)
-    yield StatisticsPage("smoke")
+    patch.setattr(chapter_module, "profile_output_root", lambda profile, params_dir: root)
+    yield StatisticsChapter("smoke")
     patch.undo()
 
 
@@ -46,6 +46,6 @@ def test_every_section_runs_on_a_partial_study(page):
 
 
 def test_a_profile_without_trained_runs_is_an_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(page_module, "profile_output_root", lambda profile: tmp_path)
+    monkeypatch.setattr(chapter_module, "profile_output_root", lambda profile, params_dir: tmp_path)
     with pytest.raises(RuntimeError, match="no complete trained run"):
-        StatisticsPage("smoke")
+        StatisticsChapter("smoke")

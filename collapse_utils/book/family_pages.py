@@ -1,0 +1,271 @@
+"""Family comparison pages: the summary phase of each family notebook.
+
+The runs of a comparison come from data: the family's reference runs (``params/families.yaml``)
+then its experiments (``params/experiments/*.yaml`` with that ``family``), so a new experiment
+file shows up in its family's tables, figures and findings without a code change. A page shows
+whichever of those runs are complete and names the others. Tables hold one row per run, the mean
+over its seeds (``results.run_means``, column ``seeds``); curves draw every seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from collapse_utils.analysis.results import (
+    histories_of,
+    load_histories,
+    run_means,
+    run_summary,
+    zeroshot_datasets,
+)
+from collapse_utils.book import figures
+from collapse_utils.book.page import Page, failure_findings
+from collapse_utils.book.run_pages import run_page
+from collapse_utils.book.style import (
+    DATASET_NAMES,
+    METHOD_NAMES,
+    METRIC_NAMES,
+    SETTING_NAMES,
+)
+from collapse_utils.config import PARAMS_DIR, RunConfig, load_config, profile_output_root
+from collapse_utils.families import Family, comparison_ids, load_families
+from collapse_utils.run_record import RunRecord
+
+
+@dataclass(frozen=True)
+class FamilyRuns:
+    """The runs of one family comparison. ``ids``: references, then the family's experiments;
+    ``histories``: the complete ones, every seed, in ``ids`` order; ``summary``: one row per
+    complete run (index ``run``, in ``ids`` order), seeds averaged."""
+
+    family: Family
+    ids: list[str]
+    configs: dict[str, RunConfig]
+    histories: list[RunRecord]
+    summary: pd.DataFrame
+
+    @property
+    def missing(self) -> list[str]:
+        return [i for i in self.ids if i not in self.summary.index]
+
+    @property
+    def datasets(self) -> list[str]:
+        """Datasets of the comparison, the references' first (from the configs, so the order
+        does not depend on which runs are complete)."""
+        return list(dict.fromkeys(self.configs[i].data.dataset for i in self.ids))
+
+
+def family_runs(profile: str, family: Family, params_dir: Path | str = PARAMS_DIR) -> FamilyRuns:
+    ids = comparison_ids(profile, family, params_dir)
+    configs = {i: load_config(profile, i, params_dir) for i in ids}
+    histories = histories_of(load_histories(profile_output_root(profile, params_dir)), ids)
+    summary = pd.DataFrame(index=pd.Index([], name="run"))
+    if histories:
+        means = run_means(run_summary(histories))
+        summary = means.reindex([i for i in ids if i in means.index])
+    return FamilyRuns(family, ids, configs, histories, summary)
+
+
+def metric_comparison_table(rows: pd.DataFrame, setting: str) -> pd.DataFrame:
+    """``setting``, seeds, best accuracy and each metric's final value and Δ% first → final
+    (report §3.2.1), one row per run of ``rows`` (seed means)."""
+    table = rows[[setting, "seeds"]].copy()
+    table["best acc"] = rows["best_acc"]
+    for metric, name in METRIC_NAMES.items():
+        table[name] = rows[f"{metric}_f"]
+        table[f"Δ{name} %"] = rows[f"d_{metric}_pct"]
+    return table.round(4)
+
+
+# --- one page per family ---------------------------------------------------------------------
+
+
+def baseline_page(page: Page, runs: FamilyRuns) -> None:
+    """Report §3.1 / §6.2: the pre-trained attention structure on each dataset."""
+    page.figure("fig2_baseline_structure", figures.baseline_structure(runs.histories))
+    rows, sentences = [], []
+    for run in runs.summary.index:
+        seeds = [h for h in runs.histories if h.id == run]
+        profiles = {
+            m: np.mean([h.evals[0].metrics[m] for h in seeds], axis=0) for m in METRIC_NAMES
+        }
+        for metric, name in METRIC_NAMES.items():
+            values = profiles[metric]
+            rows.append(
+                {
+                    "baseline": run,
+                    "metric": name,
+                    "seeds": len(seeds),
+                    "mean": values.mean(),
+                    "std": values.std(ddof=1),
+                    "min": values.min(),
+                    "max": values.max(),
+                }
+            )
+        entropy = profiles["entropy"]
+        sentences.append(
+            f"On {run}, layer-mean entropy is {entropy.mean():.3f} nats and the most "
+            f"concentrated layer is layer {int(np.argmin(entropy)) + 1}."
+        )
+    page.table("structure", pd.DataFrame(rows).set_index(["baseline", "metric"]).round(4))
+    page.conclude(" ".join(sentences))
+
+
+def full_vs_lora_page(page: Page, runs: FamilyRuns) -> None:
+    """Report §3.2: full fine-tuning against LoRA per dataset, and the effect of the family's
+    axis (LoRA rank)."""
+    summary, axis = runs.summary, runs.family.axis
+    page.table("comparison", metric_comparison_table(summary, axis))
+    page.figure("fig4_layer_entropy_heatmap", figures.layer_heatmaps(runs.histories))
+    for k, dataset in enumerate(runs.datasets):
+        shown = [h for h in runs.histories if h.dataset == dataset]
+        if shown:
+            title = f"Full FT vs LoRA ({DATASET_NAMES.get(dataset, dataset)})"
+            name = "fig5_fullft_vs_lora" if k == 0 else f"fig5b_fullft_vs_lora_{dataset}"
+            page.figure(name, figures.metric_trajectories(shown, title))
+    for metric, name in (
+        ("head_diversity", "fig9_head_diversity"),
+        ("gini", "fig17_gini_evolution"),
+        ("erf", "extra_erf95_evolution"),
+    ):
+        page.figure(name, figures.single_metric_trajectories(runs.histories, metric))
+    order = {d: k for k, d in enumerate(runs.datasets)}
+    varied = summary[summary[axis].notna()]
+    varied = varied.sort_values(
+        ["dataset", axis], key=lambda c: c.map(order) if c.name == "dataset" else c
+    )
+    columns = ["dataset", axis, "seeds", "best_acc", "d_entropy_pct", "d_gini_pct"]
+    if not varied.empty:
+        page.table("axis", varied[columns].round(4))
+    changes = [
+        f"by {group['d_entropy_pct'].mean():+.2f} % under {METHOD_NAMES[method]} "
+        f"({', '.join(group.index)})"
+        for method, group in summary.groupby("method", sort=False)
+    ]
+    page.conclude(
+        f"Averaged over runs, layer-mean entropy changed {' and '.join(changes)}. Whether that "
+        "difference is more than noise is tested in the statistics chapter."
+    )
+
+
+def lr_sweep_page(page: Page, runs: FamilyRuns) -> None:
+    """Report §3.4: the learning-rate sweep with its reference (the default-rate point)."""
+    axis = runs.family.axis
+    rows = runs.summary.sort_values(axis)
+    zeroshot = [f"zs_{d}" for d in zeroshot_datasets(rows)]
+    columns = [axis, "seeds", "best_acc", "d_entropy_pct", "d_erf_pct", "d_gini_pct", *zeroshot]
+    page.table("sweep", rows[columns].round(4))
+    page.figure("fig6_lr_sweep", figures.lr_sweep(rows.reset_index(), runs.histories))
+    steepest = rows.loc[rows["d_entropy_pct"].idxmin()]
+    page.conclude(
+        f"Across {len(rows)} learning rates from {rows[axis].min():g} to {rows[axis].max():g}, "
+        f"the largest entropy drop is {steepest['d_entropy_pct']:+.2f} % at lr "
+        f"{steepest[axis]:g}. The correlation with log learning rate, with exact p-values, is in "
+        "the statistics chapter.",
+    )
+
+
+def layer_freezing_page(page: Page, runs: FamilyRuns) -> None:
+    """Report §3.5: freezing the first k layers (the reference is k = 0)."""
+    rows, axis = runs.summary, runs.family.axis
+    page.table("freezing", rows[[axis, "seeds", "best_acc", "d_entropy_pct"]].round(4))
+    fig = figures.ablation_effect(rows.reset_index(), axis, SETTING_NAMES[axis], runs.family.title)
+    page.figure("extra_frozen_layers", fig)
+    span = rows["d_entropy_pct"].max() - rows["d_entropy_pct"].min()
+    page.conclude(
+        f"Across {int(rows[axis].min())}–{int(rows[axis].max())} frozen layers the entropy "
+        f"change spans {span:.2f} percentage points and best accuracy ranges from "
+        f"{rows['best_acc'].min():.3f} to {rows['best_acc'].max():.3f}.",
+    )
+
+
+def lora_targets_page(page: Page, runs: FamilyRuns) -> None:
+    """Report §3.6: LoRA on q,v (the reference) against more target modules."""
+    _trajectory_comparison(page, runs, "extra_lora_qkvo")
+
+
+def regularization_page(page: Page, runs: FamilyRuns) -> None:
+    """Report §3.7: APR, entropy floor and weight decay against no regularization (the
+    reference)."""
+    rows = runs.summary
+    columns = ["reg_kind", "lam", "weight_decay", "seeds", "best_acc", "d_entropy_pct"]
+    page.table("regularization", rows[columns].round(4))
+    page.figure("fig8_regularization", figures.regularization(rows.reset_index(), runs.histories))
+    references = runs.family.references
+    clauses = [
+        f"without regularization ({ref}) entropy changed by "
+        f"{rows['d_entropy_pct'].get(ref, float('nan')):+.2f} %"
+        for ref in references
+    ]
+    best = rows["d_entropy_pct"].idxmax()
+    clauses.append(
+        f"the setting that kept it highest is {best} ({rows.loc[best, 'd_entropy_pct']:+.2f} %)"
+    )
+    text = "; ".join(clauses) + "."
+    if references:
+        text += f" Paired tests against {', '.join(references)} are in the statistics chapter."
+    page.conclude(text[0].upper() + text[1:])
+
+
+def _trajectory_comparison(page: Page, runs: FamilyRuns, figure_name: str) -> None:
+    """The comparison table, the metrics over training and a Δ sentence per run."""
+    rows = runs.summary
+    page.table("comparison", metric_comparison_table(rows, runs.family.axis))
+    fig = figures.metric_trajectories(runs.histories, runs.family.title)
+    page.figure(figure_name, fig)
+    page.conclude(
+        " ".join(
+            f"{run}: Δentropy {row['d_entropy_pct']:+.2f} %, Δhead diversity "
+            f"{row['d_head_diversity_pct']:+.2f} %, best accuracy {row['best_acc']:.3f}."
+            for run, row in rows.iterrows()
+        )
+    )
+
+
+FAMILY_PAGES: dict[str, Callable[[Page, FamilyRuns], None]] = {
+    "baseline": baseline_page,
+    "full_vs_lora": full_vs_lora_page,
+    "lr_sweep": lr_sweep_page,
+    "layer_freezing": layer_freezing_page,
+    "lora_targets": lora_targets_page,
+    "regularization": regularization_page,
+}
+"""Families with a page of their own; any other family of families.yaml gets the comparison
+table, its metrics over training and a sentence per run."""
+
+
+def family_summary(
+    profile: str, family: str, params_dir: Path | str = PARAMS_DIR, show: bool = True
+) -> Page:
+    """The comparison page of ``family``: its complete runs, a note naming the missing ones."""
+    runs = family_runs(profile, load_families(params_dir)[family], params_dir)
+    page = Page(profile, profile_output_root(profile, params_dir), show)
+    if runs.missing:
+        page.note(f"**Not complete yet, left out:** {', '.join(runs.missing)}")
+    if runs.summary.empty:
+        page.conclude(f"No run of this comparison is complete yet ({', '.join(runs.ids)}).")
+        return page
+    if family in FAMILY_PAGES:
+        FAMILY_PAGES[family](page, runs)
+    else:
+        _trajectory_comparison(page, runs, f"{family}_trajectories")
+    return page
+
+
+def family_page(
+    profile: str, config_id: str, family: str, params_dir: Path | str = PARAMS_DIR
+) -> None:
+    """A family notebook's one entry point: a run page, or (``config_id == ""``) the comparison."""
+    with failure_findings(profile):
+        if not config_id:
+            family_summary(profile, family, params_dir)
+            return
+        config = load_config(profile, config_id, params_dir)
+        if config.family != family:
+            raise ValueError(f"{config_id} is in family {config.family!r}, not {family!r}")
+        run_page(profile, config_id, params_dir)

@@ -1,0 +1,77 @@
+"""A book page as its notebook shows it: tables, figures and notes in order, then the findings
+paragraph. Every page notebook ends with a markdown cell ``{glue:md} findings``, so every page
+glues the key ``findings``: its summary when it renders, the error when it fails
+(:func:`failure_findings`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from IPython.display import Markdown, display
+from matplotlib.figure import Figure
+from myst_nb import glue
+
+from collapse_utils.book.figures import show_figure
+
+SMOKE_NOTE = (
+    "*Smoke profile: a tiny random CLIP on synthetic images. These numbers check the pipeline; "
+    "they are not findings.*"
+)
+
+
+def glue_findings(profile: str, text: str) -> None:
+    """Glue ``findings`` (Markdown), prefixed by the smoke note in the smoke profile."""
+    note = SMOKE_NOTE + "\n\n" if profile == "smoke" else ""
+    glue("findings", Markdown(note + text), display=False)
+
+
+@contextmanager
+def failure_findings(profile: str) -> Iterator[None]:
+    """On an error, glue ``findings`` saying the page failed and why, then re-raise: the page
+    shows the error cell and its summary paragraph names the failure instead of a stale text."""
+    try:
+        yield
+    except BaseException as err:
+        glue_findings(profile, f"**This page failed** with `{type(err).__name__}`: {err}")
+        raise
+
+
+@dataclass
+class Page:
+    """What one page shows. With ``show`` each block is displayed as it is added (figures saved
+    under ``<output_root>/figures/`` first) and :meth:`conclude` glues the findings; without it
+    the page is only recorded (tests read ``tables``, ``figures``, ``notes``, ``findings``)."""
+
+    profile: str
+    output_root: Path
+    show: bool = True
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    figures: dict[str, Figure] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    findings: str = ""
+
+    def table(self, name: str, frame: pd.DataFrame) -> pd.DataFrame:
+        self.tables[name] = frame
+        if self.show:
+            display(frame)
+        return frame
+
+    def figure(self, name: str, fig: Figure) -> None:
+        """``name`` is also the file name under ``figures/`` (the report's figure index)."""
+        self.figures[name] = fig
+        if self.show:
+            show_figure(fig, self.output_root, name)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        if self.show:
+            display(Markdown(text))
+
+    def conclude(self, findings: str) -> None:
+        self.findings = findings
+        if self.show:
+            glue_findings(self.profile, findings)

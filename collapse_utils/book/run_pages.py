@@ -1,0 +1,95 @@
+"""Run pages: one configuration's settings, curves and per-layer values (the run phase of every
+family notebook)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from collapse_utils.analysis.results import pct_change
+from collapse_utils.book import figures
+from collapse_utils.book.page import Page
+from collapse_utils.book.style import METRIC_NAMES
+from collapse_utils.config import PARAMS_DIR, RunConfig, load_config, profile_output_root
+from collapse_utils.run_record import RunRecord
+
+
+def config_table(config: RunConfig) -> pd.DataFrame:
+    """The settings a reader needs to interpret one run, as a one-column table."""
+    train, data = config.train, config.data
+    dataset = data.dataset + (" (synthetic stand-in)" if data.synthetic_stand_in else "")
+    rows = {
+        "description": config.description,
+        "profile": config.profile,
+        "dataset": dataset,
+        "method": train.method,
+        "learning rate": train.lr,
+        "epochs": train.epochs,
+        "batch size": train.batch_size,
+        "weight decay": train.weight_decay,
+        "frozen layers": train.freeze_layers,
+        "LoRA": f"r={config.lora.rank}, α={config.lora.alpha}, {'/'.join(config.lora.targets)}"
+        if train.method == "lora"
+        else "—",
+        "regularizer": f"{config.reg.kind} λ={config.reg.lam}"
+        if config.reg.kind != "none"
+        else "—",
+        "model": config.model.name if config.model.source == "hub" else "tiny random CLIP",
+        "seed": config.seed,
+        "config hash": config.config_hash(),
+    }
+    return pd.DataFrame({"value": [str(v) for v in rows.values()]}, index=list(rows))
+
+
+def per_layer_table(history: RunRecord) -> pd.DataFrame:
+    """The four metrics per layer (1-based index) before training (the first eval)."""
+    metrics = history.evals[0].metrics
+    table = pd.DataFrame({name: metrics[m] for m, name in METRIC_NAMES.items()})
+    table.index = pd.RangeIndex(1, len(table) + 1, name="layer")
+    return table.round(4)
+
+
+def run_page(
+    profile: str, config_id: str, params_dir: Path | str = PARAMS_DIR, show: bool = True
+) -> Page:
+    """Run (or load) one configuration and show its settings, curves and per-layer heat map."""
+    # Imported here: torch/transformers/PEFT take seconds to import and only run pages train.
+    from collapse_utils.training.experiment import run_experiment
+
+    config = load_config(profile, config_id, params_dir)
+    page = Page(profile, profile_output_root(profile, params_dir), show)
+    page.table("config", config_table(config))
+    history = run_experiment(config, progress=False).history
+    first, last = history.evals[0], history.evals[-1]
+    values = {m: (first.layer_mean(m), last.layer_mean(m)) for m in METRIC_NAMES}
+    if config.train.method == "none":
+        page.figure(f"fig2_baseline_{config_id}", figures.baseline_structure([history]))
+        page.table("per_layer", per_layer_table(history))
+        text = (
+            f"The pre-trained model's layer-mean [CLS]→patch entropy on the "
+            f"{config.data.metric_subset} metric-subset images is {values['entropy'][0]:.3f} "
+            f"nats, ERF@0.95 {values['erf'][0]:.3f}, Gini {values['gini'][0]:.3f} and head "
+            f"diversity {values['head_diversity'][0]:.3f}."
+        )
+    else:
+        page.figure(f"fig3_triple_curve_{config_id}", figures.training_curves(history))
+        page.figure(f"fig4_layer_entropy_{config_id}", figures.layer_heatmaps([history]))
+        text = (
+            f"Best validation accuracy {history.best_val_acc:.3f} (final "
+            f"{history.final_val_acc:.3f}). Layer-mean entropy went from "
+            f"{values['entropy'][0]:.3f} to {values['entropy'][1]:.3f} nats "
+            f"({_pct(values['entropy'])}), ERF@0.95 {_pct(values['erf'])}, Gini "
+            f"{_pct(values['gini'])}, head diversity {_pct(values['head_diversity'])}."
+        )
+    for name, zs in history.zeroshot.items():
+        text += (
+            f" Zero-shot {name}: {zs.accuracy:.3f} against {zs.pretrained_accuracy:.3f} "
+            f"for the pre-trained model ({zs.n_images} images, {zs.templates} templates)."
+        )
+    page.conclude(text)
+    return page
+
+
+def _pct(pair: tuple[float, float]) -> str:
+    return f"{pct_change(*pair):+.2f} %"

@@ -1,0 +1,94 @@
+"""Pages across the study: zero-shot transfer of every run, and reproducibility (what every run
+was and where it ran). The statistics chapter is :mod:`~collapse_utils.book.statistics_chapter`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from collapse_utils.analysis.results import (
+    load_histories,
+    run_means,
+    run_summary,
+    zeroshot_change,
+    zeroshot_datasets,
+)
+from collapse_utils.book import figures
+from collapse_utils.book.page import Page, failure_findings
+from collapse_utils.config import PARAMS_DIR, profile_output_root
+
+
+def zeroshot_page(profile: str, params_dir: Path | str = PARAMS_DIR, show: bool = True) -> Page:
+    """Report §3.3: zero-shot accuracy of every run (seed means) against the pre-trained model,
+    for every zero-shot dataset of the profile. Changes are in accuracy points (×100)."""
+    with failure_findings(profile):
+        output_root = profile_output_root(profile, params_dir)
+        page = Page(profile, output_root, show)
+        histories = [h for h in load_histories(output_root) if h.method != "none"]
+        if not histories:
+            page.conclude("No fine-tuned run is complete yet.")
+            return page
+        runs = run_means(run_summary(histories)).reset_index()
+        datasets = zeroshot_datasets(runs)
+        table = runs.set_index("run")[["method", "lr", "seeds", "d_entropy_pct"]].copy()
+        text = []
+        for dataset in datasets:
+            pretrained = runs[f"zs_{dataset}_pretrained"]
+            table[f"{dataset} acc"] = runs[f"zs_{dataset}"].to_numpy()
+            table[f"{dataset} change (points)"] = zeroshot_change(runs, dataset).to_numpy()
+            by_method = runs.groupby("method")[f"zs_{dataset}"].mean()
+            text.append(
+                f"{dataset}: pre-trained {pretrained.iloc[0]:.3f}; "
+                + ", ".join(f"mean over {m} runs {v:.3f}" for m, v in by_method.items())
+                + "."
+            )
+        page.table("zeroshot", table.round(4))
+        first = datasets[0]
+        page.figure("fig7_collapse_vs_zeroshot", figures.zeroshot_vs_collapse(runs, first))
+        page.figure("fig15_zeroshot_extended", figures.zeroshot_bars(runs, first))
+        for dataset in datasets[1:]:
+            fig = figures.zeroshot_bars(runs, dataset)
+            page.figure(f"fig15_zeroshot_extended_{dataset}", fig)
+        page.conclude("Zero-shot accuracy — " + " ".join(text))
+        return page
+
+
+def reproducibility_page(
+    profile: str, params_dir: Path | str = PARAMS_DIR, show: bool = True
+) -> Page:
+    """Profile, config hashes, package versions, hardware and wall time of every run and seed
+    (complete or not)."""
+    with failure_findings(profile):
+        output_root = profile_output_root(profile, params_dir)
+        page = Page(profile, output_root, show)
+        histories = load_histories(output_root, complete_only=False)
+        table = pd.DataFrame(
+            [
+                {
+                    "run": h.id,
+                    "seed": h.seed,
+                    "status": h.status,
+                    "config hash": h.config_hash,
+                    "device": h.device,
+                    "wall time (s)": round(h.wall_time_s, 1),
+                }
+                for h in histories
+            ],
+            columns=["run", "seed", "status", "config hash", "device", "wall time (s)"],
+        ).set_index("run")
+        page.table("runs", table)
+        versions = pd.DataFrame(
+            sorted({(k, v) for h in histories for k, v in h.versions.items()}),
+            columns=["package", "version"],
+        )
+        page.table("versions", versions)
+        total = float(table["wall time (s)"].sum())
+        complete = int((table["status"] == "complete").sum())
+        page.conclude(
+            f"{len(table)} runs of the {profile} profile, {complete} complete, took "
+            f"{total / 60:.1f} minutes of training and evaluation in all (output root "
+            f"`{Path(output_root)}`).",
+        )
+        return page

@@ -1,0 +1,132 @@
+"""The book's families as data: ``params/families.yaml``, loaded and checked here.
+
+A family is a group of experiments that differ in one setting (its *axis*, a column of
+``analysis.results.run_summary``). It has one notebook and a comparison page that lists its
+*reference* runs first, then its own experiments in id order. Which experiments belong to a
+family is said by the experiment files (their ``family`` field, checked against this table by
+``config.load_config``). The ``statistics`` block names the runs the statistics chapter singles
+out. A bad file raises :class:`~collapse_utils.config.ConfigError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from collapse_utils.config import PARAMS_DIR, ConfigError, load_family
+
+FAMILIES_FILE = "families.yaml"
+# Settings a family can vary: the columns of analysis.results.run_summary that describe a run.
+AXES = ("dataset", "method", "lr", "weight_decay", "rank", "targets", "freeze_layers", "reg_kind",
+        "lam")  # fmt: skip
+_FAMILY_FIELDS = ("notebook", "title", "references", "axis")
+_STATISTICS_FIELDS = ("layer_anova", "dynamics")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    notebook: str
+    title: str
+    references: tuple[str, ...]
+    axis: str
+    source: Path = field(default=Path(FAMILIES_FILE), compare=False, repr=False)
+
+    @property
+    def reference(self) -> str:
+        """The one reference run, for comparisons that need exactly one."""
+        if len(self.references) != 1:
+            raise ConfigError(
+                f"{self.source}: field 'families.{self.name}.references' must name exactly one "
+                f"run for this comparison, got {list(self.references)}"
+            )
+        return self.references[0]
+
+
+@dataclass(frozen=True)
+class StatisticsRuns:
+    """Runs of the layer-position ANOVA (§6.4 D) and of the training-dynamics figure (§3.9)."""
+
+    layer_anova: tuple[str, ...]
+    dynamics: tuple[str, ...]
+
+
+def load_families(params_dir: Path | str = PARAMS_DIR) -> dict[str, Family]:
+    """Family name → :class:`Family`, in book order."""
+    path, raw = _read(params_dir)
+    block = raw["families"]
+    if not isinstance(block, dict) or not block:
+        raise ConfigError(f"{path}: field 'families' must be a non-empty mapping")
+    return {name: _family(path, name, fields) for name, fields in block.items()}
+
+
+def load_statistics_runs(params_dir: Path | str = PARAMS_DIR) -> StatisticsRuns:
+    path, raw = _read(params_dir)
+    block = _mapping(path, "statistics", raw["statistics"], _STATISTICS_FIELDS)
+    return StatisticsRuns(
+        **{key: _ids(path, f"statistics.{key}", block[key]) for key in _STATISTICS_FIELDS}
+    )
+
+
+def family_names(params_dir: Path | str = PARAMS_DIR) -> tuple[str, ...]:
+    return tuple(load_families(params_dir))
+
+
+def comparison_ids(profile: str, family: Family, params_dir: Path | str = PARAMS_DIR) -> list[str]:
+    """The runs of a family's comparison: its references, then its experiments in id order."""
+    members = [c.id for c in load_family(profile, family.name, params_dir)]
+    return list(dict.fromkeys([*family.references, *members]))
+
+
+def _read(params_dir: Path | str) -> tuple[Path, dict[str, Any]]:
+    path = Path(params_dir) / FAMILIES_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing; it lists the book's families (see params/)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    return path, _mapping(path, "", raw, ("families", "statistics"))
+
+
+def _mapping(path: Path, name: str, value: Any, fields: tuple[str, ...]) -> dict[str, Any]:
+    where = f"field {name!r}" if name else "top level"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: {where} must be a mapping, got {value!r}")
+    unknown = sorted(set(value) - set(fields))
+    missing = [f for f in fields if f not in value]
+    if unknown:
+        raise ConfigError(f"{path}: {where} has unknown field(s) {unknown}; allowed {list(fields)}")
+    if missing:
+        prefix = f"{name}." if name else ""
+        raise ConfigError(f"{path}: field {prefix + missing[0]!r} is required")
+    return value
+
+
+def _family(path: Path, name: str, fields: Any) -> Family:
+    where = f"families.{name}"
+    fields = _mapping(path, where, fields, _FAMILY_FIELDS)
+    for key in ("notebook", "title", "axis"):
+        if not isinstance(fields[key], str) or not fields[key]:
+            raise ConfigError(f"{path}: field '{where}.{key}' must be a non-empty string")
+    if fields["axis"] not in AXES:
+        raise ConfigError(
+            f"{path}: field '{where}.axis' is {fields['axis']!r}; must be one of {list(AXES)}"
+        )
+    return Family(
+        name=name,
+        notebook=fields["notebook"],
+        title=fields["title"],
+        references=_ids(path, f"{where}.references", fields["references"]),
+        axis=fields["axis"],
+        source=path,
+    )
+
+
+def _ids(path: Path, name: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{path}: field {name!r} must be a list of experiment ids, got {value!r}")
+    return tuple(value)

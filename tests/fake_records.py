@@ -1,0 +1,135 @@
+"""Fake run records for the analysis and book tests: histories whose metrics move by a known
+amount, built from ``RunConfig``s so ``run_summary`` reads them like real runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from collapse_utils.config import DataSpec, LoraSpec, RegSpec, RunConfig, TrainSpec
+from collapse_utils.run_record import (
+    EpochRecord,
+    EvalRecord,
+    RunFiles,
+    RunRecord,
+    ZeroShotRecord,
+)
+
+LAYERS = 6
+START = [2.0 + 0.1 * layer for layer in range(LAYERS)]
+
+
+def record(
+    config: RunConfig, change: list[float], accuracies: tuple[float, ...] = (0.5, 0.8, 0.9)
+) -> RunRecord:
+    """A complete history of ``config`` whose entropy moves linearly from START to
+    START·(1 + change) over 3 evals (one eval, step 0, when nothing trains); ERF tracks entropy,
+    Gini is its inverse, head diversity drifts with a run-specific slope."""
+    trained = config.train.method != "none"
+    fractions = [0.0, 0.5, 1.0] if trained else [0.0]
+    slope = 0.3 + 0.1 * (len(config.id) % 5)
+    evals = []
+    for fraction in fractions:
+        entropy = [s * (1 + c * fraction) for s, c in zip(START, change, strict=True)]
+        metrics = {
+            "entropy": entropy,
+            "erf": [e / 4 for e in entropy],
+            "gini": [1 / e for e in entropy],
+            "head_diversity": [0.1 * (1 + slope * c * fraction) for c in change],
+        }
+        evals.append(
+            EvalRecord(int(40 * fraction), 3 * fraction, fraction, 1.0, metrics, [0.0] * LAYERS)
+        )
+    return RunRecord(
+        id=config.id,
+        family=config.family,
+        description=config.description,
+        profile=config.profile,
+        seed=config.seed,
+        config=config.to_dict(),
+        config_hash=config.config_hash(),
+        versions={},
+        device="cpu",
+        steps_per_epoch=10,
+        total_steps=40,
+        status="complete",
+        evals=evals,
+        epochs=[
+            EpochRecord(
+                epoch=i + 1, step=10 * (i + 1), train_loss=1.0, val_acc=acc, samples_per_s=1.0
+            )  # fmt: skip
+            for i, acc in enumerate(accuracies if trained else ())
+        ],
+        best_val_acc=max(accuracies) if trained else None,
+        final_val_acc=accuracies[-1] if trained else None,
+        zeroshot={"cifar100": ZeroShotRecord(0.4, 0.5, "single", 100)},
+    )
+
+
+def history(
+    run: str,
+    family: str,
+    change: list[float],
+    method: str = "full",
+    dataset: str = "eurosat",
+    lr: float = 1e-3,
+    reg: RegSpec | None = None,
+    seed: int = 42,
+    accuracies: tuple[float, ...] = (0.5, 0.8, 0.9),
+) -> RunRecord:
+    """:func:`record` of a config built from these settings (LoRA rank 8)."""
+    config = RunConfig(
+        id=run,
+        family=family,
+        seed=seed,
+        data=DataSpec(dataset=dataset),
+        train=TrainSpec(method=method, lr=None if method == "none" else lr),
+        lora=LoraSpec(rank=8),
+        reg=reg or RegSpec(),
+    )
+    return record(config, change, accuracies)
+
+
+FULL_CHANGE = [-0.02, -0.01, 0.0, -0.03, -0.04, -0.05]
+LORA_CHANGES = {
+    "E4": [0.01, 0.02, 0.0, 0.01, 0.03, 0.02],
+    "E5": [0.02, 0.01, 0.01, 0.02, 0.02, 0.04],
+    "E6": [0.0, 0.01, 0.02, 0.03, 0.01, 0.01],
+}
+
+
+def histories() -> list[RunRecord]:
+    """A study like the report's: baseline, Full FT vs LoRA on two datasets, a learning-rate
+    sweep and three regularized runs, one seed each."""
+    lora = [
+        history(run, "full_vs_lora", change, method="lora", lr=1e-2)
+        for run, change in LORA_CHANGES.items()
+    ]
+    return [
+        history("E1_eurosat", "baseline", [0.0] * LAYERS, method="none"),
+        history("E2", "full_vs_lora", FULL_CHANGE),
+        history("E3", "full_vs_lora", [-0.05, -0.02, -0.01, -0.03, -0.02, -0.06], dataset="pets"),
+        *lora,
+        history("E7", "full_vs_lora", [0.01, -0.01, 0.0, 0.02, 0.0, 0.01], "lora", "pets"),
+        history("A1_lr1e-6", "lr_sweep", [0.001] * LAYERS, lr=1e-6, accuracies=(0.2, 0.2, 0.2)),
+        history("A1_lr1e-5", "lr_sweep", [-0.001] * LAYERS, lr=1e-5),
+        history("A1_lr1e-4", "lr_sweep", [-0.01] * LAYERS, lr=1e-4),
+        history(
+            "R1_apr0.1", "regularization", [c + 0.01 for c in FULL_CHANGE], reg=RegSpec("apr", 0.1)
+        ),
+        history(
+            "R2_entfloor0.1",
+            "regularization",
+            [c + 0.005 * (i % 2) for i, c in enumerate(FULL_CHANGE)],
+            reg=RegSpec("entropy_floor", 0.1),
+        ),
+        history("R3_wd0.1", "regularization", FULL_CHANGE),
+    ]
+
+
+def write_records(output_root: Path | str, records: Iterable[RunRecord]) -> None:
+    """Write each record as ``<output_root>/runs/<id>/seed<k>/history.json``."""
+    for r in records:
+        files = RunFiles.of(output_root, r.id, r.seed)
+        files.run_dir.mkdir(parents=True, exist_ok=True)
+        r.write(files.history)
