@@ -355,13 +355,18 @@ def _check_name(name: str, what: str) -> None:
         )
 
 
-def _read_yaml(path: Path, allowed: set[str]) -> dict[str, Any]:
+def read_params_yaml(path: Path) -> Any:
+    """A params file's YAML (UTF-8, no key given twice); :class:`ConfigError` names the file."""
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
+
+
+def _read_yaml(path: Path, allowed: set[str]) -> dict[str, Any]:
+    raw = read_params_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     for key in raw:

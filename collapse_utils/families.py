@@ -14,16 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from collapse_utils.config import PARAMS_DIR, ConfigError, load_family
+from collapse_utils.config import PARAMS_DIR, ConfigError, load_family, read_params_yaml
 
 FAMILIES_FILE = "families.yaml"
 # Settings a family can vary: the columns of analysis.results.run_summary that describe a run.
 AXES = ("dataset", "method", "lr", "weight_decay", "rank", "targets", "freeze_layers", "reg_kind",
         "lam")  # fmt: skip
 _FAMILY_FIELDS = ("notebook", "title", "references", "axis")
-_STATISTICS_FIELDS = ("layer_anova", "dynamics")
+_STATISTICS_RUNS = ("layer_anova", "dynamics")
+_STATISTICS_FAMILIES = ("method_comparison", "lr_sweep", "regularizers")
 
 
 @dataclass(frozen=True)
@@ -48,10 +47,15 @@ class Family:
 
 @dataclass(frozen=True)
 class StatisticsRuns:
-    """Runs of the layer-position ANOVA (§6.4 D) and of the training-dynamics figure (§3.9)."""
+    """Runs of the layer-position ANOVA (§6.4 D) and of the training-dynamics figure (§3.9),
+    and the families whose runs tests A (full FT vs LoRA), B (learning rate) and C
+    (regularizers against the family's reference) are about."""
 
     layer_anova: tuple[str, ...]
     dynamics: tuple[str, ...]
+    method_comparison: str
+    lr_sweep: str
+    regularizers: str
 
 
 def load_families(params_dir: Path | str = PARAMS_DIR) -> dict[str, Family]:
@@ -65,10 +69,15 @@ def load_families(params_dir: Path | str = PARAMS_DIR) -> dict[str, Family]:
 
 def load_statistics_runs(params_dir: Path | str = PARAMS_DIR) -> StatisticsRuns:
     path, raw = _read(params_dir)
-    block = _mapping(path, "statistics", raw["statistics"], _STATISTICS_FIELDS)
-    return StatisticsRuns(
-        **{key: _ids(path, f"statistics.{key}", block[key]) for key in _STATISTICS_FIELDS}
-    )
+    block = _mapping(path, "statistics", raw["statistics"],
+                     _STATISTICS_RUNS + _STATISTICS_FAMILIES)  # fmt: skip
+    families = load_families(params_dir)
+    for key in _STATISTICS_FAMILIES:
+        if block[key] not in families:
+            raise ConfigError(f"{path}: field 'statistics.{key}' is {block[key]!r}; must be one "
+                              f"of the families {list(families)}")  # fmt: skip
+    runs = {key: _ids(path, f"statistics.{key}", block[key]) for key in _STATISTICS_RUNS}
+    return StatisticsRuns(**runs, **{key: block[key] for key in _STATISTICS_FAMILIES})
 
 
 def family_names(params_dir: Path | str = PARAMS_DIR) -> tuple[str, ...]:
@@ -85,11 +94,7 @@ def _read(params_dir: Path | str) -> tuple[Path, dict[str, Any]]:
     path = Path(params_dir) / FAMILIES_FILE
     if not path.is_file():
         raise ConfigError(f"{path}: missing; it lists the book's families (see params/)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    return path, _mapping(path, "", raw, ("families", "statistics"))
+    return path, _mapping(path, "", read_params_yaml(path), ("families", "statistics"))
 
 
 def _mapping(path: Path, name: str, value: Any, fields: tuple[str, ...]) -> dict[str, Any]:

@@ -101,6 +101,7 @@ def edit_families(params: Path, change) -> None:
         (lambda raw: raw["families"]["baseline"].update(references="E2"), "references"),
         (lambda raw: raw["families"]["baseline"].update(colour=1), "families.baseline"),
         (lambda raw: raw["statistics"].pop("dynamics"), "statistics.dynamics"),
+        (lambda raw: raw["statistics"].update(lr_sweep="lr"), "statistics.lr_sweep"),
         (lambda raw: raw.update(extra=1), "top level"),
     ],
 )
@@ -110,6 +111,13 @@ def test_a_bad_families_file_fails_naming_the_file_and_the_field(params, change,
         load_families(params)
         load_statistics_runs(params)
     assert FAMILIES_FILE in str(err.value) and field in str(err.value)
+
+
+def test_a_families_file_with_a_key_given_twice_is_refused(params):
+    path = params / FAMILIES_FILE
+    path.write_text(path.read_text() + "statistics: {}\n")
+    with pytest.raises(ConfigError, match="families.yaml.*'statistics' is given twice"):
+        load_families(params)
 
 
 def test_a_family_added_to_the_table_is_valid_for_experiments(params):

@@ -121,11 +121,12 @@ class StatisticsChapter:
             )
         families = load_families(params_dir)
         self.statistics_runs = load_statistics_runs(params_dir)
-        methods = families["full_vs_lora"]
+        chosen = self.statistics_runs
+        methods = families[chosen.method_comparison]
         self.method_runs = comparison_ids(profile, methods, params_dir)
         self.method_dataset = load_config(profile, methods.reference, params_dir).data.dataset
-        self.lr_runs = comparison_ids(profile, families["lr_sweep"], params_dir)
-        self.reg_reference = families["regularization"].reference
+        self.lr_runs = comparison_ids(profile, families[chosen.lr_sweep], params_dir)
+        self.reg_reference = families[chosen.regularizers].reference
         self.summary = run_summary(self.histories)
         self.trained_summary = run_summary(self.trained)
         self.delta = per_layer_delta(self.trained)
