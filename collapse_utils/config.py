@@ -212,8 +212,10 @@ class RunConfig:
 
 # --- loading -------------------------------------------------------------------------------
 
-_PROFILE_KEYS = {"output_root", "seed", "model", "data", "train", "lora", "reg", "eval", "defaults"}
-_EXPERIMENT_KEYS = {"id", "family", "description", "seed"} | (_PROFILE_KEYS - {"defaults"})
+_PROFILE_KEYS = {
+    "about", "output_root", "seed", "model", "data", "train", "lora", "reg", "eval", "defaults"
+}  # fmt: skip
+_EXPERIMENT_KEYS = {"id", "family", "description", "seed"} | (_PROFILE_KEYS - {"defaults", "about"})
 _SECTIONS = {
     "model": ModelSpec,
     "data": DataSpec,
@@ -231,6 +233,14 @@ def available_profiles(params_dir: Path = PARAMS_DIR) -> list[str]:
 
 def available_experiments(params_dir: Path = PARAMS_DIR) -> list[str]:
     return sorted(p.stem for p in (params_dir / "experiments").glob("*.yaml"))
+
+
+def profile_about(profile: str, params_dir: Path | str = PARAMS_DIR) -> str:
+    """The profile's one-line ``about`` (what it is for), shown on every page it builds."""
+    path = Path(params_dir) / "profiles" / f"{profile}.yaml"
+    if not path.exists():
+        raise ConfigError(f"{path}: unknown profile {profile!r}")
+    return _check_type(_read_yaml(path, _PROFILE_KEYS).get("about", ""), str, "about", path)
 
 
 def profile_output_root(profile: str, params_dir: Path | str = PARAMS_DIR) -> Path:

@@ -10,13 +10,11 @@ import pytest
 
 from collapse_utils.analysis.results import (
     histories_of,
-    layer_mean,
     load_histories,
     pct_change,
     per_layer_delta,
     run_means,
     run_summary,
-    tidy_metrics,
     trajectory,
     zeroshot_change,
     zeroshot_datasets,
@@ -140,7 +138,6 @@ def test_find_runs_on_missing_root_is_empty(tmp_path):
 
 
 def test_tables_of_no_histories_are_empty():
-    assert tidy_metrics([]).empty and list(tidy_metrics([]).columns)[0] == "run"
     assert run_summary([]).empty
     assert per_layer_delta([]).empty
 
@@ -199,34 +196,6 @@ def test_load_histories_refuses_the_same_run_under_two_profiles(root, tmp_path_f
     with pytest.raises(ValueError, match="found twice"):
         load_histories(other)
     assert len(load_histories(other / "smoke")) == 1
-
-
-def test_tidy_metrics_has_one_row_per_eval_layer_and_metric(root):
-    tidy = tidy_metrics(load_histories(root))
-    assert list(tidy.columns) == [
-        "run",
-        "seed",
-        "family",
-        "layer",
-        "step",
-        "fraction",
-        "metric",
-        "value",
-    ]
-    n_evals = 1 + 3 + 2 + 3
-    assert len(tidy) == n_evals * LAYERS * 4
-    assert sorted(tidy["layer"].unique()) == [1, 2, 3]
-    row = tidy.query("run == 'E2' and seed == 42 and step == 20 and metric == 'entropy'")
-    assert row.set_index("layer")["value"].to_dict() == {1: 3.96, 2: 2.97, 3: 1.9}
-    assert row["fraction"].unique().tolist() == [0.5]
-
-
-def test_layer_mean_averages_over_layers_only(root):
-    means = layer_mean(tidy_metrics(load_histories(root)))
-    assert "layer" not in means.columns
-    e2 = means.query("run == 'E2' and seed == 42 and metric == 'entropy'")
-    assert e2["value"].tolist() == pytest.approx([3.0, (3.96 + 2.97 + 1.9) / 3, 2.8166666])
-    assert e2["fraction"].tolist() == [0.0, 0.5, 1.0]
 
 
 def test_trajectory_feeds_collapse_onset(root):

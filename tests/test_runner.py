@@ -259,7 +259,8 @@ def test_smoke_build_says_numbers_are_not_findings_and_full_build_does_not(tmp_p
     full = yaml.safe_load(write_build_config("full", paths).read_text())
     assert "not findings" in smoke["html"]["announcement"]
     assert "tiny random" in smoke["html"]["announcement"]
-    assert full["html"]["announcement"] == ""
+    assert "not findings" not in full["html"]["announcement"]
+    assert full["html"]["announcement"].startswith("Built with the <code>full</code> profile")
     assert smoke["execute"]["execute_notebooks"] == "off"
     assert full["title"] == yaml.safe_load((REPO / "_config.yml").read_text())["title"]
 

@@ -22,8 +22,6 @@ import pandas as pd
 from collapse_utils.config import METRICS
 from collapse_utils.run_record import RunRecord, find_runs, read_record
 
-_TIDY_COLUMNS = ["run", "seed", "family", "layer", "step", "fraction", "metric", "value"]
-
 
 def load_histories(root: Path | str, complete_only: bool = True) -> list[RunRecord]:
     """All run records below ``root``, in (id, seed) order; by default only complete ones.
@@ -45,31 +43,10 @@ def load_histories(root: Path | str, complete_only: bool = True) -> list[RunReco
     return sorted(histories, key=lambda h: (h.id, h.seed))
 
 
-def tidy_metrics(histories: Iterable[RunRecord]) -> pd.DataFrame:
-    """Long table, one row per eval × layer × metric.
-
-    Columns: run, seed, family, layer (1-based), step, fraction (0..1 of training), metric,
-    value. Use :func:`layer_mean` for the mean over layers."""
-    rows = [
-        (h.id, h.seed, h.family, layer, e.step, e.fraction, metric, value)
-        for h in histories
-        for e in h.evals
-        for metric, per_layer in e.metrics.items()
-        for layer, value in enumerate(per_layer, start=1)
-    ]
-    return pd.DataFrame(rows, columns=_TIDY_COLUMNS)
-
-
-def layer_mean(tidy: pd.DataFrame) -> pd.DataFrame:
-    """Mean over layers of a :func:`tidy_metrics` table: same columns without ``layer``."""
-    keys = [c for c in _TIDY_COLUMNS if c not in ("layer", "value")]
-    return tidy.groupby(keys, sort=False, as_index=False)["value"].mean()
-
-
 def trajectory(history: RunRecord, metric: str = "entropy") -> tuple[np.ndarray, np.ndarray]:
     """(fraction, layer-mean value) over the evals of one run, both shaped (evals,)."""
     fraction = np.array([e.fraction for e in history.evals], dtype=float)
-    values = np.array([np.mean(e.metrics[metric]) for e in history.evals], dtype=float)
+    values = np.array([e.layer_mean(metric) for e in history.evals], dtype=float)
     return fraction, values
 
 

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from myst_nb import glue
 
 from collapse_utils.book.figures import show_figure
+from collapse_utils.config import profile_about
 
 SMOKE_NOTE = (
     "*Smoke profile: a tiny random CLIP on synthetic images. These numbers check the pipeline; "
@@ -23,10 +24,17 @@ SMOKE_NOTE = (
 )
 
 
+def profile_note(profile: str) -> str:
+    """The line every page starts its findings with: which profile built it (and, for smoke,
+    that its numbers are not findings)."""
+    about = profile_about(profile)
+    note = f"*Built with the `{profile}` profile" + (f": {about}*" if about else ".*")
+    return note + ("\n\n" + SMOKE_NOTE if profile == "smoke" else "")
+
+
 def glue_findings(profile: str, text: str) -> None:
-    """Glue ``findings`` (Markdown), prefixed by the smoke note in the smoke profile."""
-    note = SMOKE_NOTE + "\n\n" if profile == "smoke" else ""
-    glue("findings", Markdown(note + text), display=False)
+    """Glue ``findings`` (Markdown), after the profile note."""
+    glue("findings", Markdown(profile_note(profile) + "\n\n" + text), display=False)
 
 
 @contextmanager

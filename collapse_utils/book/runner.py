@@ -44,6 +44,7 @@ from collapse_utils.config import (
     RunConfig,
     available_experiments,
     load_config,
+    profile_about,
 )
 from collapse_utils.families import load_families
 from collapse_utils.training.data import prepare_datasets
@@ -396,7 +397,9 @@ def write_build_config(profile: str, paths: BookPaths) -> Path:
     """``_build/_config.<profile>.yml``: ``_config.yml`` with the profile's banner and title."""
     config = yaml.safe_load(paths.config.read_text())
     config["title"] = config.get("title", "") + TITLE_SUFFIX.get(profile, "")
-    config.setdefault("html", {})["announcement"] = BANNERS.get(profile, "")
+    about = profile_about(profile, paths.params)
+    banner = BANNERS.get(profile) or f"Built with the <code>{profile}</code> profile: {about}."
+    config.setdefault("html", {})["announcement"] = banner
     out = paths.build / f"_config.{profile}.yml"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
