@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, get_cosine_schedule_with_warmup
 
-from collapse_utils.config import RegSpec, TrainSpec, available_experiments, load_config
+from collapse_utils.config import REPO_ROOT, RegSpec, TrainSpec, available_experiments, load_config
 from collapse_utils.measurement.metrics import layer_metrics
 from collapse_utils.storage import write_json
 from collapse_utils.training.data import image_to_uint8, normalize, synthetic_images
@@ -608,7 +608,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick", action="store_true", help=f"tiny counts (defaults {QUICK}), for tests"
     )
-    p.add_argument("--out", default="outputs/bench")
+    p.add_argument("--out", default=str(REPO_ROOT / "outputs" / "bench"))
     return p
 
 

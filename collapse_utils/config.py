@@ -188,9 +188,12 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def config_hash(self) -> str:
-        """Stable 12-hex-digit hash of everything that changes results (not the description)."""
+        """Stable 12-hex-digit hash of everything that changes results: not the description,
+        nor where outputs and data live (a moved repository keeps its runs)."""
         payload = self.to_dict()
         payload.pop("description")
+        payload.pop("output_root")
+        payload["data"].pop("root")
         text = json.dumps(payload, sort_keys=True, default=list)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -205,7 +208,7 @@ class RunConfig:
             current = getattr(self, key)
             is_section = dataclasses.is_dataclass(current) and isinstance(value, dict)
             values[key] = dataclasses.replace(current, **value) if is_section else value
-        config = dataclasses.replace(self, **values)
+        config = _resolve_paths(dataclasses.replace(self, **values), REPO_ROOT)
         _validate(config, {}, Path("<overrides>"))
         return config
 
@@ -249,7 +252,8 @@ def profile_output_root(profile: str, params_dir: Path | str = PARAMS_DIR) -> Pa
     if not path.exists():
         raise ConfigError(f"{path}: unknown profile {profile!r}")
     raw = _read_yaml(path, _PROFILE_KEYS)
-    return Path(_check_type(raw.get("output_root", "outputs"), str, "output_root", path))
+    output_root = _check_type(raw.get("output_root", "outputs"), str, "output_root", path)
+    return resolve_path(output_root, params_root(params_dir))
 
 
 def load_config(
@@ -321,7 +325,35 @@ def load_config(
     built["train"] = _fill_defaults(built["train"], built["data"], defaults, origin)
     config = RunConfig(**top, **built)
     _validate(config, origin, experiment_file)
-    return config
+    return _resolve_paths(config, params_root(params_dir))
+
+
+def params_root(params_dir: Path | str = PARAMS_DIR) -> Path:
+    """The folder holding ``params/``: every relative path in params resolves against it,
+    never against the current directory."""
+    return Path(params_dir).resolve().parent
+
+
+def resolve_path(path: str | Path, root: Path) -> Path:
+    """``path`` if absolute (``~`` expanded), else ``root / path``."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def _resolve_paths(config: RunConfig, root: Path) -> RunConfig:
+    """Output root, data root and a local model folder as absolute paths under ``root``."""
+    model = config.model
+    local = model.source == "hub" and (
+        model.name.startswith((".", "/", "~")) or (root / model.name).is_dir()
+    )
+    if local:
+        model = dataclasses.replace(model, name=str(resolve_path(model.name, root)))
+    return dataclasses.replace(
+        config,
+        output_root=str(resolve_path(config.output_root, root)) if config.output_root else "",
+        data=dataclasses.replace(config.data, root=str(resolve_path(config.data.root, root))),
+        model=model,
+    )
 
 
 def load_family(profile: str, family: str, params_dir: Path | str = PARAMS_DIR) -> list[RunConfig]:

@@ -7,10 +7,12 @@ import pytest
 
 from collapse_utils.config import (
     PARAMS_DIR,
+    REPO_ROOT,
     ConfigError,
     available_experiments,
     load_config,
     load_family,
+    profile_output_root,
 )
 
 BAD = sorted((Path(__file__).parent / "bad_configs").glob("*.yaml"))
@@ -62,9 +64,33 @@ def test_config_hash_is_stable_and_tracks_changes():
     assert a.config_hash() != load_config("full", "E2").config_hash()
 
 
-def test_run_directory_includes_the_seed():
+def test_run_directory_includes_the_seed_and_resolves_against_the_repository(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # never the current directory
     config = load_config("smoke", "E5", seed=3)
-    assert config.run_dir == Path("outputs/smoke/runs/E5/seed3")
+    assert config.run_dir == REPO_ROOT / "outputs/smoke/runs/E5/seed3"
+    assert Path(config.data.root) == REPO_ROOT / "data"
+    assert profile_output_root("smoke") == REPO_ROOT / "outputs/smoke"
+
+
+def test_relative_paths_resolve_against_the_folder_holding_params(tmp_path):
+    shutil.copytree(PARAMS_DIR, tmp_path / "params")
+    config = load_config("smoke", "E5", params_dir=tmp_path / "params")
+    assert config.run_dir == tmp_path / "outputs/smoke/runs/E5/seed42"
+    assert profile_output_root("smoke", tmp_path / "params") == tmp_path / "outputs/smoke"
+    # Where outputs live does not change what a run computes.
+    assert config.config_hash() == load_config("smoke", "E5").config_hash()
+
+
+def test_a_local_model_folder_resolves_and_a_hub_id_stays(tmp_path):
+    shutil.copytree(PARAMS_DIR, tmp_path / "params")
+    (tmp_path / "models" / "clip").mkdir(parents=True)
+    profile = tmp_path / "params" / "profiles" / "full.yaml"
+    profile.write_text(profile.read_text().replace(
+        "name: openai/clip-vit-base-patch32", "name: models/clip"))  # fmt: skip
+    assert load_config("full", "E2", tmp_path / "params").model.name == str(
+        tmp_path / "models/clip"
+    )
+    assert load_config("full", "E2").model.name == "openai/clip-vit-base-patch32"
 
 
 def test_configs_are_frozen():
