@@ -357,7 +357,7 @@ def _step_functions(rig: _Rig, args: argparse.Namespace, device) -> dict[str, Ca
         def step() -> None:
             index = rig.batches[next(counter) % len(rig.batches)]
             batch = Batch.take(images, labels, index, flips=None)
-            loss, _ = batch_loss(rig.model, forward, batch, reg, rig.dtype)
+            loss, _, _ = batch_loss(rig.model, forward, batch, reg, rig.dtype)
             loss.item()
             ours.step(loss)
 

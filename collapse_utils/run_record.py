@@ -195,6 +195,12 @@ class RunRecord:
         return self.config["data"]["dataset"]
 
     @property
+    def eval_split(self) -> str:
+        """What the per-epoch accuracy is measured on: 'test' under the report's protocol
+        (``data.split: original``), else 'validation'."""
+        return "test" if self.config["data"].get("split") == "original" else "validation"
+
+    @property
     def label(self) -> str:
         """``id: description`` for legends and captions."""
         return f"{self.id}: {self.description}" if self.description else self.id

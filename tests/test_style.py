@@ -18,7 +18,7 @@ def test_every_metric_and_method_has_one_label_and_colour():
 def test_labels_carry_units_and_changes():
     assert metric_label("entropy") == "Entropy (nats)" and metric_label("gini") == "Gini"
     assert delta_label("d_head_diversity_pct") == "Δ Head diversity (%)"
-    assert delta_label("best_acc") == "Best val. accuracy"
+    assert delta_label("best_acc") == "Best epoch accuracy"
 
 
 def test_seeds_are_named_only_for_runs_with_several():

@@ -294,3 +294,19 @@ def test_zero_shot_runs_on_the_chosen_checkpoint(tmp_path, monkeypatch, checkpoi
     weights = load_file(config.run_dir / f"{checkpoint}.safetensors")
     assert all(torch.equal(weights[k], states[0][k].cpu()) for k in weights)
     assert history.zeroshot["cifar100"].checkpoint == checkpoint and history.test_acc is None
+
+
+def test_tensorboard_has_the_pretrained_point_kl_regularizer_accuracy_and_zero_shot(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = run_experiment(small(tmp_path, "R1_apr1.0"), progress=False)
+    events = EventAccumulator(str(result.files.tensorboard)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"attention/entropy_mean", "attention/kl_to_initial_mean", "train/regularizer",
+            "val/acc", "zeroshot/cifar100", "zeroshot/cifar100_pretrained"} <= tags  # fmt: skip
+    entropy = events.Scalars("attention/entropy_mean")
+    assert [e.step for e in entropy] == [e.step for e in result.history.evals]  # step 0 first
+    assert entropy[0].value == pytest.approx(result.history.evals[0].layer_mean("entropy"))
+    assert events.Scalars("attention/kl_to_initial_mean")[0].value == pytest.approx(0, abs=1e-6)
+    zeroshot = events.Scalars("zeroshot/cifar100")[0].value
+    assert zeroshot == pytest.approx(result.history.zeroshot["cifar100"].accuracy)

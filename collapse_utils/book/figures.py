@@ -78,14 +78,15 @@ def baseline_structure(histories: list[RunRecord]) -> Figure:
 
 
 def training_curves(history: RunRecord) -> Figure:
-    """fig3: validation accuracy per epoch, training loss and layer-mean entropy over training."""
+    """fig3: accuracy per epoch (on validation, or on test under the report's protocol),
+    training loss and layer-mean entropy over training."""
     fig, axes = new_figure(ncols=2, width=4.6)
     left, right = axes[0]
     epochs = history.epochs
     total = max(history.total_steps, 1)
     steps = [e.step / total for e in epochs]
     left.plot(steps, [e.val_acc for e in epochs], marker="o", color="tab:blue")
-    left.set(xlabel="fraction of training", ylabel="validation accuracy", ylim=(0, 1.02))
+    left.set(xlabel="fraction of training", ylabel=f"{history.eval_split} accuracy", ylim=(0, 1.02))
     twin = left.twinx()
     fraction, entropy = trajectory(history, "entropy")
     twin.plot(fraction, entropy, color="tab:red", marker=".")
@@ -175,7 +176,7 @@ def lr_sweep(summary: pd.DataFrame, histories: list[RunRecord]) -> Figure:
     left.set(xscale="log", xlabel="learning rate", ylabel="Δ first → final (%)")
     left.legend(fontsize="small")
     middle.plot(ordered["lr"], ordered["best_acc"], marker="o", color="tab:green")
-    middle.set(xscale="log", xlabel="learning rate", ylabel="best validation accuracy")
+    middle.set(xscale="log", xlabel="learning rate", ylabel="best epoch accuracy")
     lr_of = dict(zip(ordered["run"], ordered["lr"], strict=True))
     shown = sorted((h for h in histories if h.id in lr_of), key=lambda h: (lr_of[h.id], h.seed))
     for history, label in zip(shown, curve_labels(shown), strict=True):
@@ -196,7 +197,7 @@ def ablation_effect(summary: pd.DataFrame, x: str, xlabel: str, title: str) -> F
     left.axhline(0, color="black", linewidth=0.8)
     left.set(xlabel=xlabel, ylabel="Δ entropy first → final (%)")
     right.plot(ordered[x], ordered["best_acc"], marker="o", color="tab:green")
-    right.set(xlabel=xlabel, ylabel="best validation accuracy")
+    right.set(xlabel=xlabel, ylabel="best epoch accuracy")
     fig.suptitle(title)
     return fig
 

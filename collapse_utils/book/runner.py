@@ -76,7 +76,9 @@ TITLE_SUFFIX = {"smoke": " (smoke run, not findings)"}
 CELL_TIMEOUT_S = {"smoke": 600, "full": 4 * 3600}
 
 # Kernel log level ERROR silences ipykernel's per-start TCP warning, which breaks the bar.
-_KERNEL_ARGS = ["--IPKernelApp.log_level=ERROR"]
+# papermill interrupts each kernel on shutdown, which ipykernel logs at ERROR ("KeyboardInterrupt
+# caught in kernel") although the execution succeeded.
+_KERNEL_ARGS = ["--IPKernelApp.log_level=CRITICAL"]
 
 
 class RunnerError(RuntimeError):
@@ -448,9 +450,11 @@ def build_book(profile: str, paths: BookPaths) -> int:
 @contextmanager
 def _kernel_environment(paths: BookPaths, jobs: int) -> Iterator[None]:
     """Environment the kernels inherit while executing: the params folder their load_config
-    reads, and a share of the cores per parallel kernel. Restored afterwards."""
-    saved = {name: os.environ.get(name) for name in (PARAMS_ENV, "OMP_NUM_THREADS")}
+    reads, a share of the cores per parallel kernel, and no tqdm bars (a saved page would keep
+    an empty progress widget). Restored afterwards."""
+    saved = {name: os.environ.get(name) for name in (PARAMS_ENV, "OMP_NUM_THREADS", "TQDM_DISABLE")}
     os.environ[PARAMS_ENV] = str(paths.params.resolve())
+    os.environ["TQDM_DISABLE"] = "1"
     if saved["OMP_NUM_THREADS"] is None:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     try:

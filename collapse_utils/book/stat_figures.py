@@ -293,7 +293,7 @@ def fig14_convergence(histories: Sequence[RunRecord]) -> Figure:
             ax.plot(epochs, acc, marker="o", markersize=3, label=labels[(h.id, h.seed)])
         ax.set_title(family)
         ax.set_xlabel("Epoch")
-        ax.set_ylabel("Val. accuracy")
+        ax.set_ylabel("Accuracy per epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=6)
     for ax in flat[len(families) :]:

@@ -47,7 +47,7 @@ def metric_label(metric: str) -> str:
 def delta_label(column: str) -> str:
     """Axis label of a ``run_summary`` column: ``d_gini_pct`` → ``Δ Gini (%)``."""
     if column == "best_acc":
-        return "Best val. accuracy"
+        return "Best epoch accuracy"
     metric = column.removeprefix("d_").removesuffix("_pct")
     return f"Δ {METRIC_NAMES.get(metric, metric)} (%)"
 

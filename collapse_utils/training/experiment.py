@@ -230,10 +230,10 @@ def _train(config: RunConfig, progress: bool) -> RunResult:
     loop = _Loop(setup, opt, reg, record, maps, initial_attn, progress)
     for epoch in range(start_epoch, setup.plan.epochs):
         started = loop.train_epoch(epoch, started)
-    loop.close()
     # 5. finish
     _save_weights(setup.files.final, setup, loop.step)
     record.zeroshot, record.test_acc = final_evaluation(setup)
+    loop.close(record)
     return _finish(setup, record, started)
 
 
@@ -283,6 +283,8 @@ class _Loop:
         self.writer = SummaryWriter(setup.files.tensorboard, purge_step=self.step)
         self.bar = tqdm(total=plan.total_steps, initial=self.step, desc=setup.config.id,
                         disable=not progress, unit="step")  # fmt: skip
+        if self.step == 0:  # the pre-trained model's point
+            write_eval_scalars(self.writer, record.evals[0])
 
     def train_epoch(self, epoch: int, started: float) -> float:
         """One epoch: steps, tracking points, validation, checkpoint. Returns the time from
@@ -299,7 +301,8 @@ class _Loop:
             index = order[(local - 1) * size : local * size]
             tick = time.perf_counter()
             batch = Batch.take(images, labels, index, flips)
-            loss, logits = batch_loss(setup.model, self.forward, batch, self.reg, setup.dtype)
+            loss, logits, penalty = batch_loss(setup.model, self.forward, batch, self.reg,
+                                               setup.dtype)  # fmt: skip
             self.step += 1
             loss_value = loss.item()
             if not math.isfinite(loss_value):
@@ -309,16 +312,18 @@ class _Loop:
             correct = (logits.argmax(-1) == batch.labels).sum().item()
             window.add(loss_value, correct, len(index))
             epoch_stats.add(loss_value, correct, len(index))
-            self._log_step(loss_value)
+            self._log_step(loss_value, penalty)
             if local in plan.eval_points:
                 self._track(window)
                 window = _Window()
         return self._end_epoch(epoch, epoch_stats, started)
 
-    def _log_step(self, loss_value: float) -> None:
+    def _log_step(self, loss_value: float, penalty: Tensor | None) -> None:
         self.bar.update(1)
         self.writer.add_scalar("train/loss", loss_value, self.step)
         self.writer.add_scalar("train/lr", self.opt.lr, self.step)
+        if penalty is not None:  # already computed: .item() after loss.item() costs no sync
+            self.writer.add_scalar("train/regularizer", penalty.item(), self.step)
 
     def _track(self, window: _Window) -> None:
         """A tracking point: the four metrics on the metric subset, maps, TensorBoard."""
@@ -369,7 +374,14 @@ class _Loop:
             f"use precision fp32; details in {path}"
         )
 
-    def close(self) -> None:
+    def close(self, record: RunRecord) -> None:
+        """Log what the run measured after training (zero-shot, test), then close."""
+        for name, result in record.zeroshot.items():
+            self.writer.add_scalar(f"zeroshot/{name}", result.accuracy, self.step)
+            self.writer.add_scalar(f"zeroshot/{name}_pretrained", result.pretrained_accuracy,
+                                   self.step)  # fmt: skip
+        if record.test_acc is not None:
+            self.writer.add_scalar("test/acc", record.test_acc, self.step)
         self.bar.close()
         self.writer.close()
 
@@ -406,6 +418,9 @@ def epoch_order(n: int, seed: int, epoch: int, flip: bool = False) -> tuple[Tens
 
 
 def write_eval_scalars(writer: SummaryWriter, record: EvalRecord) -> None:
+    """The layer means and per-layer values of the metrics and of KL to the pre-trained."""
+    mean_kl = sum(record.kl_to_initial) / len(record.kl_to_initial)
+    writer.add_scalar("attention/kl_to_initial_mean", mean_kl, record.step)
     for name, values in record.metrics.items():
         writer.add_scalar(f"attention/{name}_mean", record.layer_mean(name), record.step)
         for layer, value in enumerate(values, start=1):

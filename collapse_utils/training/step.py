@@ -108,19 +108,19 @@ def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 def batch_loss(
     model: nn.Module, forward: nn.Module, batch: Batch, reg: RegularizerInputs, dtype=None
-) -> tuple[Tensor, Tensor]:
-    """Classification loss (+ regularizer) of one batch; returns (loss, logits (B, classes)).
-    ``forward`` is ``model`` or its compiled version, used only without a regularizer (the
-    capture hooks need ``model``)."""
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Classification loss (+ regularizer) of one batch; returns (loss, logits (B, classes),
+    the regularizer term or None). ``forward`` is ``model`` or its compiled version, used only
+    without a regularizer (the capture hooks need ``model``)."""
     pixels = normalize(batch.images)
     with autocast(pixels.device, dtype):
         if reg.spec.kind == "none":
             logits = forward(pixels)
-            return classification_loss(logits, batch.labels), logits
+            return classification_loss(logits, batch.labels), logits, None
         with capture_cls_attention(model) as cap:
             logits = model(pixels)
-        loss = classification_loss(logits, batch.labels)
-        return loss + reg.penalty(cap.tensor, batch, dtype), logits
+        penalty = reg.penalty(cap.tensor, batch, dtype)
+        return classification_loss(logits, batch.labels) + penalty, logits, penalty.detach()
 
 
 @dataclass(frozen=True)
