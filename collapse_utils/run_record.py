@@ -22,16 +22,15 @@ added later with a default (test_acc, zero-shot checkpoint) take it when absent.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from collapse_utils.storage import locked
 
 SCHEMA_VERSION = 1
 STATUSES = ("running", "complete", "failed")
@@ -39,10 +38,6 @@ STATUSES = ("running", "complete", "failed")
 
 class RecordError(ValueError):
     """A ``history.json`` cannot be read as a run record; the message names the file."""
-
-
-class RunLockedError(RuntimeError):
-    """Another process is training this run; the message names the folder."""
 
 
 @dataclass(frozen=True)
@@ -81,29 +76,11 @@ class RunFiles:
     def tensorboard(self) -> Path:
         return self.run_dir / "tensorboard"
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> AbstractContextManager[None]:
         """Hold this run folder's lock (creating the folder); a second process that asks for it
-        gets :class:`RunLockedError` at once, naming the folder and the holder's pid."""
+        gets :class:`~collapse_utils.storage.LockedError` at once, naming folder and pid."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / ".lock", "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "unknown"
-                raise RunLockedError(
-                    f"{self.run_dir.resolve()} is in use by another process (pid {holder}); "
-                    "wait for it to finish or stop it"
-                ) from None
-            handle.seek(0)
-            handle.truncate()
-            handle.write(str(os.getpid()))
-            handle.flush()
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return locked(self.run_dir / ".lock", str(self.run_dir.resolve()))
 
 
 def find_runs(root: Path | str) -> list[RunFiles]:

@@ -10,11 +10,13 @@ read by structure instead (``run_record``), so a hand-edited ``history.json`` st
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,34 @@ CHECKSUM_SUFFIX = ".sha256"
 
 class DamagedFileError(RuntimeError):
     """A file's content does not match its checksum (or it has none); the message names it."""
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock; the message names what is locked and by which pid."""
+
+
+@contextmanager
+def locked(lock_file: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` while the block runs; if another process holds
+    it, raise :class:`LockedError` at once saying ``what`` is in use and by which pid."""
+    with open(lock_file, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise LockedError(
+                f"{what} is in use by another process (pid {holder}); wait for it to finish "
+                "or stop it"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _temp_for(path: Path) -> Path:

@@ -22,6 +22,7 @@ from collapse_utils.book.runner import (
 )
 from collapse_utils.config import PARAMS_DIR, available_experiments, load_config
 from collapse_utils.families import FAMILIES_FILE, load_families
+from collapse_utils.storage import LockedError, locked
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -155,6 +156,32 @@ def test_changed_config_reruns_its_page_every_summary_and_the_study_notebooks(tm
         "03_lr_sweep/summary",
         *PROFILE_NOTEBOOKS,
     ]
+
+
+def test_a_run_that_changed_on_disk_reruns_the_pages_that_read_it(tmp_path):
+    # E.g. a failed configuration fixed and re-run: its summary must stop saying it is missing.
+    paths = make_book(tmp_path)
+    fake_run(paths)
+    config = load_config("smoke", "E2", paths.params)
+    config.run_dir.mkdir(parents=True)
+    (config.run_dir / "history.json").write_text('{"status": "complete"}')
+
+    _, calls = fake_run(paths)
+    assert calls == ["02_full_ft_vs_lora/summary", "03_lr_sweep/summary", *PROFILE_NOTEBOOKS]
+    _, calls = fake_run(paths)
+    assert calls == []
+
+
+def test_a_second_runner_on_the_same_profile_is_refused(tmp_path):
+    paths = make_book(tmp_path)
+    output_root = load_config("smoke", "E2", paths.params).output_root
+    Path(output_root).mkdir(parents=True)
+    with locked(Path(output_root) / ".runner.lock", "held by this test"):
+        with pytest.raises(
+            LockedError, match=r"the smoke book runner .* is in use by another process \(pid \d+\)"
+        ):
+            fake_run(paths)
+    assert fake_run(paths)[0].ok
 
 
 def test_changed_description_does_not_rerun(tmp_path):

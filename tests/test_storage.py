@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-from collapse_utils.run_record import RunLockedError
 from collapse_utils.storage import (
     DamagedFileError,
+    LockedError,
     cached,
     checksum_path,
     read_json,
@@ -116,7 +116,7 @@ def test_a_second_process_on_the_same_run_is_refused_with_a_clear_message(tmp_pa
     try:
         assert holder.stdout.readline().strip() == "locked"
         (config.run_dir / "history.json.999.tmp").write_text("a live writer's temp file")
-        with pytest.raises(RunLockedError, match=rf"seed42 is in use by .*pid {holder.pid}"):
+        with pytest.raises(LockedError, match=rf"seed42 is in use by .*pid {holder.pid}"):
             run_experiment(config, progress=False)
         assert (config.run_dir / "history.json.999.tmp").exists()  # not cleaned up
     finally:

@@ -45,8 +45,11 @@ from collapse_utils.config import (
     available_experiments,
     load_config,
     profile_about,
+    profile_output_root,
 )
 from collapse_utils.families import load_families
+from collapse_utils.run_record import find_runs
+from collapse_utils.storage import locked
 from collapse_utils.training.data import prepare_datasets
 
 KERNEL = "python3"
@@ -128,6 +131,18 @@ class Execution:
     title: str
     family: str | None = None
     config_id: str | None = None
+    runs_root: Path | None = None  # summaries and study pages read every run under it
+
+    def current_key(self) -> str:
+        """``key``, plus for pages that read the runs, the state of those runs now: a page is
+        out of date when any run it reads was trained, retrained or failed since."""
+        if self.runs_root is None:
+            return self.key
+        state = hashlib.sha256(self.key.encode())
+        for files in find_runs(self.runs_root):
+            state.update(str(files.history.relative_to(self.runs_root)).encode())
+            state.update(hashlib.sha256(files.history.read_bytes()).digest())
+        return state.hexdigest()[:16]
 
     @property
     def name(self) -> str:
@@ -169,6 +184,7 @@ def build_plan(profile: str, paths: BookPaths) -> list[Execution]:
         raise RunnerError(f"missing notebook source(s) in {paths.notebooks}: {missing}")
     configs = [load_config(profile, i, paths.params) for i in available_experiments(paths.params)]
     by_family = {f: [c for c in configs if c.family == f] for f in families}
+    runs_root = profile_output_root(profile, paths.params)
 
     plan: list[Execution] = []
     for family, stem in ((f.name, f.notebook) for f in families.values()):
@@ -201,6 +217,7 @@ def build_plan(profile: str, paths: BookPaths) -> list[Execution]:
                 key=execution_key(source, profile, configs),
                 title="Family comparison",
                 family=family,
+                runs_root=runs_root,
             )
         )
     for stem, title in PROFILE_NOTEBOOKS.items():
@@ -213,6 +230,7 @@ def build_plan(profile: str, paths: BookPaths) -> list[Execution]:
                 parameters={"profile": profile},
                 key=execution_key(source, profile, configs),
                 title=title,
+                runs_root=runs_root,
             )
         )
     return plan
@@ -256,7 +274,7 @@ def stamp_of(output: Path) -> dict[str, Any]:
 
 def is_current(execution: Execution) -> bool:
     stamp = stamp_of(execution.output)
-    return stamp.get("status") == "ok" and stamp.get("key") == execution.key
+    return stamp.get("status") == "ok" and stamp.get("key") == execution.current_key()
 
 
 def _stamp_output(execution: Execution, error: str | None) -> None:
@@ -272,7 +290,7 @@ def _stamp_output(execution: Execution, error: str | None) -> None:
         nbformat.write(nb, execution.output)
     nb = nbformat.read(execution.output, as_version=4)
     nb.metadata[METADATA_KEY] = {
-        "key": execution.key,
+        "key": execution.current_key(),
         "status": "ok" if error is None else "failed",
         "error": error,
         "parameters": execution.parameters,
@@ -372,7 +390,7 @@ def _docname(path: Path, root: Path) -> str:
 def write_toc(plan: Sequence[Execution], paths: BookPaths) -> Path:
     """``_toc.yml``: intro, method, one part per family (summary, then configurations), then the
     cross-study notebooks. Lists only pages executed for this plan (ok or failed)."""
-    listed = [e for e in plan if stamp_of(e.output).get("key") == e.key]
+    listed = [e for e in plan if stamp_of(e.output).get("key") == e.current_key()]
 
     def entry(e: Execution) -> dict[str, str]:
         return {"file": _docname(e.output, paths.root), "title": e.title}
@@ -476,8 +494,16 @@ def run_book(
     force: bool = False,
     executor: Executor = papermill_execute,
 ) -> Report:
-    """Plan, execute, write the toc and (``build``) the book; print what failed."""
+    """Plan, execute, write the toc and (``build``) the book; print what failed. One runner
+    per profile at a time: a second one raises :class:`~collapse_utils.storage.LockedError`."""
     paths = paths or BookPaths.repo()
+    output_root = profile_output_root(profile, paths.params)
+    output_root.mkdir(parents=True, exist_ok=True)
+    with locked(output_root / ".runner.lock", f"the {profile} book runner ({output_root})"):
+        return _run_book(profile, paths, only, jobs, build, force, executor)
+
+
+def _run_book(profile, paths, only, jobs, build, force, executor) -> Report:
     if only:
         check_ids(only, paths.params)
     plan = build_plan(profile, paths)
