@@ -385,6 +385,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=-]*")
 
 
@@ -610,6 +611,8 @@ def _validate_combinations(c: RunConfig, fail) -> None:
     if c.data.split == "original" and not c.data.has_test_split(c.data.dataset):
         fail("data.split", f"'original' needs the dataset's own test split; "
              f"{c.data.dataset} from {c.data.source} has none (use data.source: hf)")  # fmt: skip
+    if not DEVICE.fullmatch(c.train.device):
+        fail("train.device", f"is {c.train.device!r}; must be auto, cpu, cuda, cuda:<index> or mps")
     if not c.output_root.strip():
         fail("output_root", "must name a folder, got an empty string")
     if c.model.source == "tiny":

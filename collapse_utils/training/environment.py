@@ -10,12 +10,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from collapse_utils.config import ConfigError
+
 
 def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a torch device; :class:`ConfigError` if this machine lacks it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device is {name!r} but CUDA is not available")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            raise ConfigError(
+                f"field 'train.device' is {name!r} but this machine has {count} CUDA device(s); "
+                "use auto or cpu"
+            )
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("field 'train.device' is 'mps' but MPS is not available; use auto or cpu")
     return torch.device(name)
 
 
