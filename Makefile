@@ -1,16 +1,18 @@
-# `make test` and `make book` create .venv on first use and install the package with its extras.
+# `make test`, `make book` and `make lab` create .venv on first use and install the package with
+# its extras (dev: tests and lint; lab: JupyterLab with the ipywidgets extension).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PROFILE ?= smoke
 JOBS ?= 2
+LAB_ARGS ?=
 
-.PHONY: venv test lint book book-assets bench clean
+.PHONY: venv test lint book book-assets bench lab clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,lab]"
 	touch $@
 
 venv: $(BIN)/.installed
@@ -55,6 +57,11 @@ book: venv book-assets
 
 bench: venv
 	$(BIN)/python bench.py
+
+# The exploration notebook in JupyterLab, served from the repository root; it reads the runs of
+# `make book`. On a remote box: make lab LAB_ARGS="--no-browser --port 8888" and forward the port.
+lab: venv
+	$(BIN)/jupyter lab --ServerApp.root_dir=$(CURDIR) $(LAB_ARGS) notebooks/09_explore.ipynb
 
 clean:
 	rm -rf _build book/executed _toc.yml outputs/smoke
