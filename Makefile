@@ -13,6 +13,8 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[dev,lab]"
+	# Only for its CLIP BPE vocabulary (the rehearsal's real tokenizer): no dependencies.
+	$(BIN)/python -m pip install -q --no-deps "open_clip_torch>=2.20"
 	touch $@
 
 venv: $(BIN)/.installed

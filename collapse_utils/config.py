@@ -216,9 +216,12 @@ class RunConfig:
 # --- loading -------------------------------------------------------------------------------
 
 _PROFILE_KEYS = {
-    "about", "output_root", "seed", "model", "data", "train", "lora", "reg", "eval", "defaults"
+    "about", "extends", "output_root", "seed", "model", "data", "train", "lora", "reg", "eval",
+    "defaults",
 }  # fmt: skip
-_EXPERIMENT_KEYS = {"id", "family", "description", "seed"} | (_PROFILE_KEYS - {"defaults", "about"})
+_EXPERIMENT_KEYS = {"id", "family", "description", "seed"} | (
+    _PROFILE_KEYS - {"defaults", "about", "extends"}
+)
 _SECTIONS = {
     "model": ModelSpec,
     "data": DataSpec,
@@ -238,21 +241,45 @@ def available_experiments(params_dir: Path = PARAMS_DIR) -> list[str]:
     return sorted(p.stem for p in (params_dir / "experiments").glob("*.yaml"))
 
 
+Source = tuple[Path, dict[str, Any]]  # a params file and its fields
+
+
+def profile_sources(profile: str, params_dir: Path | str = PARAMS_DIR) -> list[Source]:
+    """The profile's file and the profiles it ``extends``, base first (later ones override)."""
+    chain: list[Source] = []
+    name: Any = profile
+    while name is not None:
+        _check_name(name, "profile")
+        path = Path(params_dir) / "profiles" / f"{name}.yaml"
+        if not path.exists():
+            raise ConfigError(
+                f"{path}: unknown profile {name!r}; available: {available_profiles(params_dir)}"
+            )
+        if any(path == seen for seen, _ in chain):
+            raise ConfigError(f"{path}: field 'extends' makes a cycle")
+        raw = _read_yaml(path, _PROFILE_KEYS)
+        chain.insert(0, (path, raw))
+        name = raw.get("extends")
+    return chain
+
+
+def _profile_field(profile: str, key: str, default: str, params_dir: Path | str) -> str:
+    """A top-level text field of a profile, following ``extends``."""
+    value, where = default, Path(params_dir)
+    for source, raw in profile_sources(profile, params_dir):
+        if key in raw:
+            value, where = raw[key], source
+    return _check_type(value, str, key, where)
+
+
 def profile_about(profile: str, params_dir: Path | str = PARAMS_DIR) -> str:
     """The profile's one-line ``about`` (what it is for), shown on every page it builds."""
-    path = Path(params_dir) / "profiles" / f"{profile}.yaml"
-    if not path.exists():
-        raise ConfigError(f"{path}: unknown profile {profile!r}")
-    return _check_type(_read_yaml(path, _PROFILE_KEYS).get("about", ""), str, "about", path)
+    return _profile_field(profile, "about", "", params_dir)
 
 
 def profile_output_root(profile: str, params_dir: Path | str = PARAMS_DIR) -> Path:
     """``output_root`` of a profile (where its runs, figures and caches live)."""
-    path = Path(params_dir) / "profiles" / f"{profile}.yaml"
-    if not path.exists():
-        raise ConfigError(f"{path}: unknown profile {profile!r}")
-    raw = _read_yaml(path, _PROFILE_KEYS)
-    output_root = _check_type(raw.get("output_root", "outputs"), str, "output_root", path)
+    output_root = _profile_field(profile, "output_root", "outputs", params_dir)
     return resolve_path(output_root, params_root(params_dir))
 
 
@@ -262,41 +289,61 @@ def load_config(
     params_dir: Path | str = PARAMS_DIR,
     seed: int | None = None,
 ) -> RunConfig:
-    """Merge ``profiles/<profile>.yaml`` with ``experiments/<experiment_id>.yaml`` into a
-    validated :class:`RunConfig`. Experiment values override profile values field by field."""
+    """Merge ``profiles/<profile>.yaml`` (after the profiles it ``extends``) with
+    ``experiments/<experiment_id>.yaml`` into a validated :class:`RunConfig`. Later files
+    override earlier ones field by field; every error names the file and the dotted field."""
     params_dir = Path(params_dir)
-    _check_name(profile, "profile")
+    profiles = profile_sources(profile, params_dir)
+    experiment_file, exp = _experiment_source(experiment_id, params_dir)
+    sources = [*profiles, (experiment_file, exp)]
+    # Which file each field came from, so semantic errors can name it.
+    origin: dict[str, Path] = {}
+    sections = _merge_sections(sources, origin)
+    built = {
+        name: _build(cls, sections[name], name, origin, profiles[-1][0])
+        for name, cls in _SECTIONS.items()
+    }
+    defaults: Defaults = built.pop("defaults")
+    top: dict[str, Any] = {"profile": profile}
+    for key in ("output_root", "seed", "id", "family", "description"):
+        for source, raw in sources:
+            if key in raw:
+                top[key] = _check_type(raw[key], _hints(RunConfig)[key], key, source)
+                origin[key] = source
+    if seed is not None:
+        top["seed"] = seed
+    built["train"] = _fill_defaults(built["train"], built["data"], defaults, origin)
+    config = RunConfig(**top, **built)
+    _validate(config, origin, experiment_file)
+    return _resolve_paths(config, params_root(params_dir))
+
+
+def _experiment_source(experiment_id: str, params_dir: Path) -> Source:
     _check_name(experiment_id, "experiment id")
-    profile_file = params_dir / "profiles" / f"{profile}.yaml"
-    experiment_file = params_dir / "experiments" / f"{experiment_id}.yaml"
-    if not profile_file.exists():
+    path = params_dir / "experiments" / f"{experiment_id}.yaml"
+    if not path.exists():
         raise ConfigError(
-            f"{profile_file}: unknown profile {profile!r}; "
-            f"available: {available_profiles(params_dir)}"
-        )
-    if not experiment_file.exists():
-        raise ConfigError(
-            f"{experiment_file}: unknown experiment {experiment_id!r}; "
+            f"{path}: unknown experiment {experiment_id!r}; "
             f"available: {available_experiments(params_dir)}"
         )
-    prof = _read_yaml(profile_file, _PROFILE_KEYS)
-    exp = _read_yaml(experiment_file, _EXPERIMENT_KEYS)
+    exp = _read_yaml(path, _EXPERIMENT_KEYS)
     for name in ("id", "family"):
         if name not in exp:
-            raise ConfigError(f"{experiment_file}: field {name!r} is required")
+            raise ConfigError(f"{path}: field {name!r} is required")
     if exp["id"] != experiment_id:
         raise ConfigError(
-            f"{experiment_file}: field 'id' is {exp['id']!r} but the file is named "
-            f"{experiment_id!r}"
+            f"{path}: field 'id' is {exp['id']!r} but the file is named {experiment_id!r}"
         )
-    _check_family(exp["family"], experiment_file, params_dir)
+    _check_family(exp["family"], path, params_dir)
+    return path, exp
 
-    # Which file each section field came from, so semantic errors can name it.
-    origin: dict[str, Path] = {}
+
+def _merge_sections(sources: list[Source], origin: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """Each section's fields, later sources overriding earlier ones field by field."""
     sections: dict[str, dict[str, Any]] = {}
     for section in _SECTIONS:
         merged: dict[str, Any] = {}
-        for source, raw in ((profile_file, prof), (experiment_file, exp)):
+        for source, raw in sources:
             block = raw.get(section) or {}
             if not isinstance(block, dict):
                 raise ConfigError(f"{source}: field {section!r} must be a mapping")
@@ -304,28 +351,7 @@ def load_config(
                 merged[key] = value
                 origin[f"{section}.{key}"] = source
         sections[section] = merged
-    built = {
-        name: _build(cls, sections[name], name, origin, profile_file)
-        for name, cls in _SECTIONS.items()
-    }
-    defaults: Defaults = built.pop("defaults")
-
-    top: dict[str, Any] = {"profile": profile}
-    for key in ("output_root", "seed"):
-        for source, raw in ((profile_file, prof), (experiment_file, exp)):
-            if key in raw:
-                top[key] = _check_type(raw[key], _hints(RunConfig)[key], key, source)
-                origin[key] = source
-    for key in ("id", "family", "description"):
-        if key in exp:
-            top[key] = _check_type(exp[key], str, key, experiment_file)
-            origin[key] = experiment_file
-    if seed is not None:
-        top["seed"] = seed
-    built["train"] = _fill_defaults(built["train"], built["data"], defaults, origin)
-    config = RunConfig(**top, **built)
-    _validate(config, origin, experiment_file)
-    return _resolve_paths(config, params_root(params_dir))
+    return sections
 
 
 def params_root(params_dir: Path | str = PARAMS_DIR) -> Path:
@@ -343,8 +369,11 @@ def resolve_path(path: str | Path, root: Path) -> Path:
 def _resolve_paths(config: RunConfig, root: Path) -> RunConfig:
     """Output root, data root and a local model folder as absolute paths under ``root``."""
     model = config.model
+    # A hub id is "name" or "owner/name"; a deeper or explicit path is a local folder.
     local = model.source == "hub" and (
-        model.name.startswith((".", "/", "~")) or (root / model.name).is_dir()
+        model.name.startswith((".", "/", "~"))
+        or model.name.count("/") > 1
+        or (root / model.name).is_dir()
     )
     if local:
         model = dataclasses.replace(model, name=str(resolve_path(model.name, root)))

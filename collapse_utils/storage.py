@@ -86,6 +86,12 @@ def _replace(tmp: Path, path: Path, checksum: bool = True) -> None:
         os.replace(side, checksum_path(path))
 
 
+def remove(path: Path) -> None:
+    """Delete ``path`` and its checksum, if present."""
+    path.unlink(missing_ok=True)
+    checksum_path(path).unlink(missing_ok=True)
+
+
 def verify(path: Path) -> bool:
     """Whether ``path`` exists and matches the checksum written with it."""
     side = checksum_path(path)

@@ -60,7 +60,7 @@ def test_full_and_lora_runs_finish_with_complete_histories(tmp_path, experiment)
     assert history.config_hash == result.config.config_hash()
     files = {p.name for p in result.run_dir.iterdir()}
     assert {"history.json", "best.safetensors", "final.safetensors"} <= files
-    assert "resume.pt" not in files  # a complete run keeps no optimizer state
+    assert not {"resume.pt", "resume.pt.sha256"} & files  # a complete run keeps no optimizer state
     assert {"attention_maps.safetensors", "tensorboard"} <= files
     assert not list(result.run_dir.glob("*.tmp"))
     maps = load_file(result.files.maps)

@@ -43,6 +43,7 @@ from collapse_utils.storage import (
     DamagedFileError,
     read_safetensors,
     read_torch,
+    remove,
     remove_stale_temp_files,
     verify,
     write_safetensors,
@@ -512,7 +513,7 @@ def _finish(setup: Setup, record: RunRecord, started: float) -> RunResult:
     record.wall_time_s = _elapsed(record, started)
     record.write(setup.files.history)
     # A complete run is never resumed; its optimizer state is only disk (≈1.8 GB for ViT-B/32).
-    setup.files.resume.unlink(missing_ok=True)
+    remove(setup.files.resume)
     # Return what is on disk, so a fresh run and a skipped rerun give equal records.
     return RunResult(setup.config, read_record(setup.files.history))
 

@@ -1,0 +1,194 @@
+"""A full-size rehearsal of the GPU profiles with nothing from the hub or the internet.
+
+:func:`build_fixtures` writes, in the real on-disk formats, what the ``full`` profile reads:
+
+- ``model/``: a random-init CLIP ViT-B/32 (``CLIPConfig()``'s defaults are exactly ViT-B/32)
+  saved with ``save_pretrained`` and loaded by path, with the real CLIP BPE tokenizer built from
+  ``bpe_simple_vocab_16e6.txt.gz``, the vocabulary that ships inside the ``open_clip_torch``
+  wheel (installed without its dependencies: only the file is read);
+- ``data/hf/<owner>__<name>/``: each Hugging Face build with its real features and its
+  train/test splits (``save_to_disk``), a few random images per class;
+- ``data/eurosat/2750/`` and ``data/oxford-iiit-pet/``: torchvision's layouts of EuroSAT and
+  Pets. (torchvision verifies the MD5 of its CIFAR and Flowers-102 files, so those layouts
+  cannot be faked without patching torchvision; the rehearsal reads them as Hugging Face builds.)
+
+The ``rehearsal`` profile (``params/profiles/rehearsal.yaml``) extends ``full`` and points at
+these folders, so ``python -m collapse_utils rehearse`` runs the full profile's code path —
+loaders, full-size model, tokenizer, precision — for a few steps per configuration.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from collapse_utils.config import available_experiments, load_config
+from collapse_utils.training.labels import CIFAR100, EUROSAT, PETS
+
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+# torchvision's EuroSAT class folders, in label order.
+EUROSAT_FOLDERS = (
+    "AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
+    "PermanentCrop", "Residential", "River", "SeaLake",
+)  # fmt: skip
+# Images per class and split of each fake build: enough for a metric subset of 20 and a batch.
+PER_CLASS = {"eurosat": (4, 2), "pets": (2, 2), "cifar100": (1, 1), "flowers102": (1, 1)}
+
+
+class RehearsalError(RuntimeError):
+    """A rehearsal fixture cannot be built (e.g. the BPE vocabulary is not installed)."""
+
+
+# --- the model and its tokenizer ------------------------------------------------------------
+
+
+def bpe_vocabulary() -> Path:
+    """The CLIP BPE merges file inside the installed ``open_clip`` package (not imported)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise RehearsalError(
+            "the CLIP BPE vocabulary comes from the open_clip_torch wheel: "
+            "pip install --no-deps open_clip_torch"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / BPE_FILE
+    if not path.is_file():
+        raise RehearsalError(f"{path}: missing from the installed open_clip_torch")
+    return path
+
+
+def clip_tokenizer_files(bpe: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) of CLIP's tokenizer from its BPE file: 256 byte symbols, their
+    end-of-word forms, 48 894 merges, then the start and end tokens (49 408 ids)."""
+    lines = gzip.open(bpe).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(tokens)}, [tuple(m.split()) for m in merges]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable character map, which CLIP's BPE uses."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
+    chars, extra = printable[:], 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars), strict=True))
+
+
+def save_model(folder: Path, seed: int = 0) -> Path:
+    """A random-init ViT-B/32 CLIP and the real CLIP tokenizer in ``folder``."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    vocab, merges = clip_tokenizer_files(bpe_vocabulary())
+    CLIPTokenizer(vocab=vocab, merges=merges).save_pretrained(folder)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        CLIPModel(CLIPConfig()).save_pretrained(folder)
+    return folder
+
+
+# --- datasets -------------------------------------------------------------------------------
+
+
+def _images(rng: np.random.Generator, count: int) -> list[Image.Image]:
+    """Random RGB images of varied sizes (wider, taller, smaller than 224)."""
+    sizes = [(64, 48), (40, 72), (32, 32), (96, 64)]
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            for w, h in (sizes[i % len(sizes)] for i in range(count))]  # fmt: skip
+
+
+def _hf_build(name: str, rng: np.random.Generator):
+    """A DatasetDict with the build's real columns, ClassLabel names and splits."""
+    import datasets
+
+    names = {
+        "eurosat": list(EUROSAT),
+        "pets": list(PETS),
+        "cifar100": [n.replace(" ", "_") for n in CIFAR100],
+        # The build names classes by their official numbers, sorted as text.
+        "flowers102": sorted(str(i) for i in range(1, 103)),
+    }[name]
+    image, label = ("img", "fine_label") if name == "cifar100" else ("image", "label")
+    splits = {}
+    for split, per_class in zip(("train", "test"), PER_CLASS[name], strict=True):
+        labels = [c for c in range(len(names)) for _ in range(per_class)]
+        columns = {image: _images(rng, len(labels)), label: labels}
+        features = {image: datasets.Image(), label: datasets.ClassLabel(names=names)}
+        if name == "pets":
+            columns["image_id"] = [f"{names[c]}_{i}" for i, c in enumerate(labels)]
+            columns["label_cat_dog"] = [int(c >= 12) for c in labels]
+            features |= {"image_id": datasets.Value("string"),
+                         "label_cat_dog": datasets.ClassLabel(names=["cat", "dog"])}  # fmt: skip
+        if name == "cifar100":
+            columns["coarse_label"] = [c // 5 for c in labels]
+            features["coarse_label"] = datasets.ClassLabel(num_classes=20)
+        splits[split] = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+    return datasets.DatasetDict(splits)
+
+
+def save_hf_builds(data_root: Path, seed: int = 0) -> None:
+    from collapse_utils.training.hf_datasets import hf_folder
+
+    rng = np.random.default_rng(seed)
+    for name in PER_CLASS:
+        _hf_build(name, rng).save_to_disk(str(hf_folder(data_root / "hf", name)))
+
+
+def save_torchvision_layouts(data_root: Path, seed: int = 0) -> None:
+    """EuroSAT (``eurosat/2750/<Class>/*.jpg``) and Pets (``oxford-iiit-pet/images`` and its
+    ``annotations/{trainval,test}.txt``) as torchvision reads them."""
+    rng = np.random.default_rng(seed)
+    train, test = PER_CLASS["eurosat"]
+    for folder in EUROSAT_FOLDERS:
+        target = data_root / "eurosat" / "2750" / folder
+        target.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(_images(rng, train + test)):
+            image.save(target / f"{folder}_{i + 1}.jpg")
+    pets = data_root / "oxford-iiit-pet"
+    (pets / "images").mkdir(parents=True, exist_ok=True)
+    (pets / "annotations").mkdir(exist_ok=True)
+    for split, per_class in zip(("trainval", "test"), PER_CLASS["pets"], strict=True):
+        lines = []
+        for c, breed in enumerate(PETS):
+            stem = breed.replace(" ", "_")
+            for i in range(per_class):
+                image_id = f"{stem}_{split}{i}"
+                _images(rng, 1)[0].save(pets / "images" / f"{image_id}.jpg")
+                lines.append(f"{image_id} {c + 1} {1 + int(c >= 12)} {c + 1}")
+        (pets / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+def build_fixtures(model_dir: Path, data_root: Path, seed: int = 0) -> None:
+    """The model (``model_dir``) and datasets (``data_root``) of the rehearsal, built once: a
+    ``.complete`` marker in each records a finished build."""
+    if not (model_dir / ".complete").is_file():
+        save_model(model_dir, seed)
+        (model_dir / ".complete").write_text(json.dumps({"seed": seed}))
+    if not (data_root / ".complete").is_file():
+        save_hf_builds(data_root, seed)
+        save_torchvision_layouts(data_root, seed)
+        (data_root / ".complete").write_text(json.dumps({"seed": seed}))
+
+
+def rehearse(
+    profile: str = "rehearsal", only: Sequence[str] | None = None, jobs: int = 1, build=True
+):
+    """Build the fixtures the profile points at, then run the book for ``profile`` (every
+    configuration, or ``only`` these) and return the runner's report."""
+    from collapse_utils.book.runner import run_book
+
+    config = load_config(profile, available_experiments()[0])
+    build_fixtures(Path(config.model.name), Path(config.data.root))
+    return run_book(profile, only=only, jobs=jobs, build=build)

@@ -1,0 +1,85 @@
+"""The rehearsal fixtures are what the real loaders read, and the full profile's code path runs
+on them end to end with a full-size ViT-B/32."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from collapse_utils.config import PARAMS_DIR, load_config
+from collapse_utils.rehearsal import (
+    EUROSAT_FOLDERS,
+    PER_CLASS,
+    bpe_vocabulary,
+    build_fixtures,
+    clip_tokenizer_files,
+    save_hf_builds,
+    save_torchvision_layouts,
+)
+from collapse_utils.training.data import load_images, load_splits
+from collapse_utils.training.labels import FLOWERS102, PETS
+
+
+def test_the_real_clip_tokenizer_is_rebuilt_from_its_bpe_file(tmp_path):
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    vocab, merges = clip_tokenizer_files(bpe_vocabulary())
+    assert len(vocab) == 49408 and len(merges) == 48894
+    CLIPTokenizer(vocab=vocab, merges=merges).save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    # The ids openai/clip-vit-base-patch32's tokenizer gives this prompt.
+    assert tokenizer("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    save_hf_builds(root)
+    save_torchvision_layouts(root)
+    return root
+
+
+def test_hugging_face_builds_feed_the_original_split_protocol(data_root):
+    config = load_config("full", "E2")
+    data = config.data.__class__(**{**config.data.__dict__, "root": str(data_root),
+                                    "metric_subset": 20})  # fmt: skip
+    splits = load_splits(data, seed=42)
+    train, test = PER_CLASS["eurosat"]
+    assert (len(splits.train), len(splits.val), len(splits.metric)) == (10 * train, 10 * test, 20)
+    assert splits.train.images.shape[1:] == (3, 224, 224)
+    flowers = load_images(data, "flowers102", "test", seed=42)
+    # The build's labels are the class numbers sorted as text ("1", "10", "100", ...).
+    in_label_order = sorted(str(i) for i in range(1, 103))
+    assert flowers.class_names == tuple(FLOWERS102[int(n) - 1] for n in in_label_order)
+    cifar = load_images(data, "cifar100", "test", seed=42)
+    assert len(cifar) == 100 and "aquarium fish" in cifar.class_names
+
+
+def test_torchvision_layouts_load_with_the_torchvision_source(data_root):
+    data = load_config("full_clean", "E2").data
+    data = data.__class__(**{**data.__dict__, "root": str(data_root), "source": "torchvision"})
+    eurosat = load_images(data, "eurosat", "pool", seed=0)
+    assert len(eurosat) == len(EUROSAT_FOLDERS) * sum(PER_CLASS["eurosat"])
+    assert torch.bincount(eurosat.labels).tolist() == [sum(PER_CLASS["eurosat"])] * 10
+    pets = load_images(data, "pets", "test", seed=0)
+    assert len(pets) == len(PETS) * PER_CLASS["pets"][1] and pets.class_names == PETS
+
+
+@pytest.mark.slow
+def test_a_full_size_lora_run_of_the_full_profile_rehearses_end_to_end(tmp_path):
+    from collapse_utils.training.experiment import run_experiment
+
+    shutil.copytree(PARAMS_DIR, tmp_path / "params")
+    config = load_config("rehearsal", "E5", params_dir=tmp_path / "params")
+    build_fixtures(Path(config.model.name), Path(config.data.root))
+    history = run_experiment(config, progress=False).history
+    assert history.status == "complete" and len(history.evals) == 2
+    assert history.config["model"]["name"] == str(tmp_path / "outputs/rehearsal/fixtures/model")
+    assert set(history.zeroshot) == {"cifar100", "flowers102", "eurosat", "pets"}
+    assert all(
+        z.checkpoint == "best" and z.templates == "single" for z in history.zeroshot.values()
+    )
+    assert history.eval_split == "test"  # the report's protocol
