@@ -10,6 +10,7 @@ import pytest
 import scipy.stats
 from statsmodels.stats.multitest import multipletests
 
+from collapse_utils.analysis import stats
 from collapse_utils.analysis.stats import (
     anova_by_layer_group,
     bootstrap_mean_ci,
@@ -329,3 +330,66 @@ def test_unit_tests_refuse_missing_values_instead_of_dropping_them():
     layers = pd.DataFrame([[0.1, np.nan, 0.3]], index=["E2"])
     with pytest.raises(ValueError, match="NaN"):
         layer_pooled_test(layers, pd.DataFrame([[0.2, 0.4, 0.5]], index=["E5"]))
+
+
+# --- matched grids (study B) -----------------------------------------------------------------
+
+
+def _grid() -> pd.DataFrame:
+    """Two datasets × three lrs × two seeds × {full, lora}; full is lower by a known amount."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for dataset in ("eurosat", "pets"):
+        for log_lr in (-6, -5, -4):
+            for seed in (7, 11):
+                base = -2.0 * (log_lr + 6) + rng.normal(0, 0.3)
+                for method, shift in (("full", -1.0), ("lora", 0.0)):
+                    rows.append({"dataset": dataset, "log10_lr": log_lr, "seed": seed,
+                                 "method": method, "d_entropy": base + shift + rng.normal(0, .1),
+                                 "retention": 1 + 0.1 * base + rng.normal(0, .05)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_paired_matched_pairs_cells_and_agrees_with_scipy():
+    grid = _grid()
+    result = stats.paired_matched(grid, ["dataset", "log10_lr", "seed"], "method", "full",
+                                  "lora", "d_entropy")  # fmt: skip
+    wide = grid.pivot(index=["dataset", "log10_lr", "seed"], columns="method", values="d_entropy")
+    diff = wide["full"] - wide["lora"]
+    assert result["n"] == 12 and result["diff"] == pytest.approx(diff.mean())
+    assert result["p_t"] == pytest.approx(scipy.stats.ttest_rel(wide["full"], wide["lora"]).pvalue)
+    assert result["p_wilcoxon"] == pytest.approx(scipy.stats.wilcoxon(diff).pvalue)
+    assert result["d_z"] == pytest.approx(diff.mean() / diff.std(ddof=1))
+
+
+def test_paired_matched_refuses_ambiguous_cells_and_handles_one_pair():
+    grid = _grid()
+    with pytest.raises(ValueError, match="several method rows"):
+        stats.paired_matched(grid, ["dataset", "log10_lr"], "method", "full", "lora", "d_entropy")
+    one = grid[(grid["dataset"] == "pets") & (grid["log10_lr"] == -6) & (grid["seed"] == 7)]
+    result = stats.paired_matched(one, ["dataset", "log10_lr", "seed"], "method", "full", "lora",
+                                  "d_entropy")  # fmt: skip
+    assert result["n"] == 1 and math.isnan(result["p_t"]) and math.isnan(result["p_wilcoxon"])
+
+
+def test_dose_response_is_spearman_over_lrs_and_seeds():
+    full = _grid().query("method == 'full' and dataset == 'eurosat'")
+    result = stats.dose_response(full, "log10_lr", "d_entropy")
+    expected = scipy.stats.spearmanr(full["log10_lr"], full["d_entropy"])
+    assert result["n"] == 6 and result["rho"] == pytest.approx(expected.statistic)
+    assert result["rho"] < 0
+    assert result["p"] == pytest.approx(expected.pvalue)
+
+
+def test_predictor_ranking_puts_the_informative_signal_first_with_cis():
+    grid = _grid()
+    grid["noise"] = np.random.default_rng(0).normal(size=len(grid))
+    table = stats.predictor_ranking(grid, "retention", ["noise", "d_entropy"],
+                                    within=["dataset", "method"], n_boot=300)  # fmt: skip
+    assert list(table.index) == ["d_entropy", "noise"]
+    best = table.loc["d_entropy"]
+    assert best["rho"] == pytest.approx(
+        scipy.stats.spearmanr(grid["d_entropy"], grid["retention"]).statistic
+    )
+    assert best["ci_low"] <= abs(best["rho"]) <= best["ci_high"] and best["n"] == 24
+    assert 0 < best["abs_rho_within"] <= 1

@@ -457,3 +457,83 @@ def paired_layer_test(layers_a: pd.DataFrame, layers_b: pd.DataFrame) -> UnitCom
         "without several seeds it cannot separate the treatment from seed noise."
     )
     return UnitComparison("layer_paired", len(a), len(b), paired(a, b), supports)
+
+
+# --- matched grids (study B) -------------------------------------------------------------------
+
+
+def paired_matched(
+    frame: pd.DataFrame, on: Sequence[str], group: str, a: str, b: str, value: str
+) -> pd.Series:
+    """Group ``a`` against ``b`` at matched cells: rows of the run-level ``frame`` are paired
+    when they agree on every column of ``on`` (e.g. dataset, lr, seed) and differ in ``group``.
+
+    Returns one row: n (pairs), mean_a, mean_b, diff (mean of a − b), d_z, p_t (paired t) and
+    p_wilcoxon (signed-rank; NaN below 2 pairs or when every difference is 0). Cells without
+    both groups are dropped; a cell with two rows of one group is an error."""
+    keys = list(on)
+    cells = frame[frame[group].isin([a, b])].pivot_table(
+        index=keys, columns=group, values=value, aggfunc="count"
+    )
+    if (cells > 1).any().any():
+        raise ValueError(f"cells of {keys} hold several {group} rows; add the column that tells")
+    wide = frame.pivot(index=keys, columns=group, values=value).dropna(subset=[a, b])
+    x, y = _array(wide[a]), _array(wide[b])
+    nan = float("nan")
+    row = {"n": len(x), "mean_a": nan, "mean_b": nan, "diff": nan, "d_z": nan, "p_t": nan,
+           "p_wilcoxon": nan}  # fmt: skip
+    if len(x):
+        row |= {"mean_a": x.mean(), "mean_b": y.mean(), "diff": (x - y).mean()}
+    if len(x) >= 2:
+        test = paired(x, y)
+        row |= {"d_z": test.d_z, "p_t": test.p}
+        if np.any(x != y):
+            row["p_wilcoxon"] = float(scipy.stats.wilcoxon(x, y).pvalue)
+    return pd.Series(row)
+
+
+def dose_response(frame: pd.DataFrame, x: str, y: str) -> pd.Series:
+    """Spearman correlation of ``y`` with ``x`` over the rows of ``frame`` (e.g. Δentropy vs
+    log10 lr, n = learning rates × seeds): rho, p (scipy's two-sided), n."""
+    rows = frame[[x, y]].dropna()
+    if len(rows) < 3:
+        return pd.Series({"rho": float("nan"), "p": float("nan"), "n": len(rows)})
+    result = scipy.stats.spearmanr(rows[x], rows[y])
+    return pd.Series({"rho": float(result.statistic), "p": float(result.pvalue), "n": len(rows)})
+
+
+def predictor_ranking(
+    frame: pd.DataFrame,
+    target: str,
+    predictors: Sequence[str],
+    within: Sequence[str] | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """How well each predictor column ranks ``target`` across the runs of ``frame``.
+
+    Indexed by predictor: ``rho``, ``p``, ``n`` (Spearman over all rows); ``abs_rho_within``:
+    mean |ρ| over the groups of ``within`` with at least 3 rows (confounds such as dataset or
+    method cannot carry it; NaN without ``within``); ``ci_low``/``ci_high``: percentile
+    bootstrap 95 % CI of |ρ| over rows resampled with replacement. Sorted by |ρ|, best first."""
+    rng = np.random.default_rng(seed)
+    rows = {}
+    for name in predictors:
+        data = frame[[name, target, *(within or [])]].dropna()
+        overall = dose_response(data, name, target)
+        boot = []
+        for _ in range(n_boot):
+            sample = data.iloc[rng.integers(0, len(data), len(data))]
+            if sample[name].nunique() > 1 and sample[target].nunique() > 1:
+                boot.append(abs(scipy.stats.spearmanr(sample[name], sample[target]).statistic))
+        within_rho = float("nan")
+        if within:
+            groups = [g for _, g in data.groupby(list(within)) if len(g) >= 3]
+            values = [abs(dose_response(g, name, target)["rho"]) for g in groups]
+            within_rho = float(np.nanmean(values)) if values else float("nan")
+        low, high = np.percentile(boot, [2.5, 97.5]) if boot else (float("nan"),) * 2
+        rows[name] = {"rho": overall["rho"], "p": overall["p"], "n": int(overall["n"]),
+                      "abs_rho_within": within_rho, "ci_low": low, "ci_high": high}  # fmt: skip
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "predictor"
+    return table.reindex(table["rho"].abs().sort_values(ascending=False).index)
