@@ -7,7 +7,7 @@ PROFILE ?= smoke
 JOBS ?= 2
 LAB_ARGS ?=
 
-.PHONY: venv test lint book book-assets bench lab clean
+.PHONY: venv test lint book book-assets bench lab doctor rehearsal clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -54,8 +54,17 @@ $(NPM_STATIC)/.copied: package.json package-lock.json
 
 book-assets: $(NPM_STATIC)/.copied
 
-book: venv book-assets
+# The preflight: model, datasets, GPU, disk and outputs of a profile, one line each (smoke: 0.3 s).
+doctor: venv
+	$(BIN)/python -m collapse_utils doctor --profile $(PROFILE) --jobs $(JOBS)
+
+book: venv book-assets doctor
 	$(BIN)/python -m collapse_utils run --profile $(PROFILE) --jobs $(JOBS)
+
+# The full profile's code path on full-size fixtures (random ViT-B/32, fake data in the real
+# formats), a few steps per configuration, ending with doctor passing and the book building.
+rehearsal: venv book-assets
+	$(BIN)/python -m collapse_utils rehearse --jobs $(JOBS)
 
 bench: venv
 	$(BIN)/python bench.py

@@ -1,11 +1,13 @@
-"""``python -m collapse_utils run --profile smoke|full [--only IDS] [--jobs N] [--no-build]``."""
+"""``python -m collapse_utils run --profile smoke|full [--only IDS] [--jobs N] [--no-build]``;
+``python -m collapse_utils doctor --profile full [--jobs N] [--allow-cpu]`` (preflight, see
+doctor.py); ``python -m collapse_utils rehearse [--only IDS] [--no-build]`` (the full profile's
+code path on full-size fixtures, see rehearsal.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from collapse_utils.book.runner import RunnerError, run_book
 from collapse_utils.config import ConfigError, available_profiles
 
 
@@ -27,34 +29,81 @@ def parser() -> argparse.ArgumentParser:
         "execution or the book build failed.",
     )
     r.add_argument("--profile", required=True, choices=available_profiles())
-    r.add_argument(
+    _execution_options(r)
+    r.add_argument("--force", action="store_true", help="re-execute even up-to-date notebooks")
+    h = sub.add_parser(
+        "rehearse",
+        help="build full-size fixtures, check them with doctor, then run the rehearsal book",
+        description="Write a random full-size ViT-B/32 with the real CLIP tokenizer and fake "
+        "datasets in the real formats where params/profiles/rehearsal.yaml points, run doctor "
+        "on that profile (CPU allowed) and execute its book: the full profile's code path for a "
+        "few steps per configuration.",
+    )
+    _execution_options(h)
+    d = sub.add_parser(
+        "doctor",
+        help="check, without training, that this machine can run a profile",
+        description="Check model files, datasets, GPU, disk space and writable outputs for every "
+        "experiment of the profile and estimate the study's time from the benchmark. One line "
+        "per check; exits non-zero if any line is marked FIX.",
+    )
+    d.add_argument("--profile", required=True, choices=available_profiles())
+    d.add_argument(
+        "--jobs", type=_positive, default=1, help="runs trained at once (resume files on disk)"
+    )
+    d.add_argument(
+        "--allow-cpu",
+        action="store_true",
+        help="without a GPU, let train.device auto train on CPU (a rehearsal, CI)",
+    )
+    return p
+
+
+def _execution_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
         "--only",
         nargs="+",
         metavar="ID",
         help="run only these experiment ids (comma or space separated) and their families' "
         "summaries; other pages stay as they are",
     )
-    r.add_argument("--jobs", type=_positive, default=1, help="parallel executions (default 1)")
-    r.add_argument("--no-build", action="store_true", help="execute and write the toc only")
-    r.add_argument("--force", action="store_true", help="re-execute even up-to-date notebooks")
-    return p
+    p.add_argument("--jobs", type=_positive, default=1, help="parallel executions (default 1)")
+    p.add_argument("--no-build", action="store_true", help="execute and write the toc only")
+
+
+def doctor(profile: str, jobs: int, allow_cpu: bool = False) -> int:
+    from collapse_utils import config
+    from collapse_utils.doctor import problems, report, run_doctor
+
+    checks = run_doctor(profile, config.PARAMS_DIR, jobs=jobs, allow_cpu=allow_cpu)
+    print(report(checks))
+    return 1 if problems(checks) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    only = [i for item in args.only or [] for i in item.split(",") if i]
+    if args.command == "doctor":
+        try:
+            return doctor(args.profile, args.jobs, args.allow_cpu)
+        except ConfigError as err:
+            p.error(str(err))
+    # Imported here: the runner imports torch, which `doctor` on a CPU profile never needs.
+    from collapse_utils.book.runner import RunnerError, run_book
+    from collapse_utils.rehearsal import RehearsalError, rehearse
+    from collapse_utils.storage import LockedError
+
+    only = [i for item in args.only or [] for i in item.split(",") if i] or None
     try:
-        report = run_book(
-            args.profile,
-            only=only or None,
-            jobs=args.jobs,
-            build=not args.no_build,
-            force=args.force,
-        )
-    except (RunnerError, ConfigError) as err:
+        if args.command == "rehearse":
+            check = lambda: doctor("rehearsal", args.jobs, allow_cpu=True)  # noqa: E731
+            report = rehearse(only=only, jobs=args.jobs, build=not args.no_build, check=check)
+        else:
+            report = run_book(args.profile, only=only, jobs=args.jobs,
+                              build=not args.no_build, force=args.force)  # fmt: skip
+    except (RunnerError, ConfigError, LockedError, RehearsalError) as err:
         p.error(str(err))
-    return 0 if report.ok else 1
+    return 0 if report is not None and report.ok else 1
 
 
 if __name__ == "__main__":

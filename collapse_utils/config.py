@@ -366,17 +366,25 @@ def resolve_path(path: str | Path, root: Path) -> Path:
     return path if path.is_absolute() else root / path
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def local_model_folder(name: str, root: Path = REPO_ROOT) -> Path | None:
+    """The folder ``model.name`` means (absolute, relative names under ``root``), or None when
+    it is a hub id: ``name`` or ``owner/name`` that is not a folder. ``./m``, ``~/m``, ``a/b/c``
+    and ``../m`` are folders."""
+    path = resolve_path(name, root).resolve()
+    if path.is_dir() or not _HUB_ID.fullmatch(name) or ".." in name:
+        return path
+    return None
+
+
 def _resolve_paths(config: RunConfig, root: Path) -> RunConfig:
     """Output root, data root and a local model folder as absolute paths under ``root``."""
     model = config.model
-    # A hub id is "name" or "owner/name"; a deeper or explicit path is a local folder.
-    local = model.source == "hub" and (
-        model.name.startswith((".", "/", "~"))
-        or model.name.count("/") > 1
-        or (root / model.name).is_dir()
-    )
-    if local:
-        model = dataclasses.replace(model, name=str(resolve_path(model.name, root)))
+    folder = local_model_folder(model.name, root) if model.source == "hub" else None
+    if folder is not None:
+        model = dataclasses.replace(model, name=str(folder))
     return dataclasses.replace(
         config,
         output_root=str(resolve_path(config.output_root, root)) if config.output_root else "",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -183,12 +183,19 @@ def build_fixtures(model_dir: Path, data_root: Path, seed: int = 0) -> None:
 
 
 def rehearse(
-    profile: str = "rehearsal", only: Sequence[str] | None = None, jobs: int = 1, build=True
+    profile: str = "rehearsal",
+    only: Sequence[str] | None = None,
+    jobs: int = 1,
+    build: bool = True,
+    check: Callable[[], int] | None = None,
 ):
-    """Build the fixtures the profile points at, then run the book for ``profile`` (every
-    configuration, or ``only`` these) and return the runner's report."""
+    """Build the fixtures the profile points at, run ``check`` (the doctor: non-zero stops the
+    rehearsal, returning None), then the book for ``profile`` (every configuration, or ``only``
+    these); returns the runner's report."""
     from collapse_utils.book.runner import run_book
 
     config = load_config(profile, available_experiments()[0])
     build_fixtures(Path(config.model.name), Path(config.data.root))
+    if check is not None and check() != 0:
+        return None
     return run_book(profile, only=only, jobs=jobs, build=build)

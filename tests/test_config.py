@@ -153,3 +153,58 @@ def test_params_file_that_is_not_utf8_is_named(tmp_path: Path):
 def test_ids_that_are_not_safe_folder_names_are_refused(bad_id: str):
     with pytest.raises(ConfigError, match="not a safe name"):
         load_config("smoke", bad_id)
+
+
+@pytest.mark.parametrize("device", ["banana", "cuda:x", "gpu"])
+def test_unknown_device_names_the_field(device: str):
+    with pytest.raises(ConfigError, match=r"'train.device' is .*must be auto, cpu"):
+        load_config("smoke", "E2").with_overrides(train={"device": device})
+
+
+def test_a_device_this_machine_lacks_fails_before_anything_is_written(tmp_path, monkeypatch):
+    import torch
+
+    from collapse_utils.training.experiment import run_experiment
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = load_config("smoke", "E2").with_overrides(
+        output_root=str(tmp_path), train={"device": "cuda"}
+    )
+    with pytest.raises(ConfigError, match=r"'train.device' is 'cuda' but this machine has 0 CUDA"):
+        run_experiment(config, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_metric_subset_larger_than_the_evaluation_split_is_refused():
+    from collapse_utils.training.data import load_splits
+
+    config = load_config("smoke", "E2").with_overrides(data={"metric_subset": 10_000})
+    with pytest.raises(ConfigError, match=r"'data.metric_subset' is 10000 but the eurosat"):
+        load_splits(config.data, config.seed)
+
+
+def test_a_profile_extends_another_field_by_field(tmp_path: Path):
+    shutil.copytree(PARAMS_DIR, tmp_path / "params")
+    (tmp_path / "params" / "profiles" / "mini.yaml").write_text(
+        "extends: full\noutput_root: outputs/mini\ntrain: {batch_size: 8}\n"
+    )
+    mini = load_config("mini", "E5", params_dir=tmp_path / "params")
+    full = load_config("full", "E5", params_dir=tmp_path / "params")
+    assert mini.train.batch_size == 8 and full.train.batch_size == 64
+    assert mini.lora == full.lora and mini.eval == full.eval  # inherited field by field
+    assert mini.run_dir == tmp_path / "outputs/mini/runs/E5/seed42"
+    assert profile_output_root("mini", tmp_path / "params") == tmp_path / "outputs/mini"
+
+
+def test_a_cycle_of_extends_and_a_bad_inherited_value_name_their_files(tmp_path: Path):
+    shutil.copytree(PARAMS_DIR, tmp_path / "params")
+    profiles = tmp_path / "params" / "profiles"
+    (profiles / "a.yaml").write_text("extends: b\n")
+    (profiles / "b.yaml").write_text("extends: a\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml: field 'extends' makes a cycle"):
+        load_config("a", "E2", params_dir=tmp_path / "params")
+    (profiles / "base.yaml").write_text((profiles / "smoke.yaml").read_text().replace(
+        "batch_size: 32", "batch_size: 0"))  # fmt: skip
+    (profiles / "child.yaml").write_text("extends: base\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml: field 'train\.batch_size'"):
+        load_config("child", "E2", params_dir=tmp_path / "params")

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import shutil
+import socket
+import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ from transformers import CLIPImageProcessor, CLIPImageProcessorPil
 
 from collapse_utils.config import DataSpec
 from collapse_utils.training.data import (
+    DOWNLOAD_STALL_S,
     DatasetUnavailableError,
     balanced_subset,
     load_images,
@@ -19,6 +23,7 @@ from collapse_utils.training.data import (
     resize_center_crop,
     stratified_split,
     synthetic_images,
+    torchvision_missing,
 )
 from collapse_utils.training.hf_datasets import hf_folder, original_metric_subset
 from collapse_utils.training.labels import CLASS_NAMES
@@ -176,3 +181,78 @@ def test_hf_source_feeds_the_splits_and_is_decoded_once(tmp_path):
     shutil.rmtree(folder)  # a second load reads the decoded cache only
     again = load_splits(data, seed=0)
     assert torch.equal(again.metric.images, splits.metric.images)
+
+
+# --- offline downloads ----------------------------------------------------------------------
+
+
+def _failing_download(folder_of, error: BaseException, seen_timeout: list):
+    """A torchvision ``download`` that writes a partial file where the real one would, then
+    fails as an unreachable host does."""
+
+    def download(self) -> None:
+        seen_timeout.append(socket.getdefaulttimeout())
+        partial = folder_of(Path(self.root))
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(b"half an archive")
+        raise error
+
+    return download
+
+
+OFFLINE_ERRORS = [
+    urllib.error.URLError(socket.gaierror(-2, "Name or service not known")),
+    ConnectionResetError(104, "Connection reset by peer"),
+    TimeoutError("timed out"),
+    RuntimeError("File not found or corrupted."),
+]
+
+
+@pytest.mark.parametrize("error", OFFLINE_ERRORS, ids=lambda e: type(e).__name__)
+def test_unreachable_dataset_host_raises_our_error_and_leaves_no_folder(
+    tmp_path, monkeypatch, error
+):
+    torchvision = pytest.importorskip("torchvision")
+    seen: list = []
+    download = _failing_download(lambda root: root / "eurosat" / "EuroSAT.zip", error, seen)
+    monkeypatch.setattr(torchvision.datasets.EuroSAT, "download", download)
+    root = tmp_path / "data"
+    data = DataSpec(dataset="eurosat", root=str(root), download=True)
+    with pytest.raises(DatasetUnavailableError) as err:
+        load_splits(data, seed=42)
+    message = str(err.value)
+    assert "'eurosat'" in message and str(root / "eurosat") in message
+    assert f"datasets.EuroSAT('{root}', download=True)" in message
+    assert not root.exists()  # the download created data/ and data/eurosat/: both removed
+    assert seen == [DOWNLOAD_STALL_S]  # stalls are bounded during the download …
+    assert socket.getdefaulttimeout() is None  # … and the default is restored after
+
+
+def test_failed_download_removes_only_what_it_created(tmp_path, monkeypatch):
+    torchvision = pytest.importorskip("torchvision")
+    root = tmp_path / "data"
+    (root / "cifar-100-python").mkdir(parents=True)
+    (root / "cifar-100-python" / "meta").write_bytes(b"from before")
+    (root / "notes.txt").write_text("mine")
+    error = urllib.error.URLError("no route to host")
+    download = _failing_download(lambda r: r / "cifar-100-python.tar.gz", error, [])
+
+    def download_and_partial_member(self) -> None:
+        (Path(self.root) / "cifar-100-python" / "train").write_bytes(b"partial")
+        download(self)
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "download", download_and_partial_member)
+    data = DataSpec(dataset="cifar100", root=str(root), download=True)
+    with pytest.raises(DatasetUnavailableError, match="cifar100"):
+        load_test_set(data, "cifar100", seed=0)
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == [
+        "cifar-100-python", "cifar-100-python/meta", "notes.txt",
+    ]  # fmt: skip
+
+
+def test_torchvision_layout_names_what_is_missing(tmp_path):
+    (tmp_path / "flowers-102" / "jpg").mkdir(parents=True)
+    (tmp_path / "flowers-102" / "setid.mat").write_bytes(b"")
+    assert torchvision_missing("flowers102", tmp_path) == [
+        tmp_path.resolve() / "flowers-102" / "imagelabels.mat"
+    ]

@@ -1,15 +1,19 @@
 from __future__ import annotations
 
+import huggingface_hub.constants
 import pytest
 import torch
+from transformers import CLIPModel
 
-from collapse_utils.config import LoraSpec, ModelSpec, TrainSpec
+import collapse_utils.training.model as model_module
+from collapse_utils.config import REPO_ROOT, LoraSpec, ModelSpec, TrainSpec
 from collapse_utils.training.model import (
     CLIPClassifier,
     ModelUnavailableError,
     count_trainable,
     load_clip,
     merged_clip,
+    model_folder,
     prepare_for_training,
     vision_layers,
 )
@@ -103,3 +107,83 @@ def test_tiny_clip_has_vit_b32_geometry(tiny_clip):
     vision = tiny_clip.config.vision_config
     assert (vision.image_size, vision.patch_size) == (224, 32)
     assert vision.num_hidden_layers == LAYERS
+
+
+# --- offline model lookup -------------------------------------------------------------------
+
+MISSING_HUB_ID = "collapse-utils-tests/no-such-clip"
+
+
+@pytest.fixture
+def from_pretrained_calls(monkeypatch):
+    """Every ``CLIPModel.from_pretrained`` call's keyword arguments (the calls still run)."""
+    calls: list[dict] = []
+    original = CLIPModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        calls.append(kwargs)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPModel, "from_pretrained", classmethod(spy))
+    return calls
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_hub_model_missing_with_hf_hub_offline_fails_without_asking_the_hub(
+    monkeypatch, empty_hub_cache, from_pretrained_calls
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(model_module, "hub_unreachable", lambda *a: pytest.fail("hub probed"))
+    with pytest.raises(ModelUnavailableError) as err:
+        load_clip(ModelSpec(source="hub", name=MISSING_HUB_ID))
+    message = str(err.value)
+    assert MISSING_HUB_ID in message and str(empty_hub_cache) in message
+    assert "HF_HUB_OFFLINE" in message
+    assert f"CLIPModel.from_pretrained('{MISSING_HUB_ID}').save_pretrained(" in message
+    assert from_pretrained_calls and all(c["local_files_only"] for c in from_pretrained_calls)
+
+
+def test_hub_model_missing_with_the_hub_unreachable_fails_after_one_probe(
+    monkeypatch, empty_hub_cache, from_pretrained_calls
+):
+    # Port 9 (discard) on loopback refuses at once: an unreachable hub without any network.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(ModelUnavailableError) as err:
+        load_clip(ModelSpec(source="hub", name=MISSING_HUB_ID))
+    message = str(err.value)
+    assert "http://127.0.0.1:9 cannot be reached" in message and MISSING_HUB_ID in message
+    # Only local lookups ran: no download attempt, so none of the hub client's retries.
+    assert from_pretrained_calls and all(c["local_files_only"] for c in from_pretrained_calls)
+
+
+def test_local_model_folder_without_weights_names_the_folder(tmp_path):
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    with pytest.raises(ModelUnavailableError) as err:
+        load_clip(ModelSpec(source="hub", name=str(folder)))
+    assert str(folder) in str(err.value) and f".save_pretrained('{folder}')" in str(err.value)
+
+
+def test_model_saved_to_a_folder_loads_by_path_without_the_hub(tmp_path, monkeypatch, tiny_spec):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    load_clip(tiny_spec, seed=0).save_pretrained(tmp_path / "clip")
+    spec = ModelSpec(source="hub", name=str(tmp_path / "clip"), vision_layers=LAYERS)
+    assert load_clip(spec).config.vision_config.hidden_size == HIDDEN
+
+
+def test_model_name_is_a_folder_when_it_exists_or_looks_like_a_path(tmp_path):
+    assert model_folder("openai/clip-vit-base-patch32") is None
+    assert model_folder(str(tmp_path)) == tmp_path.resolve()
+    assert model_folder(str(tmp_path / "absent")) == (tmp_path / "absent").resolve()
+    assert model_folder("../elsewhere/clip") == (REPO_ROOT / "../elsewhere/clip").resolve()

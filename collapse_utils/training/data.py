@@ -14,7 +14,12 @@ the original rule.
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import math
+import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +29,7 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from collapse_utils.config import DataSpec
+from collapse_utils.config import ConfigError, DataSpec
 from collapse_utils.storage import cached
 from collapse_utils.training.labels import CLASS_NAMES
 
@@ -176,12 +181,94 @@ def _torchvision_source(name: str, root: Path, split: str, download: bool):
     raise ValueError(f"unknown dataset {name!r}")
 
 
-_FETCH_HINT = {
-    "eurosat": "torchvision.datasets.EuroSAT(root, download=True)",
-    "pets": "torchvision.datasets.OxfordIIITPet(root, split='trainval'/'test', download=True)",
-    "cifar100": "torchvision.datasets.CIFAR100(root, train=False, download=True)",
-    "flowers102": "torchvision.datasets.Flowers102(root, split='test', download=True)",
+# torchvision's folder of each dataset under ``data.root`` and what must be in it (its own
+# ``_check_exists``), and what its download writes beside that folder.
+TORCHVISION_LAYOUT: dict[str, tuple[str, tuple[str, ...]]] = {
+    "eurosat": ("eurosat", ("2750",)),
+    "pets": ("oxford-iiit-pet", ("images", "annotations/trainval.txt", "annotations/test.txt")),
+    "cifar100": ("cifar-100-python", ("train", "test", "meta")),
+    "flowers102": ("flowers-102", ("jpg", "imagelabels.mat", "setid.mat")),
 }
+_TORCHVISION_ARCHIVES = {"cifar100": ("cifar-100-python.tar.gz",)}
+_TORCHVISION_CLASSES = {
+    "eurosat": "EuroSAT", "pets": "OxfordIIITPet", "cifar100": "CIFAR100",
+    "flowers102": "Flowers102",
+}  # fmt: skip
+# What a download that cannot reach its host raises: urllib's URLError, socket errors and
+# timeouts, ConnectionError (all OSError), http.client's protocol errors, and torchvision's
+# RuntimeError ("Dataset not found or corrupted", a checksum mismatch).
+DOWNLOAD_ERRORS = (OSError, http.client.HTTPException, RuntimeError)
+# Seconds a download socket may stall (connect or read) before it fails; urllib's default is
+# to wait forever on a host that drops packets.
+DOWNLOAD_STALL_S = 15.0
+
+
+def torchvision_fetch_command(name: str, root: Path) -> str:
+    """The shell command that downloads every split of ``name`` into ``root`` (absolute)."""
+    root = Path(root).resolve()
+    return (
+        f'python -c "from torchvision import datasets; '
+        f"datasets.{_TORCHVISION_CLASSES[name]}('{root}', download=True)\""
+    )
+
+
+def torchvision_missing(name: str, root: Path) -> list[Path]:
+    """The paths of ``name``'s torchvision layout under ``root`` that are absent (absolute)."""
+    folder, required = TORCHVISION_LAYOUT[name]
+    base = Path(root).resolve() / folder
+    return [base / part for part in required if not (base / part).exists()]
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _download_guard(name: str, root: Path) -> Iterator[None]:
+    """Bound socket stalls to :data:`DOWNLOAD_STALL_S` while torchvision downloads, and on any
+    failure remove what the attempt created: the dataset's folder or archive if absent before,
+    new entries inside a folder that existed, and ``root`` itself if it was created and is left
+    empty. Nothing that existed before is touched."""
+    folder = root / TORCHVISION_LAYOUT[name][0]
+    artefacts = [folder, *(root / a for a in _TORCHVISION_ARCHIVES.get(name, ()))]
+    root_existed = root.exists()
+    existed = {path for path in artefacts if path.exists()}
+    inside = set(folder.iterdir()) if folder.is_dir() else set()
+    timeout = socket.getdefaulttimeout()
+    if timeout is None:
+        socket.setdefaulttimeout(DOWNLOAD_STALL_S)
+    try:
+        yield
+    except BaseException:
+        for path in artefacts:
+            if path not in existed and path.exists():
+                _remove(path)
+        if folder in existed and folder.is_dir():
+            for path in set(folder.iterdir()) - inside:
+                _remove(path)
+        if not root_existed and root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
+        raise
+    finally:
+        if timeout is None:
+            socket.setdefaulttimeout(None)
+
+
+def _unavailable_message(name: str, split: str, root: Path, download: bool, err: Exception) -> str:
+    folder = root / TORCHVISION_LAYOUT[name][0]
+    if download:
+        what, cleaned = "could not be downloaded", " (what this attempt created there is removed)"
+    else:
+        what, cleaned = "is not on disk (data.download is false)", ""
+    return (
+        f"dataset {name!r} ({split}) {what}: looked in {folder}{cleaned}; "
+        f"{type(err).__name__}: {err}. On a machine with internet run\n"
+        f"    {torchvision_fetch_command(name, root)}\n"
+        f"and copy the {folder.name}/ folder it writes to {folder} on this machine."
+    )
 
 
 def _decode(data: DataSpec, name: str, split: str) -> dict:
@@ -195,14 +282,15 @@ def _decode(data: DataSpec, name: str, split: str) -> dict:
         images = load_hf_split(name, hf_split, root / "hf", data.image_size, data.interpolation)
         return {"images": images.images, "labels": images.labels,
                 "class_names": images.class_names}  # fmt: skip
+    if name not in TORCHVISION_LAYOUT:
+        raise ValueError(f"unknown dataset {name!r}; torchvision: {sorted(TORCHVISION_LAYOUT)}")
+    root = root.resolve()
     try:
-        source = _torchvision_source(name, root, split, data.download)
-    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted ..."
-        raise DatasetUnavailableError(
-            f"dataset {name!r} ({split}) not found under {root.resolve()}: {err}. Fetch it on a "
-            f"machine with internet with {_FETCH_HINT[name]} (or set data.download: true) and "
-            f"copy the folder to {root.resolve()}."
-        ) from err
+        with _download_guard(name, root):
+            source = _torchvision_source(name, root, split, data.download)
+    except DOWNLOAD_ERRORS as err:
+        message = _unavailable_message(name, split, root, data.download, err)
+        raise DatasetUnavailableError(message) from err
     images, labels = [], []
     for image, label in tqdm(source, desc=f"decode {name}/{split}", leave=False):
         images.append(image_to_uint8(image, data.image_size, data.interpolation))
@@ -238,6 +326,14 @@ def load_images(data: DataSpec, name: str, split: str, seed: int) -> ImageSet:
     return ImageSet(name, blob["images"], blob["labels"], tuple(names))
 
 
+def _check_metric_subset(data: DataSpec, available: int) -> None:
+    if data.metric_subset > available:
+        raise ConfigError(
+            f"field 'data.metric_subset' is {data.metric_subset} but the {data.dataset} "
+            f"evaluation split has {available} images ({data.split} split); lower it"
+        )
+
+
 def load_splits(data: DataSpec, seed: int) -> Splits:
     """The training split, the per-epoch evaluation split and the metric subset (``data.split``).
 
@@ -250,10 +346,12 @@ def load_splits(data: DataSpec, seed: int) -> Splits:
     pool = load_images(data, data.dataset, "pool", seed)
     if data.split == "original":
         test = load_images(data, data.dataset, "test", seed)
+        _check_metric_subset(data, len(test))
         order = original_metric_subset(test.labels.numpy(), data.metric_subset, data.metric_seed)
         return Splits(train=pool, val=test, metric=test.subset(torch.from_numpy(order)))
     train_idx, val_idx = stratified_split(pool.labels, data.val_fraction, seed)
     val = pool.subset(val_idx)
+    _check_metric_subset(data, len(val))
     metric = val.subset(balanced_subset(val.labels, data.metric_subset, seed))
     test = (
         load_images(data, data.dataset, "test", seed) if data.has_test_split(data.dataset) else None

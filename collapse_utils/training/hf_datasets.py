@@ -11,7 +11,7 @@ in either layout:
 - a ``DatasetDict`` written by ``save_to_disk`` (the folder holds ``dataset_dict.json``), or one
   ``Dataset`` per split in ``<folder>/<split>/``;
 - the parquet files as the hub stores them, e.g. ``<folder>/data/train-00000-of-00001.parquet``
-  (``huggingface-cli download <build> --repo-type dataset --local-dir <folder>``), also
+  (``hf download <build> --repo-type dataset --local-dir <folder>``), also
   ``<folder>/<config>/<split>/0000.parquet`` (the hub's parquet conversion).
 
 Geometry: ``interpolation="bilinear"`` (default) replays the original's evaluation transform,
@@ -104,7 +104,7 @@ def _fetch_hint(build: HFBuild, folder: Path) -> str:
         f"    python -c \"import datasets; datasets.load_dataset('{build.repo}')"
         f".save_to_disk('{folder}')\"\n"
         f"or download its parquet files with\n"
-        f"    huggingface-cli download {build.repo} --repo-type dataset --local-dir {folder}\n"
+        f"    hf download {build.repo} --repo-type dataset --local-dir {folder}\n"
         f"and copy the folder to {folder.resolve()}."
     )
 

@@ -10,13 +10,18 @@ tower.
 from __future__ import annotations
 
 import copy
+import http.client
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPModel
 
-from collapse_utils.config import LoraSpec, ModelSpec, TrainSpec
+from collapse_utils.config import REPO_ROOT, LoraSpec, ModelSpec, TrainSpec, local_model_folder
 
 # Vocabulary of the offline smoke tokenizer (see ``zeroshot.tiny_tokenizer``): 256 byte symbols,
 # their end-of-word forms and the two special tokens.
@@ -68,16 +73,7 @@ def load_clip(spec: ModelSpec, seed: int = 0) -> CLIPModel:
                 tiny_clip_config(spec), attn_implementation=spec.attn_implementation
             )
     else:
-        try:
-            model = CLIPModel.from_pretrained(
-                spec.name, attn_implementation=spec.attn_implementation
-            )
-        except OSError as err:
-            raise ModelUnavailableError(
-                f"cannot load CLIP {spec.name!r}: {err}. Offline, point model.name at a local "
-                "folder saved with save_pretrained(), or pre-fill the Hugging Face cache "
-                "(HF_HOME) on a machine with hub access; the smoke profile needs no download."
-            ) from err
+        model = _load_pretrained(spec)
     layers = model.config.vision_config.num_hidden_layers
     if layers != spec.vision_layers:
         raise ModelUnavailableError(
@@ -85,6 +81,86 @@ def load_clip(spec: ModelSpec, seed: int = 0) -> CLIPModel:
             f"{spec.vision_layers}; fix the profile"
         )
     return model.eval()
+
+
+# Seconds to wait for the hub to answer before a model missing locally is declared unavailable.
+HUB_PROBE_TIMEOUT_S = 5.0
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def model_folder(name: str) -> Path | None:
+    """The local folder ``model.name`` means, or None for a hub id (``config``'s one rule)."""
+    return local_model_folder(name)
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) asks for no hub access."""
+    import huggingface_hub.constants as hub
+
+    flags = (os.environ.get(v, "") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return hub.HF_HUB_OFFLINE or any(flag.strip().lower() in _TRUE for flag in flags)
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the hub cannot be reached (one HEAD request, no retries), or None if it answers."""
+    import huggingface_hub.constants as hub
+
+    request = urllib.request.Request(hub.ENDPOINT, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answered, with an error status: reachable
+    except (OSError, http.client.HTTPException) as err:  # URLError, timeouts, refused, DNS
+        return f"{hub.ENDPOINT} cannot be reached ({type(err).__name__}: {err})"
+
+
+def _model_message(name: str, looked: Path | str, reason: str) -> str:
+    """What is missing, where it was looked for, and the commands that fetch it."""
+    folder = model_folder(name)
+    hub_id = ModelSpec().name if folder else name
+    target = folder or REPO_ROOT / "models" / name.split("/")[-1]
+    then = "" if folder else f" and set model.name: {target} in params/profiles/<profile>.yaml"
+    return (
+        f"CLIP {name!r} is not available: looked in {looked}; {reason}. On a machine with hub "
+        f"access run\n"
+        f'    python -c "from transformers import CLIPModel; '
+        f"CLIPModel.from_pretrained('{hub_id}').save_pretrained('{target}')\"\n"
+        f"then copy that folder to {target} on this machine{then}. The smoke profile needs no "
+        "download."
+    )
+
+
+def _load_pretrained(spec: ModelSpec) -> CLIPModel:
+    """From a local folder, else the Hugging Face cache, else (only when the hub answers within
+    :data:`HUB_PROBE_TIMEOUT_S` and ``HF_HUB_OFFLINE`` is unset) from the hub. Offline, a model
+    missing locally raises :class:`ModelUnavailableError` at once instead of retrying the hub."""
+    import huggingface_hub.constants as hub
+
+    kwargs = {"attn_implementation": spec.attn_implementation}
+    folder = model_folder(spec.name)
+    if folder is not None:
+        if not folder.is_dir():
+            raise ModelUnavailableError(_model_message(spec.name, folder, "no such folder"))
+        try:
+            return CLIPModel.from_pretrained(folder, local_files_only=True, **kwargs)
+        except OSError as err:
+            reason = f"{type(err).__name__}: {err}"
+            raise ModelUnavailableError(_model_message(spec.name, folder, reason)) from err
+    cache, near = Path(hub.HF_HUB_CACHE).resolve(), (REPO_ROOT / spec.name).resolve()
+    looked = f"the Hugging Face cache {cache} and for a folder {near}"
+    try:
+        return CLIPModel.from_pretrained(spec.name, local_files_only=True, **kwargs)
+    except OSError as err:
+        missing = err
+    reason = "HF_HUB_OFFLINE is set" if hub_offline() else hub_unreachable()
+    if reason is not None:
+        raise ModelUnavailableError(_model_message(spec.name, looked, reason)) from missing
+    try:
+        return CLIPModel.from_pretrained(spec.name, **kwargs)
+    except OSError as err:
+        reason = f"the hub download failed ({type(err).__name__}: {err})"
+        raise ModelUnavailableError(_model_message(spec.name, looked, reason)) from err
 
 
 class CLIPClassifier(nn.Module):
