@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from collapse_utils.config import RunConfig
+from collapse_utils.config import ConfigError, RunConfig
 from collapse_utils.run_record import (
     EpochRecord,
     EvalRecord,
@@ -129,6 +129,10 @@ def load_setup(config: RunConfig) -> Setup:
         for name in config.eval.zeroshot_datasets
     }
     base_clip = load_clip(config.model, seed=config.seed).to(device)
+    model_size = base_clip.config.vision_config.image_size
+    if model_size != config.data.image_size:
+        raise ConfigError(f"field 'data.image_size' is {config.data.image_size} but "
+                          f"{config.model.name} takes {model_size} px images")  # fmt: skip
     classifier = CLIPClassifier(base_clip, len(splits.train.class_names), seed=config.seed)
     model = prepare_for_training(classifier, config.train, config.lora).to(device)
     return Setup(
