@@ -76,6 +76,11 @@ class RunFiles:
     def tensorboard(self) -> Path:
         return self.run_dir / "tensorboard"
 
+    @property
+    def interpolation(self) -> Path:
+        """The WiSE-FT path's measurements (``training.interpolation``), JSON."""
+        return self.run_dir / "interpolation.json"
+
     def locked(self) -> AbstractContextManager[None]:
         """Hold this run folder's lock (creating the folder); a second process that asks for it
         gets :class:`~collapse_utils.storage.LockedError` at once, naming folder and pid."""

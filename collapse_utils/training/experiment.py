@@ -107,6 +107,7 @@ class Setup:
     test: tuple[Tensor, Tensor] | None  # scored once at the selected epoch ('heldout' split)
     metric_images: Tensor  # (M, 3, S, S), the fixed metric subset
     metric_images_cpu: Tensor
+    class_names: tuple[str, ...]  # of the task, in label order
     test_sets: dict[str, ImageSet]
     base_clip: nn.Module
     model: nn.Module
@@ -143,6 +144,7 @@ def load_setup(config: RunConfig) -> Setup:
                                                splits.test.labels.to(device)),
         metric_images=splits.metric.images.to(device),
         metric_images_cpu=splits.metric.images,
+        class_names=splits.train.class_names,
         test_sets=test_sets, base_clip=base_clip, model=model,
         plan=StepPlan.of(len(splits.train.images), config.train),
     )  # fmt: skip
@@ -251,7 +253,7 @@ def final_evaluation(setup: Setup) -> tuple[dict[str, ZeroShotRecord], float | N
     if config.eval.zeroshot_checkpoint == "final":
         zeroshot = evaluate_zeroshot(setup.model, setup.base_clip, config, setup.test_sets)
     if zeroshot is None or setup.test is not None:
-        _load_weights(setup.files.best, setup)
+        load_weights(setup.files.best, setup)
     test_acc = None if setup.test is None else accuracy(setup.model, *setup.test, setup.dtype)
     if zeroshot is None:
         zeroshot = evaluate_zeroshot(setup.model, setup.base_clip, config, setup.test_sets)
@@ -448,7 +450,7 @@ def _save_weights(path: Path, setup: Setup, step: int) -> None:
     write_safetensors(path, trainable_state(setup.model, config.train.method), meta)
 
 
-def _load_weights(path: Path, setup: Setup) -> None:
+def load_weights(path: Path, setup: Setup) -> None:
     """Load weights written by :func:`_save_weights` (LoRA: only the trainable tensors)."""
     state = read_safetensors(path, device=str(setup.device))
     setup.model.load_state_dict(state, strict=setup.config.train.method != "lora")
