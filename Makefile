@@ -7,7 +7,7 @@ PROFILE ?= smoke
 JOBS ?= 2
 LAB_ARGS ?=
 
-.PHONY: venv test lint book book-assets bench lab doctor rehearsal clean
+.PHONY: venv test lint browser book book-assets bench lab doctor rehearsal clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,8 +23,24 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+test: lint browser
 	$(BIN)/python -m pytest -q
+
+# The browser check of the built book (tests/test_book_browser.py) opens it in headless Chromium:
+# Debian's package, installed here when it is missing and apt-get can run (as root or through
+# passwordless sudo). Where no browser can be had the check skips and says why; CHROMIUM=/path
+# picks another Chromium or Chrome.
+browser:
+	@if [ -n "$$CHROMIUM" ] || command -v chromium >/dev/null 2>&1; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "note: no chromium and no apt-get: the browser check of the book will skip"; \
+	else \
+		SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+		echo "installing chromium (Debian package) for the browser check of the book"; \
+		{ $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq chromium >/dev/null; } || \
+		echo "note: apt-get could not install chromium: the browser check of the book will skip"; \
+	fi
 
 # Browser assets the book serves itself (no CDN): require.js, the ipywidgets embedder and its
 # Font Awesome files, MathJax. Pinned in package.json / package-lock.json and copied from

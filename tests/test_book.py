@@ -1,43 +1,11 @@
 """End to end: the runner executes the real notebooks on a few smoke configurations (one of them
-broken) and builds the book with warnings as errors."""
+broken) and builds the book with warnings as errors (the session fixture ``book`` in
+``conftest.py``, shared with the browser check in ``test_book_browser.py``)."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import nbformat
 import pytest
-
-from collapse_utils.book.runner import BookPaths, run_book
-from collapse_utils.config import PARAMS_DIR
-from collapse_utils.families import FAMILIES_FILE
-
-REPO = Path(__file__).resolve().parent.parent
-CONFIGS = ("E1_eurosat", "E2", "E5")
-BROKEN = """id: E9_broken
-family: full_vs_lora
-description: Full FT on a dataset that is not on disk
-data: {dataset: eurosat, synthetic_stand_in: false, split: heldout, root: no-such-data}
-train: {method: full}
-"""
-
-
-@pytest.fixture(scope="module")
-def book(tmp_path_factory):
-    root = tmp_path_factory.mktemp("book")
-    params = root / "params"
-    shutil.copytree(PARAMS_DIR / "profiles", params / "profiles")
-    shutil.copy(PARAMS_DIR / FAMILIES_FILE, params / FAMILIES_FILE)
-    (params / "experiments").mkdir()
-    for i in CONFIGS:
-        shutil.copy(PARAMS_DIR / "experiments" / f"{i}.yaml", params / "experiments")
-    (params / "experiments" / "E9_broken.yaml").write_text(BROKEN)
-    shutil.copytree(REPO / "book", root / "book", ignore=shutil.ignore_patterns("executed"))
-    shutil.copy(REPO / "_config.yml", root / "_config.yml")
-    paths = BookPaths(root=root, notebooks=REPO / "notebooks", params=params, book=root / "book")
-    report = run_book("smoke", paths, jobs=2)
-    return paths, report
 
 
 @pytest.mark.slow

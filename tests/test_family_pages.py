@@ -67,7 +67,7 @@ def test_a_new_experiment_file_appears_in_its_family_table_figures_and_findings(
     assert not page.notes  # nothing missing
     comparison = page.tables["comparison"]
     assert list(comparison.index) == FULL_VS_LORA
-    assert comparison.loc["E5_r32", "ΔEntropy %"] == pytest.approx(5.0)
+    assert comparison.loc["E5_r32", "d_entropy_pct"] == pytest.approx(5.0)
     assert comparison.loc["E5_r32", "rank"] == 32 and comparison.loc["E5_r32", "seeds"] == 1
     axis = page.tables["axis"]
     assert list(axis.index) == ["E4", "E5", "E6", "E5_r32", "E7"]  # EuroSAT by rank, then Pets
@@ -76,7 +76,7 @@ def test_a_new_experiment_file_appears_in_its_family_table_figures_and_findings(
     assert "E5_r32" not in legend(page.figures["fig5b_fullft_vs_lora_pets"])
     assert "E5_r32" in legend(page.figures["fig9_head_diversity"])
     assert "under LoRA (E4, E5, E5_r32, E6, E7)" in page.findings
-    lora = comparison.loc[["E4", "E5", "E6", "E7", "E5_r32"], "ΔEntropy %"].mean()
+    lora = comparison.loc[["E4", "E5", "E6", "E7", "E5_r32"], "d_entropy_pct"].mean()
     assert f"by {lora:+.2f} % under LoRA" in page.findings
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -86,3 +87,33 @@ def test_explorer_loads_maps_switches_configuration_and_draws(runs):
 def test_explorer_without_runs_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the family notebooks"):
         AttentionExplorer(tmp_path)
+
+
+def test_close_points_share_one_label_and_labels_never_overlap():
+    fig, axes = figures.new_figure(width=5.0, height=4.0)
+    ax = axes[0, 0]
+    x = [0.0, 0.01, 0.02, 0.6, 0.61, 5.0, 5.0, 5.1]
+    y = [6.5, 6.5, 6.5, 6.5, 6.5, -8.0, -8.0, -7.9]
+    names = ["E2", "E3", "R1", "A3_f3", "A3_f6", "E4", "E5", "E6"]
+    ax.scatter(x, y)
+    ax.margins(0.3)
+    texts = figures.label_points(ax, x, y, names)
+    assert sorted(texts) == ["A3_f3, A3_f6", "E2, E3, R1", "E4, E5, E6"]
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] if a.overlaps(b)]
+    inside = ax.get_window_extent(renderer)
+    assert all(inside.x0 <= b.x0 and b.x1 <= inside.x1 for b in boxes)
+
+
+def test_zero_shot_bars_have_a_legend_for_every_colour():
+    summary = pd.DataFrame(
+        {
+            "run": ["E2", "E5"],
+            "method": ["full", "lora"],
+            "zs_cifar100": [0.2, 0.1],
+            "zs_cifar100_pretrained": [0.15, 0.15],
+        }
+    )
+    legend = figures.zeroshot_bars(summary).axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["Full FT", "LoRA", "pre-trained model"]

@@ -11,11 +11,13 @@ import yaml
 from collapse_utils.__main__ import main
 from collapse_utils.book import runner
 from collapse_utils.book.runner import (
+    AFTER_METHOD,
     METADATA_KEY,
     PROFILE_NOTEBOOKS,
     BookPaths,
     RunnerError,
     build_plan,
+    dress_page,
     run_book,
     stamp_of,
     write_build_config,
@@ -53,7 +55,12 @@ def make_book(
             shutil.copy(PARAMS_DIR / "experiments" / f"{i}.yaml", params / "experiments")
     book = root / "book"
     (book / "_static").mkdir(parents=True)
-    for page in ("intro.md", "method.md", "_static/widgets-requirejs-config.js"):
+    for page in (
+        "intro.md",
+        "method.md",
+        "_static/widgets-requirejs-config.js",
+        "_static/book.css",
+    ):
         shutil.copy(REPO / "book" / page, book / page)
     shutil.copy(REPO / "_config.yml", root / "_config.yml")
     return BookPaths(root=root, notebooks=notebooks, params=params, book=book)
@@ -94,8 +101,10 @@ def test_plan_runs_each_family_notebook_per_configuration_then_summaries_then_st
     plan = build_plan("smoke", paths)
     ids = available_experiments()
     assert len(ids) == 23
-    assert len(plan) == 23 + len(FAMILIES) + 4
-    assert [e.phase for e in plan] == ["config"] * 23 + ["summary"] * 6 + ["profile"] * 4
+    assert len(plan) == 23 + len(FAMILIES) + len(PROFILE_NOTEBOOKS)
+    assert [e.phase for e in plan] == (
+        ["config"] * 23 + ["summary"] * 6 + ["profile"] * len(PROFILE_NOTEBOOKS)
+    )
 
     configs = [e for e in plan if e.phase == "config"]
     assert sorted(e.config_id for e in configs) == ids
@@ -114,7 +123,7 @@ def test_plan_runs_each_family_notebook_per_configuration_then_summaries_then_st
     study = [e for e in plan if e.phase == "profile"]
     assert [e.source.stem for e in study] == list(PROFILE_NOTEBOOKS)
     assert all(e.parameters == {"profile": "smoke"} for e in study)
-    assert study[0].output == paths.book / "executed" / "07_zero_shot.ipynb"
+    assert study[0].output == paths.book / "executed" / "00_findings.ipynb"
 
     full = build_plan("full", paths)
     assert not {e.key for e in plan} & {e.key for e in full}
@@ -134,12 +143,12 @@ def test_second_run_skips_every_current_execution(tmp_path):
     paths = make_book(tmp_path)
     first, calls = fake_run(paths)
     # E2, E4, A1 + 2 family summaries + 4 study notebooks
-    assert len(calls) == 9 and first.ok
+    assert len(calls) == 3 + 2 + len(PROFILE_NOTEBOOKS) and first.ok
     stamp = stamp_of(paths.executed / "02_full_ft_vs_lora" / "E2.ipynb")
     assert stamp["status"] == "ok" and stamp["parameters"]["config_id"] == "E2"
 
     second, calls = fake_run(paths)
-    assert calls == [] and len(second.skipped) == 9
+    assert calls == [] and len(second.skipped) == 3 + 2 + len(PROFILE_NOTEBOOKS)
 
 
 def test_changed_config_reruns_its_page_every_summary_and_the_study_notebooks(tmp_path):
@@ -221,7 +230,7 @@ def test_failed_deleted_or_unstamped_outputs_rerun(tmp_path):
     _, calls = fake_run(paths)
     assert calls == ["02_full_ft_vs_lora/E2", "02_full_ft_vs_lora/E4", "08_statistics"]
     _, calls = fake_run(paths, force=True)
-    assert len(calls) == 9
+    assert len(calls) == 3 + 2 + len(PROFILE_NOTEBOOKS)
 
 
 def test_only_runs_those_configurations_and_their_family_summaries(tmp_path):
@@ -253,14 +262,14 @@ def test_toc_lists_every_page_with_summaries_first(tmp_path):
     assert toc["format"] == "jb-book" and toc["root"] == "book/intro"
     files = [[c["file"] for c in part["chapters"]] for part in toc["parts"]]
     assert files == [
-        ["book/method"],
+        ["book/method", *(f"book/executed/{stem}" for stem in AFTER_METHOD)],
         [
             "book/executed/02_full_ft_vs_lora/summary",
             "book/executed/02_full_ft_vs_lora/E2",
             "book/executed/02_full_ft_vs_lora/E4",
         ],
         ["book/executed/03_lr_sweep/summary", "book/executed/03_lr_sweep/A1_lr1e-4"],
-        [f"book/executed/{stem}" for stem in PROFILE_NOTEBOOKS],
+        [f"book/executed/{stem}" for stem in PROFILE_NOTEBOOKS if stem not in AFTER_METHOD],
     ]
     titles = {c["file"]: c.get("title") for part in toc["parts"] for c in part["chapters"]}
     assert titles["book/executed/02_full_ft_vs_lora/E4"] == "E4: LoRA r=4 EuroSAT"
@@ -290,6 +299,72 @@ def test_smoke_build_says_numbers_are_not_findings_and_full_build_does_not(tmp_p
     assert full["html"]["announcement"].startswith("Built with the <code>full</code> profile")
     assert smoke["execute"]["execute_notebooks"] == "off"
     assert full["title"] == yaml.safe_load((REPO / "_config.yml").read_text())["title"]
+
+
+# --- page headings and order -------------------------------------------------------------------
+
+
+def first_markdown(path: Path) -> str:
+    nb = nbformat.read(path, as_version=4)
+    return next(c.source for c in nb.cells if c.cell_type == "markdown")
+
+
+def test_run_pages_are_headed_by_their_id_and_family_pages_keep_the_family_intro(tmp_path):
+    paths = make_book(tmp_path)
+    fake_run(paths)
+    e4 = first_markdown(paths.executed / "02_full_ft_vs_lora" / "E4.ipynb")
+    assert e4.startswith("# E4: LoRA r=4 EuroSAT\n")
+    assert '{.built-with}\nBuilt with `profile = "smoke"`, `config_id = "E4"`' in e4
+    assert "[Full fine-tuning vs LoRA (E2–E7)](summary.ipynb)" in e4
+    assert "Fixture page" not in e4 and "A tiny notebook" not in e4
+    summary = first_markdown(paths.executed / "02_full_ft_vs_lora" / "summary.ipynb")
+    assert summary.startswith('# Fixture page\n\n{.built-with}\nBuilt with `profile = "smoke"`')
+    assert summary.endswith("A tiny notebook the runner tests execute.")
+
+
+def test_a_changed_description_reaches_the_heading_without_a_rerun(tmp_path):
+    paths = make_book(tmp_path)
+    fake_run(paths)
+    experiment = paths.params / "experiments" / "E2.yaml"
+    experiment.write_text(experiment.read_text().replace("Full FT EuroSAT", "Full FT, EuroSAT"))
+    _, calls = fake_run(paths)
+    assert calls == []
+    heading = first_markdown(paths.executed / "02_full_ft_vs_lora" / "E2.ipynb")
+    assert heading.startswith("# E2: Full FT, EuroSAT\n") and heading.count("Built with") == 1
+
+
+def test_the_injected_parameters_cell_is_hidden_once_and_the_heading_rebuilt_from_the_source(
+    tmp_path,
+):
+    paths = make_book(tmp_path)
+    execution = next(e for e in build_plan("smoke", paths) if e.phase == "summary")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_markdown_cell("# Family\n\nIntro."),
+        nbformat.v4.new_code_cell('profile = "smoke"', metadata={"tags": ["injected-parameters"]}),
+    ]
+    assert dress_page(nb, execution, None)
+    assert nb.cells[1].metadata["tags"] == ["injected-parameters", "remove-cell"]
+    heading = nb.cells[0].source
+    assert heading.startswith("# Family\n\n{.built-with}\n") and heading.endswith("\n\nIntro.")
+    assert not dress_page(nb, execution, None)  # idempotent
+
+
+def test_learning_rate_pages_are_listed_by_rate(tmp_path):
+    rates = ("A1_lr1e-4", "A1_lr1e-6", "A1_lr5e-5", "A1_lr5e-6")
+    paths = make_book(tmp_path, experiments=("E2", *rates))
+    fake_run(paths)
+    pages = [e.config_id for e in build_plan("smoke", paths) if e.family == "lr_sweep"]
+    assert pages == ["A1_lr1e-6", "A1_lr5e-6", "A1_lr5e-5", "A1_lr1e-4", None]
+    toc = yaml.safe_load(paths.toc.read_text())
+    part = next(p for p in toc["parts"] if p["caption"].startswith("Learning-rate"))
+    assert [Path(c["file"]).name for c in part["chapters"]] == [
+        "summary",
+        "A1_lr1e-6",
+        "A1_lr5e-6",
+        "A1_lr5e-5",
+        "A1_lr1e-4",
+    ]
 
 
 # --- end to end: papermill and Jupyter Book ---------------------------------------------------

@@ -110,7 +110,7 @@ def test_fig13_shows_r_with_p_and_holm_in_every_off_diagonal_cell(runs):
 def test_fig14_has_one_panel_per_family_and_a_line_per_run(runs):
     fig = stat_figures.fig14_convergence(runs["trained"])
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles == ["full_vs_lora", "lr_sweep", "regularization"]
+    assert titles == ["full vs lora", "lr sweep", "regularization"]
     lr_ax = fig.axes[1]
     assert len(lr_ax.lines) == 3
     flat = line(lr_ax, "A1_lr1e-6")  # one seed: the run id, as on every figure
@@ -133,6 +133,6 @@ def test_fig16_dashboard_has_six_panels_with_the_runs_changes(runs):
     assert [p.get_width() for p in bars.patches] == pytest.approx(trained["d_entropy_pct"].tolist())
     assert [t.get_text() for t in bars.get_yticklabels()] == list(trained.index)
     per_layer = fig.axes[4]
-    assert {ln.get_label() for ln in per_layer.lines} >= {"full (2 runs)", "lora (4 runs)"}
+    assert {ln.get_label() for ln in per_layer.lines} >= {"Full FT (2 runs)", "LoRA (4 runs)"}
     sweep = fig.axes[5].lines[0]
     assert list(sweep.get_xdata()) == pytest.approx([-6, -5, -4, -3])

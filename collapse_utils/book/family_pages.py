@@ -72,14 +72,12 @@ def family_runs(profile: str, family: Family, params_dir: Path | str = PARAMS_DI
 
 
 def metric_comparison_table(rows: pd.DataFrame, setting: str) -> pd.DataFrame:
-    """``setting``, seeds, best accuracy and each metric's final value and Δ% first → final
-    (report §3.2.1), one row per run of ``rows`` (seed means)."""
-    table = rows[[setting, "seeds"]].copy()
-    table["best acc"] = rows["best_acc"]
-    for metric, name in METRIC_NAMES.items():
-        table[name] = rows[f"{metric}_f"]
-        table[f"Δ{name} %"] = rows[f"d_{metric}_pct"]
-    return table.round(4)
+    """``setting``, seeds, best accuracy and each metric's final value (``<m>_f``) and Δ% first →
+    final (``d_<m>_pct``, report §3.2.1), one row per run of ``rows`` (seed means)."""
+    columns = [setting, "seeds", "best_acc"]
+    for metric in METRIC_NAMES:
+        columns += [f"{metric}_f", f"d_{metric}_pct"]
+    return rows[list(dict.fromkeys(columns))].copy()
 
 
 # --- one page per family ---------------------------------------------------------------------
@@ -87,7 +85,12 @@ def metric_comparison_table(rows: pd.DataFrame, setting: str) -> pd.DataFrame:
 
 def baseline_page(page: Page, runs: FamilyRuns) -> None:
     """Report §3.1 / §6.2: the pre-trained attention structure on each dataset."""
-    page.figure("fig2_baseline_structure", figures.baseline_structure(runs.histories))
+    page.figure(
+        "fig2_baseline_structure",
+        figures.baseline_structure(runs.histories),
+        "The pre-trained model's four attention metrics per layer, one line per dataset: where "
+        "the lines part, the model attends differently to the two datasets' images.",
+    )
     rows, sentences = [], []
     for run in runs.summary.index:
         seeds = [h for h in runs.histories if h.id == run]
@@ -112,7 +115,7 @@ def baseline_page(page: Page, runs: FamilyRuns) -> None:
             f"On {run}, layer-mean entropy is {entropy.mean():.3f} nats and the most "
             f"concentrated layer is layer {int(np.argmin(entropy)) + 1}."
         )
-    page.table("structure", pd.DataFrame(rows).set_index(["baseline", "metric"]).round(4))
+    page.table("structure", pd.DataFrame(rows).set_index(["baseline", "metric"]))
     page.conclude(" ".join(sentences))
 
 
@@ -121,19 +124,34 @@ def full_vs_lora_page(page: Page, runs: FamilyRuns) -> None:
     axis (LoRA rank)."""
     summary, axis = runs.summary, runs.family.axis
     page.table("comparison", metric_comparison_table(summary, axis))
-    page.figure("fig4_layer_entropy_heatmap", figures.layer_heatmaps(runs.histories))
+    page.figure(
+        "fig4_layer_entropy_heatmap",
+        figures.layer_heatmaps(runs.histories),
+        "Entropy of every layer (rows) over training (columns), one panel per run on one colour "
+        "scale: compare how far the Full FT panels darken against the LoRA panels.",
+    )
     for k, dataset in enumerate(runs.datasets):
         shown = [h for h in runs.histories if h.dataset == dataset]
         if shown:
-            title = f"Full FT vs LoRA ({DATASET_NAMES.get(dataset, dataset)})"
+            named = DATASET_NAMES.get(dataset, dataset)
             name = "fig5_fullft_vs_lora" if k == 0 else f"fig5b_fullft_vs_lora_{dataset}"
-            page.figure(name, figures.metric_trajectories(shown, title))
-    for metric, name in (
-        ("head_diversity", "fig9_head_diversity"),
-        ("gini", "fig17_gini_evolution"),
-        ("erf", "extra_erf95_evolution"),
+            page.figure(
+                name,
+                figures.metric_trajectories(shown, f"Full FT vs LoRA ({named})"),
+                f"Layer-mean entropy, ERF@0.95, Gini and head diversity over training for every "
+                f"run on {named}: compare the Full FT lines with the LoRA lines.",
+            )
+    for metric, name, reading in (
+        ("head_diversity", "fig9_head_diversity", "a falling line means the heads attend alike"),
+        ("gini", "fig17_gini_evolution", "a rising line means attention on fewer patches"),
+        ("erf", "extra_erf95_evolution", "a falling line means fewer patches hold 95 % of it"),
     ):
-        page.figure(name, figures.single_metric_trajectories(runs.histories, metric))
+        page.figure(
+            name,
+            figures.single_metric_trajectories(runs.histories, metric),
+            f"{METRIC_NAMES[metric]} over training (left) and its change per layer (right), "
+            f"one line per run: {reading}.",
+        )
     order = {d: k for k, d in enumerate(runs.datasets)}
     varied = summary[summary[axis].notna()]
     varied = varied.sort_values(
@@ -141,7 +159,7 @@ def full_vs_lora_page(page: Page, runs: FamilyRuns) -> None:
     )
     columns = ["dataset", axis, "seeds", "best_acc", "d_entropy_pct", "d_gini_pct"]
     if not varied.empty:
-        page.table("axis", varied[columns].round(4))
+        page.table("axis", varied[columns])
     changes = [
         f"by {group['d_entropy_pct'].mean():+.2f} % under {METHOD_NAMES[method]} "
         f"({', '.join(group.index)})"
@@ -159,8 +177,14 @@ def lr_sweep_page(page: Page, runs: FamilyRuns) -> None:
     rows = runs.summary.sort_values(axis)
     zeroshot = [f"zs_{d}" for d in zeroshot_datasets(rows)]
     columns = [axis, "seeds", "best_acc", "d_entropy_pct", "d_erf_pct", "d_gini_pct", *zeroshot]
-    page.table("sweep", rows[columns].round(4))
-    page.figure("fig6_lr_sweep", figures.lr_sweep(rows.reset_index(), runs.histories))
+    page.table("sweep", rows[columns])
+    page.figure(
+        "fig6_lr_sweep",
+        figures.lr_sweep(rows.reset_index(), runs.histories),
+        "Change of entropy, ERF@0.95 and Gini (top left) and best accuracy (top right) against "
+        "the learning rate, and entropy over training per rate (bottom): look for a steeper "
+        "drop at the higher rates.",
+    )
     steepest = rows.loc[rows["d_entropy_pct"].idxmin()]
     page.conclude(
         f"Across {len(rows)} learning rates from {rows[axis].min():g} to {rows[axis].max():g}, "
@@ -172,10 +196,16 @@ def lr_sweep_page(page: Page, runs: FamilyRuns) -> None:
 
 def layer_freezing_page(page: Page, runs: FamilyRuns) -> None:
     """Report §3.5: freezing the first k layers (the reference is k = 0)."""
-    rows, axis = runs.summary, runs.family.axis
-    page.table("freezing", rows[[axis, "seeds", "best_acc", "d_entropy_pct"]].round(4))
+    axis = runs.family.axis
+    rows = runs.summary.sort_values(axis)
+    page.table("freezing", rows[[axis, "seeds", "best_acc", "d_entropy_pct"]])
     fig = figures.ablation_effect(rows.reset_index(), axis, SETTING_NAMES[axis], runs.family.title)
-    page.figure("extra_frozen_layers", fig)
+    page.figure(
+        "extra_frozen_layers",
+        fig,
+        "Entropy change (left) and best accuracy (right) against the number of frozen layers: "
+        "does freezing more layers keep entropy higher, and at what cost in accuracy?",
+    )
     span = rows["d_entropy_pct"].max() - rows["d_entropy_pct"].min()
     page.conclude(
         f"Across {int(rows[axis].min())}–{int(rows[axis].max())} frozen layers the entropy "
@@ -186,7 +216,13 @@ def layer_freezing_page(page: Page, runs: FamilyRuns) -> None:
 
 def lora_targets_page(page: Page, runs: FamilyRuns) -> None:
     """Report §3.6: LoRA on q,v (the reference) against more target modules."""
-    _trajectory_comparison(page, runs, "extra_lora_qkvo")
+    _trajectory_comparison(
+        page,
+        runs,
+        "extra_lora_qkvo",
+        "The four metrics over training for LoRA on q, v (the reference) and on more target "
+        "modules: look for lines that part.",
+    )
 
 
 def regularization_page(page: Page, runs: FamilyRuns) -> None:
@@ -194,8 +230,14 @@ def regularization_page(page: Page, runs: FamilyRuns) -> None:
     reference)."""
     rows = runs.summary
     columns = ["reg_kind", "lam", "weight_decay", "seeds", "best_acc", "d_entropy_pct"]
-    page.table("regularization", rows[columns].round(4))
-    page.figure("fig8_regularization", figures.regularization(rows.reset_index(), runs.histories))
+    page.table("regularization", rows[columns])
+    page.figure(
+        "fig8_regularization",
+        figures.regularization(rows.reset_index(), runs.histories),
+        "Entropy change per run (left) and the KL from the pre-trained attention over training "
+        "(right): a regularizer that works keeps both nearer zero than the unregularized "
+        "reference.",
+    )
     references = runs.family.references
     clauses = [
         f"without regularization ({ref}) entropy changed by "
@@ -212,12 +254,18 @@ def regularization_page(page: Page, runs: FamilyRuns) -> None:
     page.conclude(text[0].upper() + text[1:])
 
 
-def _trajectory_comparison(page: Page, runs: FamilyRuns, figure_name: str) -> None:
+def _trajectory_comparison(
+    page: Page, runs: FamilyRuns, figure_name: str, caption: str = ""
+) -> None:
     """The comparison table, the metrics over training and a Δ sentence per run."""
     rows = runs.summary
     page.table("comparison", metric_comparison_table(rows, runs.family.axis))
     fig = figures.metric_trajectories(runs.histories, runs.family.title)
-    page.figure(figure_name, fig)
+    caption = caption or (
+        f"Layer-mean entropy, ERF@0.95, Gini and head diversity over training, one line per run "
+        f"of {runs.family.title}: look for lines that part."
+    )
+    page.figure(figure_name, fig, caption)
     page.conclude(
         " ".join(
             f"{run}: Δentropy {row['d_entropy_pct']:+.2f} %, Δhead diversity "

@@ -1,24 +1,37 @@
 """Figures of the run and family pages (the report's figure index, §7), and the one way a page
-shows a figure (:func:`show_figure`: saved under ``<output_root>/figures/``, then displayed).
+shows a figure (:func:`show_figure`: saved under ``<output_root>/figures/``, then displayed as a
+numbered MyST figure with its caption and its report figure name).
 
 Each figure function takes results (histories, or seed-mean rows of ``run_summary``) and returns
 a matplotlib Figure. A run with several seeds draws one curve per seed (labels from
-:mod:`~collapse_utils.book.style`)."""
+:mod:`~collapse_utils.book.style`). Figures are drawn at most two panels (about
+:data:`MAX_WIDTH_IN` inches) wide, so that their text stays legible at the width of the book's
+text column; the book shows each at that width and links it to the full-size image."""
 
 from __future__ import annotations
 
+import base64
+import html
 import math
+import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from IPython.display import Image, display
+from IPython.display import display
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from PIL import Image
 
 from collapse_utils.analysis.results import per_layer_delta, trajectory, zeroshot_change
 from collapse_utils.book.style import (
+    DATASET_NAMES,
     METHOD_COLORS,
     METHOD_NAMES,
     METRIC_NAMES,
@@ -29,21 +42,78 @@ from collapse_utils.book.style import (
 from collapse_utils.config import METRICS
 from collapse_utils.run_record import RunRecord
 
-HEATMAP_COLUMNS = 4  # panels per row of layer_heatmaps
+HEATMAP_COLUMNS = 3  # panels per row of layer_heatmaps
+MAX_WIDTH_IN = 9.0  # widest figure (inches): its 10 pt text reads at the book's column width
+COLUMN_WIDTH_IN = 8.0  # a figure this wide fills the text column; narrower ones are scaled alike
+DPI = 150
 
 
 def save_figure(fig: Figure, output_root: Path | str, name: str) -> Path:
     """Write ``fig`` to ``<output_root>/figures/<name>.png`` (150 dpi) and return the path."""
     path = Path(output_root) / "figures" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     return path
 
 
-def show_figure(fig: Figure, output_root: Path | str, name: str) -> None:
-    """How every page shows a figure: save it (:func:`save_figure`) and display the saved PNG,
-    so the page shows exactly the file under ``figures/``."""
-    display(Image(filename=save_figure(fig, output_root, name)))
+def report_figure(name: str) -> str | None:
+    """The report's figure a file name stands for (``fig5b_fullft_vs_lora_pets`` → ``Fig. 5b``);
+    ``None`` for figures the report does not have (``extra_…``, ``explore_…``)."""
+    match = re.match(r"fig(\d+b?)_", name)
+    return f"Fig. {match[1]}" if match else None
+
+
+def figure_caption(name: str, caption: str) -> str:
+    """``caption`` followed by the report's figure name and the file under ``figures/``."""
+    report = report_figure(name)
+    where = f"report {report}" if report else "not in the report"
+    return f"{caption.strip()} ({where}, `{name}`)"
+
+
+def display_width(path: Path) -> int:
+    """How much of the text column (%) the saved PNG at ``path`` takes: its width in inches
+    over :data:`COLUMN_WIDTH_IN`, at most 100, so that text is the same size in every figure."""
+    with Image.open(path) as image:
+        inches = image.width / DPI
+    return max(10, min(100, round(100 * inches / COLUMN_WIDTH_IN)))
+
+
+def figure_markdown(path: Path, name: str, caption: str) -> str:
+    """A MyST ``{figure}`` of the PNG at ``path``: numbered, labelled ``name``, captioned, sized
+    by :func:`display_width` (the book links it to the full-size image). The path is written
+    from the book's root (the runner executes notebooks there), as Sphinx reads ``/…``."""
+    source = "/" + Path(os.path.relpath(Path(path).resolve(), Path.cwd().resolve())).as_posix()
+    text = figure_caption(name, caption)
+    alt = caption.strip().replace("\n", " ")
+    width = display_width(path)
+    return f"```{{figure}} {source}\n:name: {name}\n:width: {width}%\n:alt: {alt}\n\n{text}\n```"
+
+
+def figure_html(path: Path, name: str, caption: str) -> str:
+    """The same figure for Jupyter: the PNG inline, with its caption."""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    text = html.escape(figure_caption(name, caption))
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" style="max-width:100%" '
+        f'alt="{html.escape(caption)}"><figcaption>{text}</figcaption></figure>'
+    )
+
+
+def show_figure(fig: Figure, output_root: Path | str, name: str, caption: str = "") -> None:
+    """How every page shows a figure: save it (:func:`save_figure`), then display the saved PNG
+    as a figure with ``caption`` (one sentence: what to look at; default: the figure's title).
+    The output carries a MyST ``{figure}`` (``text/markdown``, what the book renders, see
+    ``nb_mime_priority_overrides`` in ``_config.yml``) and the same figure as HTML (what
+    Jupyter shows)."""
+    path = save_figure(fig, output_root, name)
+    if not caption:
+        title = fig.get_suptitle() or next((ax.get_title() for ax in fig.axes), "")
+        caption = (title or name.replace("_", " ")) + "."
+    bundle = {
+        "text/html": figure_html(path, name, caption),
+        "text/markdown": figure_markdown(path, name, caption),
+    }
+    display(bundle, raw=True)
 
 
 def new_figure(ncols: int = 1, nrows: int = 1, width: float = 4.2, height: float = 3.2):
@@ -55,6 +125,100 @@ def new_figure(ncols: int = 1, nrows: int = 1, width: float = 4.2, height: float
     return fig, axes
 
 
+def legend_below(fig: Figure, handles: Sequence, labels: Sequence[str] | None = None) -> None:
+    """One legend for every panel, under the figure, in as many columns as fit (handles whose
+    label starts with ``_``, such as reference lines, are left out)."""
+    if labels is None:
+        labels = [h.get_label() for h in handles]
+    pairs = [
+        (h, label) for h, label in zip(handles, labels, strict=True) if not label.startswith("_")
+    ]
+    handles, labels = [h for h, _ in pairs], [label for _, label in pairs]
+    if handles:
+        ncol = min(len(handles), 5)
+        fig.legend(handles, labels, loc="outside lower center", ncol=ncol)
+
+
+def method_handles(methods: Sequence[str]) -> list[Patch]:
+    """Legend entries for the method colours of :data:`~collapse_utils.book.style.METHOD_COLORS`
+    (in the order given, each once)."""
+    return [
+        Patch(color=METHOD_COLORS.get(m, "tab:gray"), label=METHOD_NAMES.get(m, m))
+        for m in dict.fromkeys(methods)
+    ]
+
+
+# Where a point's label may go, tried in order: (x, y) offset in points, alignment.
+LABEL_SPOTS = [
+    (4, 4, "left", "bottom"),
+    (4, -4, "left", "top"),
+    (-4, 4, "right", "bottom"),
+    (-4, -4, "right", "top"),
+    (0, 12, "center", "bottom"),
+    (0, -12, "center", "top"),
+    (14, 0, "left", "center"),
+    (-14, 0, "right", "center"),
+]
+
+
+def label_points(
+    ax: Axes, x: Sequence[float], y: Sequence[float], labels: Sequence[str], near: float = 0.06
+) -> list[str]:
+    """Name each point by its label without piling labels up: points closer than ``near`` (a
+    fraction of the axis ranges) share one label, ``E2, E3`` (three names a line), and each
+    label takes the first of :data:`LABEL_SPOTS` around its point where it overlaps no other
+    label and stays inside the axes. Call it once the axes are otherwise drawn (limits, legend).
+    Returns the texts written."""
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    finite = np.isfinite(xs) & np.isfinite(ys)
+    if not finite.any():
+        return []
+
+    def scale(v: np.ndarray) -> np.ndarray:
+        span = np.ptp(v[finite]) or 1.0
+        return (v - v[finite].min()) / span
+
+    points = np.c_[scale(xs), scale(ys)]
+    groups: list[list[int]] = []
+    for i in np.flatnonzero(finite):
+        for group in groups:
+            if np.min(np.hypot(*(points[group] - points[i]).T)) < near:
+                group.append(int(i))
+                break
+        else:
+            groups.append([int(i)])
+    canvas = ax.figure.canvas
+    if not isinstance(canvas, FigureCanvasAgg):  # a closed pyplot figure: draw it with Agg
+        canvas = FigureCanvasAgg(ax.figure)
+    canvas.draw()  # settle the layout, so that label boxes can be measured
+    renderer = canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    placed: list = []
+    texts = []
+    for group in sorted(groups, key=len, reverse=True):  # the longest labels choose first
+        names = [str(labels[i]) for i in group]
+        text = "\n".join(", ".join(names[k : k + 3]) for k in range(0, len(names), 3))
+        point = (xs[group[0]], ys[group[0]])
+        for dx, dy, ha, va in LABEL_SPOTS:
+            note = ax.annotate(
+                text, point, xytext=(dx, dy), textcoords="offset points", ha=ha, va=va, fontsize=8
+            )
+            box = note.get_window_extent(renderer)
+            fits = inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0
+            if fits and box.y1 <= inside.y1 and not any(box.overlaps(p) for p in placed):
+                break
+            note.remove()
+        else:  # nowhere free: the first spot
+            dx, dy, ha, va = LABEL_SPOTS[0]
+            note = ax.annotate(
+                text, point, xytext=(dx, dy), textcoords="offset points", ha=ha, va=va, fontsize=8
+            )
+            box = note.get_window_extent(renderer)
+        placed.append(box)
+        texts.append(text)
+    return texts
+
+
 def empty_panel(ax: Axes, message: str) -> None:
     """A panel that says why it has nothing to show."""
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, wrap=True)
@@ -63,16 +227,17 @@ def empty_panel(ax: Axes, message: str) -> None:
 
 
 def baseline_structure(histories: list[RunRecord]) -> Figure:
-    """fig2: the pre-trained model's four metrics per layer (one line per baseline run)."""
-    fig, axes = new_figure(ncols=4, width=3.4)
+    """fig2: the pre-trained model's four metrics per layer (2×2 panels, one line per baseline
+    run, one legend under them)."""
+    fig, axes = new_figure(ncols=2, nrows=2, width=4.2, height=3.0)
     for history, label in zip(histories, curve_labels(histories), strict=True):
         metrics = history.evals[0].metrics
         layers = np.arange(1, len(metrics["entropy"]) + 1)
-        for ax, metric in zip(axes[0], METRICS, strict=True):
+        for ax, metric in zip(axes.ravel(), METRICS, strict=True):
             ax.plot(layers, metrics[metric], marker="o", label=label)
-    for ax, metric in zip(axes[0], METRICS, strict=True):
+    for ax, metric in zip(axes.ravel(), METRICS, strict=True):
         ax.set(xlabel="layer", ylabel=metric_label(metric), title=metric_label(metric))
-    axes[0, 0].legend(fontsize="small")
+    legend_below(fig, axes[0, 0].lines)
     fig.suptitle("Pre-trained [CLS]→patch attention structure per layer")
     return fig
 
@@ -80,7 +245,7 @@ def baseline_structure(histories: list[RunRecord]) -> Figure:
 def training_curves(history: RunRecord) -> Figure:
     """fig3: accuracy per epoch (on validation, or on test under the report's protocol),
     training loss and layer-mean entropy over training."""
-    fig, axes = new_figure(ncols=2, width=4.6)
+    fig, axes = new_figure(ncols=2, width=4.4)
     left, right = axes[0]
     epochs = history.epochs
     total = max(history.total_steps, 1)
@@ -101,14 +266,15 @@ def training_curves(history: RunRecord) -> Figure:
 
 
 def metric_trajectories(histories: list[RunRecord], title: str = "") -> Figure:
-    """fig5/5b, extra LoRA QKVO: each metric's layer mean over training, one line per run."""
-    fig, axes = new_figure(ncols=4, width=3.4)
+    """fig5/5b, extra LoRA QKVO: each metric's layer mean over training (2×2 panels), one line
+    per run, one legend under the panels."""
+    fig, axes = new_figure(ncols=2, nrows=2, width=4.2, height=3.0)
     for history, label in zip(histories, curve_labels(histories), strict=True):
-        for ax, metric in zip(axes[0], METRICS, strict=True):
+        for ax, metric in zip(axes.ravel(), METRICS, strict=True):
             ax.plot(*trajectory(history, metric), marker=".", label=label)
-    for ax, metric in zip(axes[0], METRICS, strict=True):
+    for ax, metric in zip(axes.ravel(), METRICS, strict=True):
         ax.set(xlabel="fraction of training", ylabel=metric_label(metric))
-    axes[0, -1].legend(fontsize="small", loc="best")
+    legend_below(fig, axes[0, 0].lines)
     if title:
         fig.suptitle(title)
     return fig
@@ -117,7 +283,7 @@ def metric_trajectories(histories: list[RunRecord], title: str = "") -> Figure:
 def single_metric_trajectories(histories: list[RunRecord], metric: str, title: str = "") -> Figure:
     """fig9 (head diversity), fig17 (Gini), extra (ERF): one metric's layer mean over training,
     one line per run, plus its per-layer change first → final."""
-    fig, axes = new_figure(ncols=2, width=4.6)
+    fig, axes = new_figure(ncols=2, width=4.4)
     left, right = axes[0]
     change = per_layer_delta(histories, metric)
     for history, label in zip(histories, curve_labels(histories), strict=True):
@@ -126,7 +292,7 @@ def single_metric_trajectories(histories: list[RunRecord], metric: str, title: s
     left.set(xlabel="fraction of training", ylabel=metric_label(metric), title="layer mean")
     right.axhline(0, color="black", linewidth=0.8)
     right.set(xlabel="layer", ylabel="Δ first → final (%)", title="per layer")
-    left.legend(fontsize="small")
+    legend_below(fig, left.lines)
     fig.suptitle(title or f"{metric_label(metric)} over training")
     return fig
 
@@ -143,7 +309,7 @@ def layer_heatmaps(histories: list[RunRecord], metric: str = "entropy") -> Figur
     high = max(g.max() for g in grids)
     ncols = min(HEATMAP_COLUMNS, len(histories))
     nrows = math.ceil(len(histories) / ncols)
-    fig, axes = new_figure(ncols=ncols, nrows=nrows, width=3.6, height=3.4)
+    fig, axes = new_figure(ncols=ncols, nrows=nrows, width=3.0, height=2.8)
     flat = axes.ravel()
     labels = curve_labels(histories)
     for ax, label, grid in zip(flat, labels, grids, strict=False):
@@ -168,8 +334,10 @@ def lr_sweep(summary: pd.DataFrame, histories: list[RunRecord]) -> Figure:
     (``summary``: one row per run with a ``run`` column), and the entropy trajectories per
     learning rate (``histories``)."""
     ordered = summary.sort_values("lr")
-    fig, axes = new_figure(ncols=3, width=4.0)
-    left, middle, right = axes[0]
+    fig = plt.figure(figsize=(8.4, 6.4), layout="constrained")
+    plt.close(fig)
+    panels = fig.subplot_mosaic([["left", "middle"], ["right", "right"]])
+    left, middle, right = panels["left"], panels["middle"], panels["right"]
     for metric in ("entropy", "erf", "gini"):
         left.plot(ordered["lr"], ordered[f"d_{metric}_pct"], marker="o", label=METRIC_NAMES[metric])
     left.axhline(0, color="black", linewidth=0.8)
@@ -183,7 +351,7 @@ def lr_sweep(summary: pd.DataFrame, histories: list[RunRecord]) -> Figure:
         seed = label.removeprefix(history.id)
         right.plot(*trajectory(history, "entropy"), label=f"lr={lr_of[history.id]:g}{seed}")
     right.set(xlabel="fraction of training", ylabel=f"mean {metric_label('entropy')}")
-    right.legend(fontsize="small")
+    right.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle("Learning-rate sweep (full fine-tuning)")
     return fig
 
@@ -205,12 +373,12 @@ def ablation_effect(summary: pd.DataFrame, x: str, xlabel: str, title: str) -> F
 def regularization(summary: pd.DataFrame, histories: list[RunRecord]) -> Figure:
     """fig8: Δentropy % per regularizer setting against no regularization, and the mean KL from
     the pre-trained attention over training."""
-    fig, axes = new_figure(ncols=2, width=5.0)
+    fig, axes = new_figure(ncols=2, width=4.4, height=3.4)
     left, right = axes[0]
     left.bar(summary["run"], summary["d_entropy_pct"], color="tab:purple")
     left.axhline(0, color="black", linewidth=0.8)
     left.set(ylabel="Δ entropy first → final (%)", title="entropy change")
-    left.tick_params(axis="x", rotation=45)
+    plt.setp(left.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor")
     for history, label in zip(histories, curve_labels(histories), strict=True):
         fraction = [e.fraction for e in history.evals]
         kl = [np.mean(e.kl_to_initial) for e in history.evals]
@@ -220,7 +388,7 @@ def regularization(summary: pd.DataFrame, histories: list[RunRecord]) -> Figure:
         ylabel="KL(pre-trained ‖ current) (nats)",
         title="distance from pre-trained attention",
     )
-    right.legend(fontsize="small")
+    legend_below(fig, right.lines)
     return fig
 
 
@@ -228,7 +396,7 @@ def zeroshot_vs_collapse(summary: pd.DataFrame, dataset: str = "cifar100") -> Fi
     """fig7: zero-shot accuracy change against Δentropy per fine-tuned run."""
     runs = summary[summary["method"] != "none"]
     change = zeroshot_change(runs, dataset)
-    fig, axes = new_figure(width=5.0, height=4.0)
+    fig, axes = new_figure(width=6.4, height=4.4)
     ax = axes[0, 0]
     for method in dict.fromkeys(runs["method"]):
         chosen = runs["method"] == method
@@ -238,30 +406,36 @@ def zeroshot_vs_collapse(summary: pd.DataFrame, dataset: str = "cifar100") -> Fi
             color=METHOD_COLORS[method],
             label=METHOD_NAMES[method],
         )
-    for _, row in runs.iterrows():
-        ax.annotate(row["run"], (row["d_entropy_pct"], change[row.name]), fontsize=7)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set(
         xlabel=delta_label("d_entropy_pct"),
-        ylabel=f"zero-shot {dataset} change (points)",
+        ylabel=f"zero-shot {DATASET_NAMES.get(dataset, dataset)} change (points)",
         title="Attention change vs zero-shot transfer",
     )
-    ax.legend()
+    ax.margins(x=0.3, y=0.2)  # room for the labels
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    label_points(ax, runs["d_entropy_pct"], change, list(runs["run"]))
     return fig
 
 
 def zeroshot_bars(summary: pd.DataFrame, dataset: str = "cifar100") -> Figure:
     """fig15: zero-shot accuracy of every run with the pre-trained model as a reference line."""
     runs = summary[summary["method"] != "none"]
-    fig, axes = new_figure(width=max(5.0, 0.5 * len(runs)), height=3.4)
+    fig, axes = new_figure(width=min(MAX_WIDTH_IN, max(6.0, 0.4 * len(runs))), height=3.6)
     ax = axes[0, 0]
-    ax.bar(runs["run"], 100 * runs[f"zs_{dataset}"], color=runs["method"].map(METHOD_COLORS))
+    colors = [METHOD_COLORS.get(m, "tab:gray") for m in runs["method"]]
+    ax.bar(runs["run"], 100 * runs[f"zs_{dataset}"], color=colors)
     pretrained = 100 * runs[f"zs_{dataset}_pretrained"].iloc[0]
-    ax.axhline(pretrained, color="black", linestyle="--", label="pre-trained")
-    ax.set(ylabel=f"zero-shot {dataset} accuracy (%)", title="Zero-shot transfer after fine-tuning")
-    ax.tick_params(axis="x", rotation=45)
-    ax.legend()
+    ax.axhline(pretrained, color="black", linestyle="--")
+    named = DATASET_NAMES.get(dataset, dataset)
+    ax.set(ylabel=f"zero-shot {named} accuracy (%)", title="Zero-shot transfer after fine-tuning")
+    plt.setp(ax.get_xticklabels(), rotation=60, ha="right", rotation_mode="anchor")
+    handles = [
+        *method_handles(runs["method"]),
+        Line2D([], [], color="black", linestyle="--", label="pre-trained model"),
+    ]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from myst_nb import glue
 
 from collapse_utils.book.figures import show_figure
+from collapse_utils.book.tables import show_table
 from collapse_utils.config import profile_about
 
 SMOKE_NOTE = (
@@ -50,29 +51,35 @@ def failure_findings(profile: str) -> Iterator[None]:
 
 @dataclass
 class Page:
-    """What one page shows. With ``show`` each block is displayed as it is added (figures saved
-    under ``<output_root>/figures/`` first) and :meth:`conclude` glues the findings; without it
-    the page is only recorded (tests read ``tables``, ``figures``, ``notes``, ``findings``)."""
+    """What one page shows. With ``show`` each block is displayed as it is added (tables through
+    the one formatter, :mod:`~collapse_utils.book.tables`; figures saved under
+    ``<output_root>/figures/`` first, then shown numbered with their caption) and
+    :meth:`conclude` glues the findings; without it the page is only recorded (tests read the
+    raw ``tables``, ``figures`` and ``captions``, ``notes``, ``findings``)."""
 
     profile: str
     output_root: Path
     show: bool = True
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     figures: dict[str, Figure] = field(default_factory=dict)
+    captions: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     findings: str = ""
 
     def table(self, name: str, frame: pd.DataFrame) -> pd.DataFrame:
+        """Record ``frame`` (raw column names and numbers) and show it formatted."""
         self.tables[name] = frame
         if self.show:
-            display(frame)
+            show_table(frame)
         return frame
 
-    def figure(self, name: str, fig: Figure) -> None:
-        """``name`` is also the file name under ``figures/`` (the report's figure index)."""
+    def figure(self, name: str, fig: Figure, caption: str) -> None:
+        """``name`` is also the file name under ``figures/`` (the report's figure index) and the
+        figure's label; ``caption`` is one sentence saying what to look at."""
         self.figures[name] = fig
+        self.captions[name] = caption
         if self.show:
-            show_figure(fig, self.output_root, name)
+            show_figure(fig, self.output_root, name, caption)
 
     def note(self, text: str) -> None:
         self.notes.append(text)

@@ -10,24 +10,27 @@ import pandas as pd
 from collapse_utils.analysis.results import pct_change
 from collapse_utils.book import figures
 from collapse_utils.book.page import Page
-from collapse_utils.book.style import METRIC_NAMES
+from collapse_utils.book.style import DATASET_NAMES, METRIC_NAMES
+from collapse_utils.book.tables import format_lr
 from collapse_utils.config import PARAMS_DIR, RunConfig, load_config, profile_output_root
 from collapse_utils.run_record import RunRecord
 
 
 def config_table(config: RunConfig) -> pd.DataFrame:
-    """The settings a reader needs to interpret one run, as a one-column table."""
+    """The settings a reader needs to interpret one run, as a one-column table (index:
+    setting)."""
     train, data = config.train, config.data
-    dataset = data.dataset + (" (synthetic stand-in)" if data.synthetic_stand_in else "")
+    dataset = DATASET_NAMES.get(data.dataset, data.dataset)
+    dataset += " (synthetic stand-in)" if data.synthetic_stand_in else ""
     rows = {
         "description": config.description,
         "profile": config.profile,
         "dataset": dataset,
         "method": train.method,
-        "learning rate": train.lr,
+        "learning rate": format_lr(train.lr) if train.lr is not None else None,
         "epochs": train.epochs,
         "batch size": train.batch_size,
-        "weight decay": train.weight_decay,
+        "weight decay": f"{train.weight_decay:g}",
         "frozen layers": train.freeze_layers,
         "LoRA": f"r={config.lora.rank}, α={config.lora.alpha}, {'/'.join(config.lora.targets)}"
         if train.method == "lora"
@@ -39,15 +42,18 @@ def config_table(config: RunConfig) -> pd.DataFrame:
         "seed": config.seed,
         "config hash": config.config_hash(),
     }
-    return pd.DataFrame({"value": [str(v) for v in rows.values()]}, index=list(rows))
+    index = pd.Index(list(rows), name="setting")
+    values = ["—" if v is None else str(v) for v in rows.values()]
+    return pd.DataFrame({"value": values}, index=index)
 
 
 def per_layer_table(history: RunRecord) -> pd.DataFrame:
-    """The four metrics per layer (1-based index) before training (the first eval)."""
+    """The four metrics (columns: metric keys) per layer (1-based index) before training (the
+    first eval)."""
     metrics = history.evals[0].metrics
-    table = pd.DataFrame({name: metrics[m] for m, name in METRIC_NAMES.items()})
+    table = pd.DataFrame({m: metrics[m] for m in METRIC_NAMES})
     table.index = pd.RangeIndex(1, len(table) + 1, name="layer")
-    return table.round(4)
+    return table
 
 
 def run_page(
@@ -63,8 +69,15 @@ def run_page(
     history = run_experiment(config, progress=False).history
     first, last = history.evals[0], history.evals[-1]
     values = {m: (first.layer_mean(m), last.layer_mean(m)) for m in METRIC_NAMES}
+    dataset = DATASET_NAMES.get(config.data.dataset, config.data.dataset)
     if config.train.method == "none":
-        page.figure(f"fig2_baseline_{config_id}", figures.baseline_structure([history]))
+        page.figure(
+            f"fig2_baseline_{config_id}",
+            figures.baseline_structure([history]),
+            f"The pre-trained model's four [CLS]→patch attention metrics per layer on the "
+            f"{dataset} metric-subset images: lower entropy and ERF@0.95 and a higher Gini "
+            f"mean attention concentrated on fewer patches.",
+        )
         page.table("per_layer", per_layer_table(history))
         text = (
             f"The pre-trained model's layer-mean [CLS]→patch entropy on the "
@@ -73,8 +86,19 @@ def run_page(
             f"diversity {values['head_diversity'][0]:.3f}."
         )
     else:
-        page.figure(f"fig3_triple_curve_{config_id}", figures.training_curves(history))
-        page.figure(f"fig4_layer_entropy_{config_id}", figures.layer_heatmaps([history]))
+        page.figure(
+            f"fig3_triple_curve_{config_id}",
+            figures.training_curves(history),
+            f"{config_id} over training: {history.eval_split} accuracy (blue) against "
+            "layer-mean entropy (red, right axis), and the training loss; look at whether "
+            "entropy keeps falling once accuracy has levelled off.",
+        )
+        page.figure(
+            f"fig4_layer_entropy_{config_id}",
+            figures.layer_heatmaps([history]),
+            f"Entropy of every layer (rows) at every evaluation (columns) of {config_id}: a row "
+            "that darkens from left to right is a layer whose attention concentrates.",
+        )
         text = (
             f"{accuracy_sentence(history, config.data.split)} Layer-mean entropy went from "
             f"{values['entropy'][0]:.3f} to {values['entropy'][1]:.3f} nats "
@@ -83,9 +107,9 @@ def run_page(
         )
     for name, zs in history.zeroshot.items():
         text += (
-            f" Zero-shot {name} ({zs.checkpoint} epoch's weights): {zs.accuracy:.3f} against "
-            f"{zs.pretrained_accuracy:.3f} for the pre-trained model ({zs.n_images} images, "
-            f"{zs.templates} templates)."
+            f" Zero-shot {name} ({zs.checkpoint} epoch's weights): {_percent(zs.accuracy)} "
+            f"against {_percent(zs.pretrained_accuracy)} for the pre-trained model "
+            f"({zs.n_images} images, {zs.templates} templates)."
         )
     page.conclude(text)
     return page
@@ -94,17 +118,20 @@ def run_page(
 def accuracy_sentence(history: RunRecord, split: str) -> str:
     """Task accuracy named for what it is: under the report's protocol ('original') the
     per-epoch accuracy, and the best epoch, are on the test split."""
+    best, final = _percent(history.best_val_acc), _percent(history.final_val_acc)
     if split == "original":
         return (
-            f"Best test accuracy over epochs {history.best_val_acc:.3f} (final "
-            f"{history.final_val_acc:.3f}; the report's protocol selects the epoch on test)."
+            f"Best test accuracy over epochs {best} (final {final}; the report's protocol "
+            "selects the epoch on test)."
         )
-    text = (
-        f"Best validation accuracy {history.best_val_acc:.3f} (final {history.final_val_acc:.3f})."
-    )
+    text = f"Best validation accuracy {best} (final {final})."
     if history.test_acc is not None:
-        text += f" Test accuracy at the selected epoch {history.test_acc:.3f}."
+        text += f" Test accuracy at the selected epoch {_percent(history.test_acc)}."
     return text
+
+
+def _percent(accuracy: float) -> str:
+    return f"{100 * accuracy:.2f} %"
 
 
 def _pct(pair: tuple[float, float]) -> str:

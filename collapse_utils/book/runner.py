@@ -8,6 +8,12 @@ The plan (:func:`build_plan`) has three phases, run in order:
    reads the results of phase 1) → ``book/executed/<notebook>/summary.ipynb``;
 3. ``profile``: the cross-study notebooks with ``profile`` only → ``book/executed/<nb>.ipynb``.
 
+Family notebooks list their configurations' pages in the order of the family's setting where
+it is a number every run has (:data:`PAGE_ORDER`: learning rate, frozen layers), else by id.
+After executing, :func:`dress_pages` gives every executed page its heading: a run page is titled
+with its id and description (the family's heading and intro stay on the family page), the
+injected parameters cell is hidden and its values appear in a small "built with" line.
+
 An execution is skipped when its output notebook carries, in ``metadata["collapse_runner"]``,
 status ``ok`` and the same key: a hash of the notebook source bytes, the profile, and the
 config hashes it depends on (its own for a configuration page; every config for a summary, which
@@ -59,11 +65,17 @@ PHASES = ("config", "summary", "profile")
 # Family notebooks and their titles: params/families.yaml (collapse_utils.families).
 # cross-study notebooks (parameter ``profile`` only) → toc title, in book order
 PROFILE_NOTEBOOKS = {
+    "00_findings": "Findings",
     "07_zero_shot": "Zero-shot transfer",
+    "11_interpolation": "Interpolation (WiSE-FT)",
     "08_statistics": "Statistics",
     "09_explore": "Exploration",
     "10_reproducibility": "Reproducibility",
+    "12_reproduction_check": "Reproduction check",
 }
+# Cross-study notebooks listed in the toc's first part, right after the method page (the answers
+# to the research questions); the others make the last part, "Across the study".
+AFTER_METHOD = ("00_findings",)
 # html.announcement per profile: shown at the top of every page of the built book.
 BANNERS = {
     "smoke": (
@@ -73,6 +85,11 @@ BANNERS = {
     ),
 }
 TITLE_SUFFIX = {"smoke": " (smoke run, not findings)"}
+# Settings by which a family's run pages are ordered (else: id order).
+PAGE_ORDER: dict[str, Callable[[RunConfig], float]] = {
+    "lr": lambda c: c.train.lr,
+    "freeze_layers": lambda c: c.train.freeze_layers,
+}
 
 # Seconds one cell may run before its execution fails (a cell trains a whole configuration in
 # the full profile). A hung kernel then becomes a failed page instead of a stalled build.
@@ -187,9 +204,12 @@ def build_plan(profile: str, paths: BookPaths) -> list[Execution]:
     runs_root = profile_output_root(profile, paths.params)
 
     plan: list[Execution] = []
-    for family, stem in ((f.name, f.notebook) for f in families.values()):
+    for family, stem, axis in ((f.name, f.notebook, f.axis) for f in families.values()):
         source = paths.notebooks / f"{stem}.ipynb"
-        for c in by_family[family]:
+        members = by_family[family]
+        if axis in PAGE_ORDER:
+            members = sorted(members, key=lambda c, key=PAGE_ORDER[axis]: (key(c), c.id))
+        for c in members:
             plan.append(
                 Execution(
                     phase="config",
@@ -281,9 +301,9 @@ def _stamp_output(execution: Execution, error: str | None) -> None:
     """Stamp the output with key and status; write a stub page if a failure left none."""
     if error is not None and not execution.output.exists():
         nb = nbformat.v4.new_notebook()
+        nb.cells.append(nbformat.v4.new_markdown_cell(f"# {execution.title}"))
         nb.cells.append(
             nbformat.v4.new_markdown_cell(
-                f"# {execution.title}\n\n"
                 f"```{{error}}\nThis notebook failed before papermill saved it:\n\n{error}\n```"
             )
         )
@@ -380,6 +400,74 @@ def execute_plan(
     return report
 
 
+# --- page headings ---------------------------------------------------------------------------
+
+INJECTED_TAG = "injected-parameters"  # papermill's tag on the cell it adds with the parameters
+HIDDEN_TAG = "remove-cell"  # Jupyter Book leaves the cell (input and output) out of the page
+
+
+def listed_pages(plan: Sequence[Execution]) -> list[Execution]:
+    """The executions whose output belongs to this plan (ok or failed): the book's pages."""
+    return [e for e in plan if stamp_of(e.output).get("key") == e.current_key()]
+
+
+def built_with(parameters: dict[str, str]) -> str:
+    """The small line under a page's heading that names the parameters it was executed with."""
+    values = ", ".join(f'`{name} = "{value}"`' for name, value in parameters.items())
+    return f"{{.built-with}}\nBuilt with {values} (papermill parameters)."
+
+
+def page_heading(execution: Execution, original: str, family_page: str | None) -> str:
+    """The first markdown cell of a page. A run page: ``# <id>: <description>``, the built-with
+    line and a link to its family's page (``family_page``: that page's file and title, if it is
+    in the book). Any other page: the notebook's own heading and intro with the built-with line
+    under the heading."""
+    line = built_with(execution.parameters)
+    if execution.config_id:
+        text = f"# {execution.title}\n\n{line}"
+        if family_page:
+            text += f"\n\nOne run of the family compared on {family_page}."
+        return text
+    heading, _, rest = original.partition("\n")
+    if not heading.startswith("# "):
+        return f"{line}\n\n{original}"
+    return f"{heading}\n\n{line}\n\n{rest.lstrip()}".rstrip()
+
+
+def dress_page(nb: nbformat.NotebookNode, execution: Execution, family_page: str | None) -> bool:
+    """Hide the injected parameters cell and set the page heading (:func:`page_heading`) of an
+    executed notebook, in place. Idempotent: the heading is rebuilt from the notebook's original
+    first markdown cell, kept in that cell's metadata. Returns whether anything changed."""
+    before = nbformat.writes(nb)
+    for cell in nb.cells:
+        tags = cell.metadata.get("tags", [])
+        if INJECTED_TAG in tags and HIDDEN_TAG not in tags:
+            cell.metadata["tags"] = [*tags, HIDDEN_TAG]
+    first = next((c for c in nb.cells if c.cell_type == "markdown"), None)
+    if first is not None:
+        kept = first.metadata.setdefault(METADATA_KEY, {})
+        original = kept.setdefault("source", first.source)
+        first.source = page_heading(execution, original, family_page)
+    return nbformat.writes(nb) != before
+
+
+def dress_pages(plan: Sequence[Execution], paths: BookPaths) -> None:
+    """:func:`dress_page` on every listed page of ``plan`` (run on every build, so a changed
+    description reaches the heading without re-executing)."""
+    listed = listed_pages(plan)
+    families = load_families(paths.params)
+    summaries = {e.family: e for e in listed if e.phase == "summary"}
+    for execution in listed:
+        family_page = None
+        summary = summaries.get(execution.family)
+        if execution.config_id and summary is not None:
+            title = families[execution.family].title
+            family_page = f"[{title}]({summary.output.name})"
+        nb = nbformat.read(execution.output, as_version=4)
+        if dress_page(nb, execution, family_page):
+            nbformat.write(nb, execution.output)
+
+
 # --- table of contents and book ---------------------------------------------------------------
 
 
@@ -388,21 +476,24 @@ def _docname(path: Path, root: Path) -> str:
 
 
 def write_toc(plan: Sequence[Execution], paths: BookPaths) -> Path:
-    """``_toc.yml``: intro, method, one part per family (summary, then configurations), then the
-    cross-study notebooks. Lists only pages executed for this plan (ok or failed)."""
-    listed = [e for e in plan if stamp_of(e.output).get("key") == e.current_key()]
+    """``_toc.yml``: intro, method and the :data:`AFTER_METHOD` notebooks, one part per family
+    (summary, then configurations), then the other cross-study notebooks. Lists only pages
+    executed for this plan (ok or failed)."""
+    listed = listed_pages(plan)
 
     def entry(e: Execution) -> dict[str, str]:
         return {"file": _docname(e.output, paths.root), "title": e.title}
 
     method = {"file": _docname(paths.book / "method", paths.root)}
-    parts: list[dict[str, Any]] = [{"caption": "The study", "chapters": [method]}]
+    cross = [e for e in listed if e.phase == "profile"]
+    first = [entry(e) for e in cross if e.source.stem in AFTER_METHOD]
+    parts: list[dict[str, Any]] = [{"caption": "The study", "chapters": [method, *first]}]
     for family in load_families(paths.params).values():
         pages = [e for e in listed if e.family == family.name]
         pages.sort(key=lambda e: e.phase != "summary")  # summary first, then plan order
         if pages:
             parts.append({"caption": family.title, "chapters": [entry(e) for e in pages]})
-    across = [entry(e) for e in listed if e.phase == "profile"]
+    across = [entry(e) for e in cross if e.source.stem not in AFTER_METHOD]
     if across:
         parts.append({"caption": "Across the study", "chapters": across})
     toc = {"format": "jb-book", "root": _docname(paths.book / "intro", paths.root), "parts": parts}
@@ -515,6 +606,7 @@ def _run_book(profile, paths, only, jobs, build, force, executor) -> Report:
             print(f"data: {problem}", file=sys.stderr)
     with _kernel_environment(paths, jobs):
         report = execute_plan(selected, paths.root, jobs, force, executor)
+    dress_pages(plan, paths)
     write_toc(plan, paths)
     if build:
         report.build_returncode = build_book(profile, paths)

@@ -32,20 +32,23 @@ from collapse_utils.analysis.stats import (
     collapse_onset,
     entropy_velocity,
 )
-from collapse_utils.book.figures import empty_panel, new_figure
+from collapse_utils.book.figures import (
+    empty_panel,
+    label_points,
+    legend_below,
+    method_handles,
+    new_figure,
+)
 from collapse_utils.book.style import (
+    DATASET_NAMES,
     METHOD_COLORS,
     METHOD_NAMES,
     curve_labels,
     delta_label,
     seed_labels,
 )
+from collapse_utils.book.tables import format_p
 from collapse_utils.run_record import RunRecord
-
-
-def format_p(p: float) -> str:
-    """A p-value for a figure: three decimals, ``<0.001`` below that."""
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _diverging_limit(values: np.ndarray) -> float:
@@ -56,8 +59,8 @@ def _diverging_limit(values: np.ndarray) -> float:
 def fig10_per_layer_heatmap(delta: pd.DataFrame, metric: str = "entropy") -> Figure:
     """Per-layer change in % (runs × layers, a ``per_layer_delta`` frame) as a diverging
     heatmap centred on 0, each cell annotated with its value."""
-    height = max(2.5, 0.32 * len(delta) + 1.2)
-    fig, axes = new_figure(width=max(6.0, 0.55 * delta.shape[1] + 2.5), height=height)
+    height = max(2.5, 0.3 * len(delta) + 1.4)
+    fig, axes = new_figure(width=min(9.0, max(6.0, 0.55 * delta.shape[1] + 2.0)), height=height)
     ax = axes[0, 0]
     if delta.empty:
         empty_panel(ax, "no per-layer changes")
@@ -74,7 +77,7 @@ def fig10_per_layer_heatmap(delta: pd.DataFrame, metric: str = "entropy") -> Fig
     for (i, j), value in np.ndenumerate(values):
         if np.isfinite(value):
             shade = "white" if abs(value) > 0.6 * limit else "black"
-            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=6, color=shade)
+            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=8, color=shade)
     label = delta_label(f"d_{metric}_pct")
     fig.colorbar(image, ax=ax, label=label)
     ax.set_title(f"Per-layer {label}, first to final eval")
@@ -101,14 +104,14 @@ def _ci_panel(ax: Axes, comparisons: Mapping[str, UnitComparison]) -> None:
                 label=METHOD_NAMES[method] if k == 0 else None,
             )
         top = max(r.ci_a[1], r.ci_b[1])
-        ax.annotate(f"p={format_p(r.welch_p)}", (k, top), ha="center", va="bottom", fontsize=7)
+        ax.annotate(f"p={format_p(r.welch_p)}", (k, top), ha="center", va="bottom", fontsize=9)
     ax.axhline(0, color="black", linewidth=0.7)
     units = list(comparisons)
     ax.set_xticks(range(len(units)), [f"{UNIT_TITLES.get(u, u)}" for u in units])
     ax.set_xlim(-0.6, len(units) - 0.4)
     ax.set_ylabel("Mean Δ entropy (%), 95% bootstrap CI")
     ax.set_title("Full FT vs LoRA (Welch p)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize="small")
 
 
 def _lr_panel(ax: Axes, points: pd.DataFrame, correlations: pd.DataFrame) -> None:
@@ -117,11 +120,11 @@ def _lr_panel(ax: Axes, points: pd.DataFrame, correlations: pd.DataFrame) -> Non
         return
     x, y = points["log10_lr"].to_numpy(), points["d_entropy_pct"].to_numpy()
     ax.scatter(x, y, color=METHOD_COLORS["full"], zorder=3)
-    for run, xi, yi in zip(points.index, x, y, strict=True):
-        ax.annotate(str(run), (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
     slope, intercept = np.polyfit(x, y, 1)
     grid = np.linspace(x.min(), x.max(), 2)
     ax.plot(grid, slope * grid + intercept, color="black", linewidth=1)
+    ax.margins(x=0.15, y=0.2)
+    label_points(ax, x, y, [str(run) for run in points.index])
     if not correlations.empty:
         pearson, spearman = correlations.loc["pearson"], correlations.loc["spearman"]
         ax.text(
@@ -132,7 +135,7 @@ def _lr_panel(ax: Axes, points: pd.DataFrame, correlations: pd.DataFrame) -> Non
             f"Spearman ρ = {spearman['r']:.3f} (p {spearman['p_used']} "
             f"{format_p(spearman['p_claim'])})",
             transform=ax.transAxes,
-            fontsize=7,
+            fontsize=9,
         )
     ax.set_xlabel("log10 learning rate")
     ax.set_ylabel("Δ entropy (%)")
@@ -144,13 +147,13 @@ def _effect_panel(ax: Axes, regs: pd.DataFrame, reference: str) -> None:
         empty_panel(ax, "regularizers: no run to compare")
         return
     y = np.arange(len(regs))
-    ax.barh(y, regs["d_av"], color="tab:green", label="d_av")
-    ax.scatter(regs["d_z"], y, color="black", marker="x", zorder=3, label="d_z")
+    ax.barh(y, regs["d_av"], color="tab:green", label="d (average SD)")
+    ax.scatter(regs["d_z"], y, color="black", marker="x", zorder=3, label="dz (paired)")
     for yi, (d, p) in enumerate(zip(regs["d_av"], regs["p_holm"], strict=True)):
         ax.annotate(
-            f"p_Holm {format_p(p)}",
+            f"Holm p {format_p(p)}",
             (d, yi),
-            fontsize=6,
+            fontsize=8,
             xytext=(3, -3),
             va="top",
             textcoords="offset points",
@@ -159,7 +162,7 @@ def _effect_panel(ax: Axes, regs: pd.DataFrame, reference: str) -> None:
     ax.set_yticks(y, list(regs.index))
     ax.set_xlabel(f"Cohen's d vs {reference} (paired over layers)")
     ax.set_title("Regularizers: effect size")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize="small", loc="best")
 
 
 def fig11_statistical_summary(
@@ -169,13 +172,13 @@ def fig11_statistical_summary(
     reg_table: pd.DataFrame,
     reference: str,
 ) -> Figure:
-    """Three panels: Full FT vs LoRA mean Δentropy with bootstrap CIs at each unit of analysis;
-    LR sweep scatter with its OLS line, Pearson r and Spearman ρ; regularizers' paired effect
-    sizes (bars d_av, crosses d_z) vs the ``reference`` run."""
-    fig, axes = new_figure(ncols=3, width=4.6, height=3.8)
+    """Three panels, one above the other: Full FT vs LoRA mean Δentropy with bootstrap CIs at
+    each unit of analysis; LR sweep scatter with its OLS line, Pearson r and Spearman ρ;
+    regularizers' paired effect sizes (bars d_av, crosses d_z) vs the ``reference`` run."""
+    fig, axes = new_figure(nrows=3, width=7.0, height=3.4)
     _ci_panel(axes[0, 0], comparisons)
-    _lr_panel(axes[0, 1], lr_points, lr_table)
-    _effect_panel(axes[0, 2], reg_table, reference)
+    _lr_panel(axes[1, 0], lr_points, lr_table)
+    _effect_panel(axes[2, 0], reg_table, reference)
     return fig
 
 
@@ -196,7 +199,7 @@ def fig12_training_dynamics(
     """2×2 panels over training, one line per history (layer-mean metrics): entropy velocity
     at interval midpoints; Δentropy (%) with the −threshold line and onset markers (×);
     ΔERF and ΔGini (%) against Δentropy (%), i.e. how the three metrics co-evolve."""
-    fig, axes = new_figure(ncols=2, nrows=2, width=4.8, height=3.5)
+    fig, axes = new_figure(ncols=2, nrows=2, width=4.3, height=3.3)
     (velocity_ax, entropy_ax), (erf_ax, gini_ax) = axes
     usable = [h for h in histories if len(h.evals) >= 2]
     if not usable:
@@ -226,7 +229,7 @@ def fig12_training_dynamics(
     velocity_ax.set_xlabel("Training fraction")
     velocity_ax.set_ylabel("Entropy velocity (nats / training)")
     velocity_ax.set_title("Entropy velocity")
-    velocity_ax.legend(fontsize=7)
+    legend_below(fig, velocity_ax.lines)
     entropy_ax.axhline(-100 * threshold, color="gray", linestyle="--", linewidth=0.8)
     entropy_ax.set_xlabel("Training fraction")
     entropy_ax.set_ylabel(delta_label("d_entropy_pct"))
@@ -244,7 +247,7 @@ def fig13_metric_correlations(matrix: CorrelationMatrix) -> Figure:
     """Correlation matrix of the Δ% metrics and best accuracy across runs: colour = r, each
     off-diagonal cell annotated with r, its p and its Holm-adjusted p."""
     names = list(matrix.r.columns)
-    fig, axes = new_figure(width=6.8, height=5.6)
+    fig, axes = new_figure(width=8.0, height=6.6)
     ax = axes[0, 0]
     r = matrix.r.to_numpy(dtype=float)
     image = ax.imshow(np.ma.masked_invalid(r), cmap="RdBu_r", vmin=-1, vmax=1)
@@ -266,7 +269,7 @@ def fig13_metric_correlations(matrix: CorrelationMatrix) -> Figure:
                 text,
                 ha="center",
                 va="center",
-                fontsize=6.5,
+                fontsize=8,
                 color="white" if strong else "black",
             )
     fig.colorbar(image, ax=ax, label=f"{matrix.method.capitalize()} r")
@@ -278,9 +281,9 @@ def fig14_convergence(histories: Sequence[RunRecord]) -> Figure:
     """Validation accuracy per epoch, one panel per family, one line per (run, seed)."""
     runs = [h for h in histories if h.epochs]
     families = list(dict.fromkeys(h.family for h in runs))
-    ncols = max(1, min(3, len(families)))
+    ncols = max(1, min(2, len(families)))
     nrows = max(1, math.ceil(len(families) / ncols))
-    fig, axes = new_figure(ncols=ncols, nrows=nrows, width=4.2, height=3.0)
+    fig, axes = new_figure(ncols=ncols, nrows=nrows, width=4.3, height=3.0)
     flat = axes.ravel()
     if not families:
         empty_panel(flat[0], "no run with epochs")
@@ -291,11 +294,11 @@ def fig14_convergence(histories: Sequence[RunRecord]) -> Figure:
             epochs = [e.epoch for e in h.epochs]
             acc = [e.val_acc for e in h.epochs]
             ax.plot(epochs, acc, marker="o", markersize=3, label=labels[(h.id, h.seed)])
-        ax.set_title(family)
+        ax.set_title(family.replace("_", " "))
         ax.set_xlabel("Epoch")
         ax.set_ylabel("Accuracy per epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=6)
+        ax.legend(fontsize="x-small", ncols=2)
     for ax in flat[len(families) :]:
         ax.remove()
     return fig
@@ -307,11 +310,13 @@ def fig16_dashboard(
     method_runs: Sequence[str],
     lr_points: pd.DataFrame,
 ) -> Figure:
-    """2×3 summary: Δentropy per run (bars by method); ΔGini vs Δentropy; best accuracy vs
+    """3×2 summary: Δentropy per run (bars by method); ΔGini vs Δentropy; best accuracy vs
     Δentropy; zero-shot accuracy change (points) vs Δentropy; mean per-layer Δentropy per
     method of ``method_runs`` (the Full FT vs LoRA comparison); Δentropy along the
-    learning-rate sweep (``lr_points``, from ``stat_tables.lr_sweep_points``)."""
-    fig, axes = new_figure(ncols=3, nrows=2, width=4.3, height=3.4)
+    learning-rate sweep (``lr_points``, from ``stat_tables.lr_sweep_points``). One legend of the
+    method colours under the panels."""
+    fig, grid = new_figure(ncols=2, nrows=3, width=4.3, height=3.2)
+    axes = grid.reshape(2, 3)  # the panels in reading order, as before: [0, :] then [1, :]
     runs = run_means(summary[summary["method"] != "none"]) if not summary.empty else summary
     if runs.empty:
         for ax in axes.ravel():
@@ -322,15 +327,12 @@ def fig16_dashboard(
 
     ax = axes[0, 0]
     ax.barh(range(len(runs)), dent, color=colors)
-    ax.set_yticks(range(len(runs)), list(runs.index), fontsize=6)
+    ax.set_yticks(range(len(runs)), list(runs.index), fontsize=7 if len(runs) > 12 else 9)
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.7)
     ax.set_xlabel(delta_label("d_entropy_pct"))
-    legend = ", ".join(
-        f"{METHOD_COLORS[m].removeprefix('tab:')} {METHOD_NAMES[m]}"
-        for m in dict.fromkeys(runs["method"])
-    )
-    ax.set_title(f"Entropy change per run ({legend})")
+    ax.set_title("Entropy change per run")
+    legend_below(fig, method_handles(runs["method"]))
 
     for ax, column, title in (
         (axes[0, 1], "d_gini_pct", "Concentration vs entropy"),
@@ -347,7 +349,7 @@ def fig16_dashboard(
         ax.scatter(dent, zeroshot_change(runs, zeroshot[0]), c=colors)
         ax.axhline(0, color="black", linewidth=0.7)
         ax.set_xlabel(delta_label("d_entropy_pct"))
-        ax.set_ylabel(f"Δ zero-shot {zeroshot[0]} (points)")
+        ax.set_ylabel(f"Δ zero-shot {DATASET_NAMES.get(zeroshot[0], zeroshot[0])} (points)")
         ax.set_title("Zero-shot transfer vs entropy")
     else:
         empty_panel(ax, "no zero-shot results")
@@ -367,7 +369,7 @@ def _method_layers_panel(ax: Axes, compared: pd.DataFrame, delta: pd.DataFrame) 
                 marker="o",
                 markersize=3,
                 color=METHOD_COLORS[method],
-                label=f"{method} ({len(layers)} runs)",
+                label=f"{METHOD_NAMES[method]} ({len(layers)} runs)",
             )
     if not ax.lines:
         empty_panel(ax, "no Full FT or LoRA run to compare")
@@ -376,7 +378,7 @@ def _method_layers_panel(ax: Axes, compared: pd.DataFrame, delta: pd.DataFrame) 
     ax.set_xlabel("Layer")
     ax.set_ylabel("Mean " + delta_label("d_entropy_pct"))
     ax.set_title("Per-layer change, Full FT vs LoRA runs")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize="small")
 
 
 def _lr_line_panel(ax: Axes, points: pd.DataFrame) -> None:

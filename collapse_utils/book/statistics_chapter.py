@@ -1,6 +1,7 @@
 """The statistics chapter, section by section: each method computes one family of tests
-(``analysis.stat_tables``), glues the numbers the chapter's prose uses, displays the table or
-figure (``book.stat_figures``) and returns the table. ``notebooks/08_statistics.ipynb`` calls one
+(``analysis.stat_tables``), glues the numbers the chapter's prose uses, displays the table
+(``book.tables``, the book's one formatter) or figure (``book.stat_figures``, with its caption)
+and returns the raw table. ``notebooks/08_statistics.ipynb`` calls one
 method per section. Which runs a test is about comes from ``params/families.yaml``.
 
 Glue keys are written out in full (a key used in the notebook can be found here with grep): the
@@ -27,6 +28,7 @@ from collapse_utils.analysis.stats import EXACT_MAX_N, metric_correlations
 from collapse_utils.book import stat_figures
 from collapse_utils.book.figures import show_figure
 from collapse_utils.book.style import DATASET_NAMES
+from collapse_utils.book.tables import show_table
 from collapse_utils.config import PARAMS_DIR, load_config, profile_output_root
 from collapse_utils.families import comparison_ids, load_families, load_statistics_runs
 
@@ -134,15 +136,17 @@ class StatisticsChapter:
         self.comparisons: dict = {}
         self.table_b = self.table_c = pd.DataFrame()
 
-    def show(self, fig, name: str) -> None:
-        show_figure(fig, self.output_root, name)
+    def show(self, fig, name: str, caption: str) -> None:
+        show_figure(fig, self.output_root, name, caption)
 
     def overview(self) -> pd.DataFrame:
         glue("n_histories", len(self.histories), display=False)
         glue("n_trained", len(self.trained), display=False)
         glue("max_seeds", int(self.summary.groupby("run").size().max()), display=False)
         columns = ["run", "seed", "family", "method", "dataset", "lr", "best_acc", "d_entropy_pct"]
-        return self.summary[columns].round({"best_acc": 3, "d_entropy_pct": 3})
+        table = self.summary[columns]
+        show_table(table)
+        return table
 
     def full_vs_lora(self) -> pd.DataFrame:
         """§6.4 A: layer-pooled (as the report) and run-level (and seed-level) comparisons."""
@@ -152,6 +156,7 @@ class StatisticsChapter:
         )
         table = tables.unit_comparison_table(self.comparisons)
         note(notes)
+        show_table(table)
         display(Markdown(tables.supports_markdown(self.comparisons)))
         groups = tables.method_groups(self.summary, runs, dataset)
         glue("a_dataset", DATASET_NAMES.get(dataset, dataset), display=False)
@@ -162,14 +167,15 @@ class StatisticsChapter:
         glue_cells(table, A_GLUE)
         n_full, n_lora = tables.cell(table, "run", "n_full"), tables.cell(table, "run", "n_lora")
         glue("a_run_mwu_floor", mwu_floor(n_full, n_lora), display=False)
-        return table.round(3)
+        return table
 
     def lr_sweep(self) -> pd.DataFrame:
         """§6.4 B: Pearson and Spearman of Δentropy with log10(lr), asymptotic and exact p."""
         self.table_b = tables.lr_correlations(self.lr_points)
         if self.table_b.empty:
             note([f"Correlation not run: it needs three runs, found {len(self.lr_points)}."])
-        display(self.lr_points.round({"log10_lr": 3, "d_entropy_pct": 3}))
+        show_table(self.lr_points)
+        show_table(self.table_b)
         glue_cells(self.table_b, B_GLUE)
         n = len(self.lr_points)
         glue("b_n", n, display=False)
@@ -178,7 +184,7 @@ class StatisticsChapter:
         glue("b_min_exact_p", 1 / math.factorial(n), display=False)
         used = str(self.table_b["p_used"].iloc[0]) if not self.table_b.empty else "none"
         glue("b_p_used", used, display=False)
-        return self.table_b.round(4)
+        return self.table_b
 
     def regularizers(self) -> pd.DataFrame:
         """§6.4 C: each regularizer against the regularization family's reference, paired over
@@ -189,6 +195,7 @@ class StatisticsChapter:
         if table.empty:
             note([f"Regularizer tests not run: no regularized run or no complete {reference}."])
         else:
+            show_table(table)
             display(Markdown(tables.paired_supports(self.summary, self.delta, reference)))
         glue("c_n", len(table), display=False)
         top = table["d_z"].abs().idxmax() if not table.empty else None
@@ -196,7 +203,7 @@ class StatisticsChapter:
         glue_cells(table, {key: (top, column) for key, column in C_TOP_GLUE.items()})
         low = float(table["p_holm"].min()) if not table.empty else float("nan")
         glue("c_min_p_holm", low, display=False)
-        return table.round(4)
+        return table
 
     def layer_position(self) -> pd.DataFrame:
         """§6.4 D: one-way ANOVA of per-layer Δentropy over early/middle/late layers."""
@@ -211,10 +218,17 @@ class StatisticsChapter:
         ]
         text = "; ".join(sentences) if sentences else "no run of the ANOVA is complete"
         glue("d_results", text[0].upper() + text[1:] + ".", display=False)
-        return table.round(3)
+        show_table(table)
+        return table
 
     def per_layer_figure(self) -> None:
-        self.show(stat_figures.fig10_per_layer_heatmap(self.delta), "fig10_per_layer_delta_heatmap")
+        self.show(
+            stat_figures.fig10_per_layer_heatmap(self.delta),
+            "fig10_per_layer_delta_heatmap",
+            "Change in entropy (%) of every layer (columns) of every trained run (rows), first "
+            "to final evaluation: red cells lost entropy, blue cells gained; look for bands of "
+            "layers that change together.",
+        )
 
     def correlations(self) -> pd.DataFrame:
         """§3.10: cross-metric correlation matrix over trained runs, Holm within the matrix."""
@@ -227,10 +241,17 @@ class StatisticsChapter:
             )
         else:
             table = tables.correlation_pairs(matrix)
-            self.show(stat_figures.fig13_metric_correlations(matrix), "fig13_metric_correlations")
+            show_table(table)
+            self.show(
+                stat_figures.fig13_metric_correlations(matrix),
+                "fig13_metric_correlations",
+                "Correlation across runs of the changes in the four metrics and of best "
+                "accuracy, with p and Holm-adjusted p in each cell: strongly coloured cells are "
+                "pairs that move together from run to run.",
+            )
         glue("corr_n", matrix.n if matrix is not None else 0, display=False)
         glue_cells(table, CORRELATION_GLUE)
-        return table.round(4)
+        return table
 
     def dynamics(self) -> pd.DataFrame:
         """§3.9: collapse onset and entropy velocity."""
@@ -243,8 +264,15 @@ class StatisticsChapter:
         present = {h.id for h in shown}
         note([f"{r} is not complete and is missing from the figure." for r in runs
               if r not in present])  # fmt: skip
-        self.show(stat_figures.fig12_training_dynamics(shown), "fig12_training_dynamics")
-        return table.round(3)
+        show_table(table)
+        self.show(
+            stat_figures.fig12_training_dynamics(shown),
+            "fig12_training_dynamics",
+            "Entropy velocity (top left), entropy change with the collapse onset marked × (top "
+            "right), and the ERF@0.95 and Gini changes against the entropy change along "
+            "training (bottom): curves that stay on one line mean the metrics move together.",
+        )
+        return table
 
     def convergence(self) -> pd.DataFrame:
         """The report's convergence check (SD of late-epoch val accuracy)."""
@@ -253,18 +281,37 @@ class StatisticsChapter:
         glue("conv_epochs", tables.CONVERGENCE_EPOCHS, display=False)
         glue("conv_n_converged", int(table["converged"].sum()), display=False)
         glue("conv_n_runs", len(table), display=False)
-        self.show(stat_figures.fig14_convergence(self.trained), "fig14_convergence")
-        return table.round(4)
+        show_table(table)
+        self.show(
+            stat_figures.fig14_convergence(self.trained),
+            "fig14_convergence",
+            "Accuracy after every epoch, one panel per family and one line per run: a line that "
+            "is flat over the last epochs has converged.",
+        )
+        return table
 
     def dashboard(self) -> None:
         fig = stat_figures.fig16_dashboard(
             self.summary, self.delta, self.method_runs, self.lr_points
         )
-        self.show(fig, "fig16_dashboard")
+        self.show(
+            fig,
+            "fig16_dashboard",
+            "Every trained run at a glance, coloured by method: entropy change per run, against "
+            "Gini, accuracy and zero-shot change, the per-layer profile of Full FT and LoRA, and "
+            "the learning-rate sweep.",
+        )
 
     def summary_figure(self) -> None:
         """fig11 from the tables of sections A–C (run them first)."""
         fig = stat_figures.fig11_statistical_summary(
             self.comparisons, self.lr_points, self.table_b, self.table_c, self.reg_reference
         )
-        self.show(fig, "fig11_statistical_summary")
+        self.show(
+            fig,
+            "fig11_statistical_summary",
+            "Full FT against LoRA at each unit of analysis with 95 % bootstrap intervals (top), "
+            "entropy change against log learning rate with its fit (middle), and each "
+            "regularizer's effect size against the reference (bottom): overlapping intervals "
+            "and large p mean no evidence of a difference.",
+        )

@@ -17,6 +17,7 @@ from collapse_utils.analysis.results import (
 )
 from collapse_utils.book import figures
 from collapse_utils.book.page import Page, failure_findings
+from collapse_utils.book.style import DATASET_NAMES, METHOD_NAMES
 from collapse_utils.config import PARAMS_DIR, profile_output_root
 
 
@@ -36,21 +37,39 @@ def zeroshot_page(profile: str, params_dir: Path | str = PARAMS_DIR, show: bool 
         text = []
         for dataset in datasets:
             pretrained = runs[f"zs_{dataset}_pretrained"]
-            table[f"{dataset} acc"] = runs[f"zs_{dataset}"].to_numpy()
-            table[f"{dataset} change (points)"] = zeroshot_change(runs, dataset).to_numpy()
+            table[f"zs_{dataset}"] = runs[f"zs_{dataset}"].to_numpy()
+            table[f"zs_{dataset}_change"] = zeroshot_change(runs, dataset).to_numpy()
             by_method = runs.groupby("method")[f"zs_{dataset}"].mean()
+            named = DATASET_NAMES.get(dataset, dataset)
             text.append(
-                f"{dataset}: pre-trained {pretrained.iloc[0]:.3f}; "
-                + ", ".join(f"mean over {m} runs {v:.3f}" for m, v in by_method.items())
+                f"{named}: pre-trained {100 * pretrained.iloc[0]:.2f} %; "
+                + ", ".join(
+                    f"mean over {METHOD_NAMES.get(m, m)} runs {100 * v:.2f} %"
+                    for m, v in by_method.items()
+                )
                 + "."
             )
-        page.table("zeroshot", table.round(4))
+        page.table("zeroshot", table)
         first = datasets[0]
-        page.figure("fig7_collapse_vs_zeroshot", figures.zeroshot_vs_collapse(runs, first))
-        page.figure("fig15_zeroshot_extended", figures.zeroshot_bars(runs, first))
-        for dataset in datasets[1:]:
-            fig = figures.zeroshot_bars(runs, dataset)
-            page.figure(f"fig15_zeroshot_extended_{dataset}", fig)
+        named = DATASET_NAMES.get(first, first)
+        page.figure(
+            "fig7_collapse_vs_zeroshot",
+            figures.zeroshot_vs_collapse(runs, first),
+            f"Change in zero-shot {named} accuracy against the change in layer-mean entropy, "
+            "one point per fine-tuned run (nearby runs share a label): if collapse costs "
+            "transfer, the points fall from right to left.",
+        )
+        for dataset in datasets:
+            named = DATASET_NAMES.get(dataset, dataset)
+            page.figure(
+                "fig15_zeroshot_extended"
+                if dataset == first
+                else f"fig15_zeroshot_extended_{dataset}",
+                figures.zeroshot_bars(runs, dataset),
+                f"Zero-shot {named} accuracy of every fine-tuned run, coloured by method, "
+                "against the pre-trained model (dashed line): bars below the line lost "
+                "transfer.",
+            )
         page.conclude("Zero-shot accuracy — " + " ".join(text))
         return page
 
@@ -64,19 +83,20 @@ def reproducibility_page(
         output_root = profile_output_root(profile, params_dir)
         page = Page(profile, output_root, show)
         histories = load_histories(output_root, complete_only=False)
+        columns = ["run", "seed", "status", "config_hash", "device", "wall_time_s"]
         table = pd.DataFrame(
             [
                 {
                     "run": h.id,
                     "seed": h.seed,
                     "status": h.status,
-                    "config hash": h.config_hash,
+                    "config_hash": h.config_hash,
                     "device": h.device,
-                    "wall time (s)": round(h.wall_time_s, 1),
+                    "wall_time_s": h.wall_time_s,
                 }
                 for h in histories
             ],
-            columns=["run", "seed", "status", "config hash", "device", "wall time (s)"],
+            columns=columns,
         ).set_index("run")
         page.table("runs", table)
         versions = pd.DataFrame(
@@ -84,7 +104,7 @@ def reproducibility_page(
             columns=["package", "version"],
         )
         page.table("versions", versions)
-        total = float(table["wall time (s)"].sum())
+        total = float(table["wall_time_s"].sum())
         complete = int((table["status"] == "complete").sum())
         page.conclude(
             f"{len(table)} runs of the {profile} profile, {complete} complete, took "

@@ -17,6 +17,7 @@ METRIC_NAMES = {
 METRIC_UNITS = {"entropy": "nats"}
 METHOD_NAMES = {"full": "Full FT", "lora": "LoRA", "none": "pre-trained"}
 METHOD_COLORS = {"full": "tab:red", "lora": "tab:blue", "none": "tab:gray"}
+REGULARIZER_NAMES = {"none": "none", "apr": "APR", "entropy_floor": "entropy floor"}
 # Settings a family varies (families.yaml ``axis``), as axis labels.
 SETTING_NAMES = {
     "dataset": "dataset",

@@ -1,0 +1,350 @@
+"""The one way the book shows a table: :func:`format_table` turns a results frame (raw column
+names such as ``d_entropy_pct``, ``p_holm``, ``lr``; numbers as computed) into the text a reader
+sees; :func:`show_table` displays it. Pages keep the raw frame (tests read it) and show this.
+
+Each column's label and kind come from :data:`COLUMNS`, then from a name pattern (``d_<m>_pct``,
+``<m>_0``/``<m>_f``, ``zs_<d>…``, ``…_holm``), else from the name and the values. Cells:
+
+- accuracy (stored as a fraction): in %, two decimals — 0.8731 → ``87.31``;
+- change in % or in points: sign and two decimals — ``+1.23``, ``-0.40``;
+- p-value: three decimals, scientific below 0.001 — ``0.012``, ``2.0e-21``;
+- learning rate: ``1e-5``, ``2.5e-4``;
+- counts, ranks, layers: ints — 4.0 → ``4``;
+- other numbers: fixed decimals, scientific when a non-zero value would print as zero;
+- missing (NaN, None, NA): blank.
+
+Units go in the column name (``Best accuracy (%)``, ``Δ Entropy (%)``), never in the cells.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from html import escape
+from typing import Any
+
+import pandas as pd
+from IPython.display import HTML, display
+
+from collapse_utils.analysis.stat_tables import UNIT_TITLES
+from collapse_utils.book.style import (
+    DATASET_NAMES,
+    METHOD_NAMES,
+    METRIC_NAMES,
+    METRIC_UNITS,
+    REGULARIZER_NAMES,
+    delta_label,
+    metric_label,
+)
+
+TEXT, INT, ACC, CHANGE, P, LR, NUMBER, GENERAL, BOOL = (
+    "text", "int", "accuracy", "change", "p", "lr", "number", "general", "bool"
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Column:
+    """How one column is shown: ``label`` (with its unit), ``kind`` (one of the kinds above),
+    ``digits`` (decimals of a ``number``) and ``values`` (names of text values)."""
+
+    label: str
+    kind: str = TEXT
+    digits: int = 3
+    values: Mapping[str, str] | Callable[[str], str] | None = None
+
+
+def _targets(value: str) -> str:
+    """``q_proj,v_proj`` → ``q, v``."""
+    names = [t.strip().removesuffix("_proj").replace("out", "o") for t in value.split(",")]
+    return ", ".join(names)
+
+
+_METHODS = {**METHOD_NAMES, "pearson": "Pearson r", "spearman": "Spearman ρ"}
+
+COLUMNS: dict[str, Column] = {
+    # what a run is (analysis.results.run_summary)
+    "run": Column("Run"),
+    "seed": Column("Seed", INT),
+    "seeds": Column("Seeds", INT),
+    "family": Column("Family", values=lambda v: v.replace("_", " ")),
+    "method": Column("Method", values=_METHODS),
+    "dataset": Column("Dataset", values=DATASET_NAMES),
+    "lr": Column("Learning rate", LR),
+    "weight_decay": Column("Weight decay", GENERAL),
+    "rank": Column("LoRA rank", INT),
+    "targets": Column("LoRA targets", values=_targets),
+    "freeze_layers": Column("Frozen layers", INT),
+    "reg_kind": Column("Regularizer", values=REGULARIZER_NAMES),
+    "lam": Column("λ", GENERAL),
+    "best_acc": Column("Best accuracy (%)", ACC),
+    "final_acc": Column("Final accuracy (%)", ACC),
+    "status": Column("Status"),
+    "layer": Column("Layer", INT),
+    "metric": Column("Metric"),
+    "mean": Column("Mean", NUMBER),
+    "std": Column("SD", NUMBER),
+    "min": Column("Min", NUMBER),
+    "max": Column("Max", NUMBER),
+    "value": Column("Value"),
+    **{metric: Column(metric_label(metric), NUMBER) for metric in METRIC_NAMES},
+    # §6.4 A (stat_tables.unit_comparison_table)
+    "unit": Column("Unit of analysis", values=UNIT_TITLES),
+    "n_full": Column("n Full FT", INT),
+    "n_lora": Column("n LoRA", INT),
+    "mean_full": Column("Mean Δ Entropy, Full FT (%)", CHANGE),
+    "ci_full_low": Column("95% CI low, Full FT (%)", CHANGE),
+    "ci_full_high": Column("95% CI high, Full FT (%)", CHANGE),
+    "mean_lora": Column("Mean Δ Entropy, LoRA (%)", CHANGE),
+    "ci_lora_low": Column("95% CI low, LoRA (%)", CHANGE),
+    "ci_lora_high": Column("95% CI high, LoRA (%)", CHANGE),
+    "welch_t": Column("Welch t", NUMBER, 2),
+    "welch_dof": Column("Welch df", NUMBER, 1),
+    "welch_p": Column("Welch p", P),
+    "mwu_u": Column("Mann-Whitney U", NUMBER, 1),
+    "mwu_p": Column("Mann-Whitney p", P),
+    "cohen_d": Column("Cohen's d", NUMBER, 2),
+    # §6.4 B (lr_sweep_points, lr_correlations)
+    "log10_lr": Column("log₁₀ learning rate", NUMBER, 2),
+    "n": Column("n", INT),
+    "r": Column("r", NUMBER, 3),
+    "p_asymptotic": Column("p (asymptotic)", P),
+    "p_exact": Column("p (exact)", P),
+    "p_used": Column("p used"),
+    "p_claim": Column("p of the claim", P),
+    # §6.4 C (regularizer_tests)
+    "n_layers": Column("Layers", INT),
+    "mean_diff": Column("Mean layer difference (points)", CHANGE),
+    "t": Column("t", NUMBER, 2),
+    "dof": Column("df", NUMBER, 1),
+    "p": Column("p", P),
+    "d_av": Column("Cohen's d (average SD)", NUMBER, 2),
+    "d_z": Column("Cohen's dz (paired)", NUMBER, 2),
+    # §6.4 D (layer_anova_table)
+    "f": Column("F", NUMBER, 2),
+    # §3.10 (correlation_pairs)
+    "a": Column("Metric A", values=delta_label),
+    "b": Column("Metric B", values=delta_label),
+    # §3.9 and convergence (dynamics_table, convergence_table)
+    "onset_fraction": Column("Collapse onset (fraction of training)", NUMBER, 2),
+    "max_abs_velocity": Column("Largest |entropy velocity| (nats per training)", NUMBER, 3),
+    "at_fraction": Column("At (fraction of training)", NUMBER, 2),
+    "epochs": Column("Epochs", INT),
+    "late_std": Column("SD of the last epochs' accuracy (points)", ACC),
+    "converged": Column("Converged", BOOL),
+    # reproducibility
+    "config_hash": Column("Config hash"),
+    "device": Column("Device"),
+    "wall_time_s": Column("Wall time (s)", NUMBER, 1),
+    "package": Column("Package"),
+    "version": Column("Version"),
+}
+
+
+def _metric(name: str) -> str:
+    return METRIC_NAMES.get(name, name.replace("_", " "))
+
+
+def _unit(metric: str) -> str:
+    return f" ({METRIC_UNITS[metric]})" if metric in METRIC_UNITS else ""
+
+
+def _dataset(name: str) -> str:
+    return DATASET_NAMES.get(name, name)
+
+
+PATTERNS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Column]]] = [
+    (re.compile(r"d_(\w+)_pct"), lambda m: Column(f"Δ {_metric(m[1])} (%)", CHANGE)),
+    (re.compile(r"zs_(\w+)_pretrained"),
+     lambda m: Column(f"Zero-shot {_dataset(m[1])}, pre-trained (%)", ACC)),
+    (re.compile(r"zs_(\w+)_change"),
+     lambda m: Column(f"Zero-shot {_dataset(m[1])} change (points)", CHANGE)),
+    (re.compile(r"zs_(\w+)"), lambda m: Column(f"Zero-shot {_dataset(m[1])} (%)", ACC)),
+    (re.compile(rf"({'|'.join(METRIC_NAMES)})_0"),
+     lambda m: Column(f"{_metric(m[1])} before{_unit(m[1])}", NUMBER)),
+    (re.compile(rf"({'|'.join(METRIC_NAMES)})_f"),
+     lambda m: Column(f"{_metric(m[1])} final{_unit(m[1])}", NUMBER)),
+    (re.compile(r"(early|middle|late)_layers"), lambda m: Column(f"{m[1].capitalize()} layers")),
+    (re.compile(r"(early|middle|late)_mean"),
+     lambda m: Column(f"{m[1].capitalize()} mean Δ Entropy (%)", CHANGE)),
+    (re.compile(r"(early|middle|late)_sd"),
+     lambda m: Column(f"{m[1].capitalize()} SD (points)", NUMBER, 2)),
+    (re.compile(r"(\w+)_holm"), lambda m: Column(f"{column_spec(m[1]).label} (Holm)", P)),
+]  # fmt: skip
+
+
+def column_spec(name: Any, values: pd.Series | pd.Index | None = None) -> Column:
+    """How the column (or index level) ``name`` is shown: :data:`COLUMNS`, then
+    :data:`PATTERNS`, else the name with spaces for underscores and a kind from ``values``."""
+    key = str(name)
+    if key in COLUMNS:
+        return COLUMNS[key]
+    for pattern, spec in PATTERNS:
+        match = pattern.fullmatch(key)
+        if match:
+            return spec(match)
+    label = key.replace("_", " ")
+    label = label[:1].upper() + label[1:]
+    return Column(label, _kind_of(values) if values is not None else TEXT)
+
+
+def _kind_of(values: pd.Series | pd.Index) -> str:
+    if pd.api.types.is_bool_dtype(values):
+        return BOOL
+    if pd.api.types.is_integer_dtype(values):
+        return INT
+    if pd.api.types.is_float_dtype(values):
+        finite = pd.Series(values, dtype=float).dropna()
+        return INT if len(finite) and (finite == finite.round()).all() else NUMBER
+    return TEXT
+
+
+def _missing(value: Any) -> bool:
+    if value is None or value is pd.NA or value is pd.NaT:
+        return True
+    return isinstance(value, float) and math.isnan(value)
+
+
+def format_lr(value: float) -> str:
+    """A learning rate as ``1e-5``, ``2.5e-4`` (shortest mantissa, no exponent padding)."""
+    mantissa, exponent = f"{value:.2e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def format_p(value: float) -> str:
+    """A p-value: three decimals, ``2.0e-21`` below 0.001 (``<1e-300`` when it underflowed)."""
+    if value == 0:
+        return "<1e-300"
+    return f"{value:.1e}" if value < 0.001 else f"{value:.3f}"
+
+
+def format_number(value: float, digits: int = 3) -> str:
+    """``digits`` decimals; scientific (two significant digits) when a non-zero value would
+    print as zero; ``inf`` as ``∞``."""
+    if math.isinf(value):
+        return "∞" if value > 0 else "-∞"
+    if value != 0 and abs(value) < 0.5 * 10**-digits:
+        return f"{value:.1e}"
+    return f"{value:.{digits}f}"
+
+
+def format_value(value: Any, spec: Column) -> str:
+    """One cell as text, by ``spec.kind``; missing values are blank."""
+    if _missing(value):
+        return ""
+    kind = spec.kind
+    if kind == BOOL:
+        return "yes" if bool(value) else "no"
+    if kind == TEXT and isinstance(value, (int, float)) and not isinstance(value, bool):
+        kind = NUMBER  # a number in a column of text still reads as a number
+    if kind == TEXT or isinstance(value, str):
+        text = str(value)
+        if isinstance(spec.values, Mapping):
+            return spec.values.get(text, text)
+        return spec.values(text) if spec.values is not None else text
+    value = float(value)
+    if kind == INT:
+        return str(int(round(value)))
+    if kind == ACC:
+        return f"{100 * value:.2f}"
+    if kind == CHANGE:
+        return f"{value:+.2f}"
+    if kind == P:
+        return format_p(value)
+    if kind == LR:
+        return format_lr(value)
+    if kind == GENERAL:
+        return f"{value:g}"
+    return format_number(value, spec.digits)
+
+
+NUMERIC = (INT, ACC, CHANGE, P, LR, NUMBER, GENERAL)
+
+
+def format_table(frame: pd.DataFrame, columns: Mapping[str, Column] | None = None) -> pd.DataFrame:
+    """``frame`` as the book shows it: every cell and index value as text (the rules of this
+    module), columns and index levels under their human names. ``columns`` overrides
+    :func:`column_spec` for some names."""
+    shown, _ = _formatted(frame, columns)
+    return shown
+
+
+def _formatted(
+    frame: pd.DataFrame, columns: Mapping[str, Column] | None
+) -> tuple[pd.DataFrame, list[bool]]:
+    """:func:`format_table` and, per column, whether it holds numbers (aligned right)."""
+    overrides = dict(columns or {})
+
+    def spec(name: Any, values: pd.Series | pd.Index) -> Column:
+        return overrides.get(str(name)) or column_spec(name, values)
+
+    cells, labels, numeric = {}, [], []
+    for position, name in enumerate(frame.columns):
+        values = frame.iloc[:, position]
+        column = spec(name, values)
+        cells[position] = [format_value(v, column) for v in values]
+        labels.append(column.label)
+        numeric.append(column.kind in NUMERIC or pd.api.types.is_numeric_dtype(values))
+    shown = pd.DataFrame(cells, index=_format_index(frame.index, spec), dtype=object)
+    shown.columns = labels
+    return shown, numeric
+
+
+def _format_index(index: pd.Index, spec: Callable[[Any, pd.Index], Column]) -> pd.Index:
+    if _plain_index(index):
+        return pd.RangeIndex(len(index))
+    levels = []
+    for level in range(index.nlevels):
+        values = index.get_level_values(level)
+        name = index.names[level]
+        column = spec(name, values) if name is not None else Column("", _kind_of(values))
+        levels.append(([format_value(v, column) for v in values], column.label or None))
+    if index.nlevels == 1:
+        values, name = levels[0]
+        return pd.Index(values, name=name)
+    return pd.MultiIndex.from_arrays([v for v, _ in levels], names=[n for _, n in levels])
+
+
+def _plain_index(index: pd.Index) -> bool:
+    """A default 0, 1, 2 … index: row labels that mean nothing, left out of the table."""
+    return isinstance(index, pd.RangeIndex) and index.name is None
+
+
+def table_html(frame: pd.DataFrame, columns: Mapping[str, Column] | None = None) -> str:
+    """:func:`format_table` of ``frame`` as an HTML table: one header row (index names, then
+    column names), numbers aligned right, a repeated outer index value left blank, inside a block
+    that scrolls sideways when the table is wider than the page (``book/_static/book.css``)."""
+    shown, numeric = _formatted(frame, columns)
+    rows = [tuple(r) if isinstance(r, tuple) else (r,) for r in shown.index]
+    names = [] if _plain_index(frame.index) else [n or "" for n in shown.index.names]
+    align = ["num" if n else "text" for n in numeric]
+    head = "".join(f'<th class="index">{escape(n)}</th>' for n in names)
+    head += "".join(
+        f'<th class="{a}">{escape(c)}</th>' for a, c in zip(align, shown.columns, strict=True)
+    )
+    body = []
+    previous: tuple = ()
+    for labels, values in zip(rows, shown.itertuples(index=False), strict=True):
+        cells = ""
+        if names:
+            for level, label in enumerate(labels):
+                repeated = level < len(labels) - 1 and labels[: level + 1] == previous[: level + 1]
+                cells += f"<th>{'' if repeated else escape(label)}</th>"
+        previous = labels
+        cells += "".join(
+            f'<td class="{a}">{escape(v)}</td>' for a, v in zip(align, values, strict=True)
+        )
+        body.append(f"<tr>{cells}</tr>")
+    table = (
+        f'<table class="book-table"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>"
+    )
+    return f'<div class="table-scroll">{table}</div>'
+
+
+def show_table(frame: pd.DataFrame, columns: Mapping[str, Column] | None = None) -> None:
+    """Display ``frame`` formatted (:func:`table_html`); nothing for an empty frame."""
+    if not frame.empty:
+        display(HTML(table_html(frame, columns)))

@@ -1,0 +1,164 @@
+"""The built smoke book (the session fixture ``book``) as a reader sees it, in headless Chromium:
+every page of the toc is opened at 1280 × 900 and measured in the browser (headings, figures,
+table headers and cells, widths as laid out); screenshots of a run page, a family page and the
+statistics chapter, and the measurements, are kept under ``outputs/browser/``.
+
+Needs a Chromium (Debian's ``chromium`` package; ``make test`` installs it where apt-get can run
+as root; ``CHROMIUM=/path`` picks another); without one the check skips and says so."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.chromium import Chromium, find_chromium
+
+REPO = Path(__file__).resolve().parent.parent
+SHOTS = REPO / "outputs" / "browser"
+SCREENSHOTS = {
+    "run_page": "book/executed/02_full_ft_vs_lora/E2",
+    "family_page": "book/executed/02_full_ft_vs_lora/summary",
+    "statistics": "book/executed/08_statistics",
+}
+SNAKE_CASE = re.compile(r"(?<![A-Za-z0-9])[a-z][a-z0-9]*_[a-z0-9_]+")
+RAW_CELLS = {"nan", "NaN", "-nan", "<NA>", "None", "NaT", "0.0000", "-0.0000"}
+# What the page shows, measured after layout. Images inside live widgets (the explorer) are the
+# widgets' own drawing, not the book's figures; a header in code font (a profile name in the
+# method's table) is a literal name on purpose. "clipped": tables, images and code blocks whose
+# right edge is cut off by an ancestor that hides overflow instead of scrolling it.
+PROBE = r"""
+(() => {
+  const article = document.querySelector("article.bd-article") || document.body;
+  const text = (node) => node.textContent.replace(/[#¶]\s*$/, "").trim();
+  const prose = (node) => {
+    const copy = node.cloneNode(true);
+    copy.querySelectorAll("code").forEach((code) => code.remove());
+    return text(copy);
+  };
+  const cut = (el) => {
+    const right = el.getBoundingClientRect().right;
+    for (let box = el.parentElement; box && box !== article; box = box.parentElement) {
+      const overflow = getComputedStyle(box).overflowX;
+      if (overflow === "auto" || overflow === "scroll") return false;
+      if ((overflow === "hidden" || overflow === "clip")
+          && right > box.getBoundingClientRect().right + 1) return true;
+    }
+    return false;
+  };
+  const clipped = [...article.querySelectorAll("table, img, pre")].filter(cut)
+    .map((el) => `${el.tagName.toLowerCase()} ${el.textContent.trim().slice(0, 40)}`);
+  const images = [...article.querySelectorAll("img")]
+    .filter((img) => !img.closest(".jupyter-widgets"))
+    .map((img) => {
+      const figure = img.closest("figure");
+      const caption = figure && figure.querySelector("figcaption");
+      return {src: img.getAttribute("src"), figure: !!figure,
+              caption: caption ? caption.textContent.trim() : ""};
+    });
+  const main = document.querySelector(".bd-main") || article;
+  const page = document.documentElement;
+  return {
+    title: document.title,
+    h1: [...article.querySelectorAll("h1")].map(text),
+    images: images,
+    headers: [...article.querySelectorAll("thead th")].map(prose),
+    cells: [...article.querySelectorAll("tbody td, tbody th")].map(text),
+    overflow: {
+      article: article.scrollWidth - article.clientWidth,
+      main: main.scrollWidth - main.clientWidth,
+      page: page.scrollWidth - page.clientWidth,
+    },
+    clipped: clipped,
+  };
+})()
+"""
+
+
+@pytest.fixture(scope="module")
+def seen(book) -> dict[str, dict[str, Any]]:
+    """Every page of the book's toc → what :data:`PROBE` measured on it."""
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip(
+            "no Chromium found (Debian: apt-get install chromium, which `make test` does where "
+            "apt-get runs as root; or CHROMIUM=/path/to/chrome): the browser check of the book "
+            "did not run"
+        )
+    paths, _ = book
+    html = paths.build / "html"
+    toc = yaml.safe_load(paths.toc.read_text())
+    files = [toc["root"], *(c["file"] for part in toc["parts"] for c in part["chapters"])]
+    shots = {file: name for name, file in SCREENSHOTS.items()}
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    pages = {}
+    with Chromium(binary, width=1280, height=900) as browser:
+        for file in files:
+            # a page to photograph gets a second to finish its scripted scrolling first
+            browser.open((html / f"{file}.html").as_uri(), settle_s=1.0 if file in shots else 0.2)
+            pages[file] = browser.evaluate(PROBE)
+            if file in shots:
+                browser.screenshot(SHOTS / f"{shots[file]}.png")
+    (SHOTS / "pages.json").write_text(json.dumps(pages, indent=1, ensure_ascii=False))
+    assert set(SCREENSHOTS.values()) <= set(pages)
+    return pages
+
+
+def run_pages(seen: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Pages of one configuration: ``book/executed/<notebook>/<id>``, not the family summary."""
+    return {
+        file: page
+        for file, page in seen.items()
+        if file.count("/") == 3 and not file.endswith("/summary")
+    }
+
+
+def study_pages(seen: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Family comparisons and the pages across the study."""
+    runs = run_pages(seen)
+    return {f: p for f, p in seen.items() if f.startswith("book/executed/") and f not in runs}
+
+
+@pytest.mark.slow
+def test_each_run_page_is_headed_by_its_id_and_description(seen):
+    pages = run_pages(seen)
+    assert {Path(f).stem for f in pages} == {"E1_eurosat", "E2", "E5", "E9_broken"}
+    for file, page in pages.items():
+        run = Path(file).stem
+        assert len(page["h1"]) == 1 and page["h1"][0].startswith(f"{run}: "), (file, page["h1"])
+        assert page["title"].startswith(f"{run}: "), page["title"]
+
+
+@pytest.mark.slow
+def test_every_image_on_study_pages_is_a_numbered_captioned_figure(seen):
+    pages = study_pages(seen)
+    assert len(pages) >= 5
+    assert seen[SCREENSHOTS["statistics"]]["images"], "the statistics chapter shows no figure"
+    for file, page in pages.items():
+        for image in page["images"]:
+            assert image["figure"], (file, image["src"])
+            assert re.match(r"Fig\. \d+ \S", image["caption"]), (file, image["caption"])
+
+
+@pytest.mark.slow
+def test_no_table_header_is_a_raw_column_name(seen):
+    raw = {f: [h for h in p["headers"] if SNAKE_CASE.search(h)] for f, p in seen.items()}
+    assert not {f: h for f, h in raw.items() if h}
+    assert any(p["headers"] for p in seen.values())
+
+
+@pytest.mark.slow
+def test_no_cell_shows_nan_or_a_number_rounded_to_zero(seen):
+    raw = {f: sorted(set(p["cells"]) & RAW_CELLS) for f, p in seen.items()}
+    assert not {f: c for f, c in raw.items() if c}
+
+
+@pytest.mark.slow
+def test_the_main_column_never_scrolls_sideways_and_nothing_wide_is_cut_off(seen):
+    wide = {f: p["overflow"] for f, p in seen.items() if max(p["overflow"].values()) > 1}
+    assert not wide
+    assert not {f: p["clipped"] for f, p in seen.items() if p["clipped"]}
