@@ -133,3 +133,24 @@ def write_records(output_root: Path | str, records: Iterable[RunRecord]) -> None
         files = RunFiles.of(output_root, r.id, r.seed)
         files.run_dir.mkdir(parents=True, exist_ok=True)
         r.write(files.history)
+
+
+# The runs of §6.4 A and B as params/families.yaml gives them (families full_vs_lora, lr_sweep).
+METHOD_RUNS = ["E2", "E3", "E4", "E5", "E6", "E7"]
+LR_RUNS = ["E2", "A1_lr1e-6", "A1_lr1e-5", "A1_lr1e-4"]
+
+
+def study_tables() -> dict:
+    """The fake study as the statistics code reads it: all records, the trained ones, their run
+    summary and per-layer Δentropy."""
+    from collapse_utils.analysis import stat_tables
+    from collapse_utils.analysis.results import per_layer_delta, run_summary
+
+    all_runs = histories()
+    trained = stat_tables.trained(all_runs)
+    return {
+        "all": all_runs,
+        "trained": trained,
+        "summary": run_summary(all_runs),
+        "delta": per_layer_delta(trained),
+    }

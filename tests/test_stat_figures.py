@@ -8,23 +8,19 @@ from collapse_utils.analysis import stat_tables as tables
 from collapse_utils.analysis.results import histories_of, per_layer_delta, run_summary
 from collapse_utils.analysis.stats import metric_correlations
 from collapse_utils.book import stat_figures
-from tests.fake_records import FULL_CHANGE, START, histories, history
-
-# The runs of §6.4 A and B as params/families.yaml gives them (families full_vs_lora, lr_sweep).
-METHOD_RUNS = ["E2", "E3", "E4", "E5", "E6", "E7"]
-LR_RUNS = ["E2", "A1_lr1e-6", "A1_lr1e-5", "A1_lr1e-4"]
+from tests.fake_records import (
+    FULL_CHANGE,
+    LR_RUNS,
+    METHOD_RUNS,
+    START,
+    history,
+    study_tables,
+)
 
 
 @pytest.fixture(scope="module")
 def runs():
-    all_runs = histories()
-    trained = tables.trained(all_runs)
-    return {
-        "all": all_runs,
-        "trained": trained,
-        "summary": run_summary(all_runs),
-        "delta": per_layer_delta(trained),
-    }
+    return study_tables()
 
 
 def line(ax, label):
