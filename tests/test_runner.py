@@ -350,6 +350,20 @@ def test_the_injected_parameters_cell_is_hidden_once_and_the_heading_rebuilt_fro
     assert not dress_page(nb, execution, None)  # idempotent
 
 
+def test_a_failed_page_keeps_one_heading_above_papermills_error_banner(tmp_path):
+    paths = make_book(tmp_path)
+    execution = next(e for e in build_plan("smoke", paths) if e.config_id == "E4")
+    banner = nbformat.v4.new_markdown_cell(
+        "An Exception was encountered", metadata={"tags": ["papermill-error-cell-tag"]}
+    )
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [banner, nbformat.v4.new_markdown_cell("# Full fine-tuning vs LoRA\n\nIntro.")]
+    dress_page(nb, execution, None)
+    sources = [c.source for c in nb.cells]
+    assert sources[0].startswith("# E4: LoRA r=4 EuroSAT\n") and sources[1] == banner.source
+    assert not [s for s in sources if "Full fine-tuning vs LoRA" in s]
+
+
 def test_learning_rate_pages_are_listed_by_rate(tmp_path):
     rates = ("A1_lr1e-4", "A1_lr1e-6", "A1_lr5e-5", "A1_lr5e-6")
     paths = make_book(tmp_path, experiments=("E2", *rates))
@@ -381,7 +395,7 @@ def test_failure_is_reported_others_run_and_the_book_shows_the_error_page(tmp_pa
         "03_lr_sweep/summary",
     ]
     assert all("RuntimeError: fixture failure" in error for _, error in report.failed)
-    assert len(report.executed) == 6  # E2, its summary, the four study notebooks
+    assert len(report.executed) == 2 + len(PROFILE_NOTEBOOKS)  # E2, its summary, the study pages
     out = capsys.readouterr().out
     assert "FAILED book/executed/03_lr_sweep/A1_lr1e-4.ipynb: RuntimeError" in out
 
@@ -412,4 +426,5 @@ def test_failure_is_reported_others_run_and_the_book_shows_the_error_page(tmp_pa
         assert not re.search(r"""<(script|link)[^>]+(src|href)="https?://""", text)
 
     again = run_book("smoke", paths, build=False)
-    assert len(again.skipped) == 6 and len(again.failed) == 2 and not again.executed
+    assert len(again.skipped) == 2 + len(PROFILE_NOTEBOOKS)
+    assert len(again.failed) == 2 and not again.executed

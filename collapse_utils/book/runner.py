@@ -403,6 +403,7 @@ def execute_plan(
 # --- page headings ---------------------------------------------------------------------------
 
 INJECTED_TAG = "injected-parameters"  # papermill's tag on the cell it adds with the parameters
+ERROR_TAG = "papermill-error-cell-tag"  # papermill's tag on its "An Exception was…" banners
 HIDDEN_TAG = "remove-cell"  # Jupyter Book leaves the cell (input and output) out of the page
 
 
@@ -436,18 +437,28 @@ def page_heading(execution: Execution, original: str, family_page: str | None) -
 
 def dress_page(nb: nbformat.NotebookNode, execution: Execution, family_page: str | None) -> bool:
     """Hide the injected parameters cell and set the page heading (:func:`page_heading`) of an
-    executed notebook, in place. Idempotent: the heading is rebuilt from the notebook's original
-    first markdown cell, kept in that cell's metadata. Returns whether anything changed."""
+    executed notebook, in place: the notebook's first markdown cell (not papermill's error
+    banner, which the heading goes above). Idempotent: the heading is rebuilt from the cell's
+    original text, kept in its metadata. Returns whether anything changed."""
     before = nbformat.writes(nb)
     for cell in nb.cells:
         tags = cell.metadata.get("tags", [])
         if INJECTED_TAG in tags and HIDDEN_TAG not in tags:
             cell.metadata["tags"] = [*tags, HIDDEN_TAG]
-    first = next((c for c in nb.cells if c.cell_type == "markdown"), None)
-    if first is not None:
-        kept = first.metadata.setdefault(METADATA_KEY, {})
-        original = kept.setdefault("source", first.source)
-        first.source = page_heading(execution, original, family_page)
+    title = next(
+        (
+            c
+            for c in nb.cells
+            if c.cell_type == "markdown" and ERROR_TAG not in c.metadata.get("tags", [])
+        ),
+        None,
+    )
+    if title is not None:
+        kept = title.metadata.setdefault(METADATA_KEY, {})
+        original = kept.setdefault("source", title.source)
+        title.source = page_heading(execution, original, family_page)
+        nb.cells.remove(title)
+        nb.cells.insert(0, title)
     return nbformat.writes(nb) != before
 
 

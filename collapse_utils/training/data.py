@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: TQDM_DISABLE silences them in executed pages
 
 from collapse_utils.config import ConfigError, DataSpec
 from collapse_utils.storage import cached

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: TQDM_DISABLE silences them in executed pages
 
 from collapse_utils.training.data import DatasetUnavailableError, ImageSet, image_to_uint8
 from collapse_utils.training.labels import CLASS_NAMES

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tokenizers.pre_tokenizers import ByteLevel
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: TQDM_DISABLE silences them in executed pages
 from transformers import AutoTokenizer, CLIPModel, CLIPTokenizer
 
 from collapse_utils.config import ModelSpec
