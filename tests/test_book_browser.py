@@ -162,3 +162,47 @@ def test_the_main_column_never_scrolls_sideways_and_nothing_wide_is_cut_off(seen
     wide = {f: p["overflow"] for f, p in seen.items() if max(p["overflow"].values()) > 1}
     assert not wide
     assert not {f: p["clipped"] for f, p in seen.items() if p["clipped"]}
+
+
+MOVE_CONTROLS = r"""
+(async () => {
+  const root = document.querySelector(".cls-explorer");
+  if (!root) return null;
+  const canvas = root.querySelector("canvas");
+  const settle = () => new Promise((done) => setTimeout(done, 150));
+  await settle();
+  const seen = [[canvas.dataset.drawn, canvas.toDataURL()]];
+  const move = async (name, value, event) => {
+    const control = root.querySelector(`[data-control="${name}"]`);
+    control.value = value;
+    control.dispatchEvent(new Event(event));
+    await settle();
+    seen.push([canvas.dataset.drawn, canvas.toDataURL()]);
+  };
+  const layer = root.querySelector('[data-control="layer"]');
+  const run = root.querySelector('[data-control="run"]');
+  await move("layer", layer.max, "input");
+  await move("step", root.querySelector('[data-control="step"]').max, "input");
+  await move("head", "1", "change");
+  await move("image", "1", "change");
+  await move("run", run.options[run.options.length - 1].value, "change");
+  return seen;
+})()
+"""
+
+
+@pytest.mark.slow
+def test_the_static_explorer_redraws_when_a_control_moves_without_a_kernel(book):
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip("no Chromium found: the static explorer was not checked in a browser")
+    paths, _ = book
+    page = paths.build / "html" / "book" / "executed" / "09_explore.html"
+    with Chromium(binary, width=1280, height=900) as browser:
+        browser.open(page.as_uri(), settle_s=1.0)
+        seen = browser.evaluate(MOVE_CONTROLS)
+    assert seen is not None, "the explore page has no static explorer"
+    states = [state for state, _ in seen]
+    pictures = [picture for _, picture in seen]
+    assert len(set(states)) == len(states) == 6  # each move drew a new view
+    assert all(a != b for a, b in zip(pictures, pictures[1:], strict=False))
