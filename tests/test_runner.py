@@ -193,15 +193,6 @@ def test_a_second_runner_on_the_same_profile_is_refused(tmp_path):
     assert fake_run(paths)[0].ok
 
 
-def test_changed_description_does_not_rerun(tmp_path):
-    paths = make_book(tmp_path)
-    fake_run(paths)
-    experiment = paths.params / "experiments" / "E2.yaml"
-    experiment.write_text(experiment.read_text().replace("Full FT EuroSAT", "Full FT, EuroSAT"))
-    _, calls = fake_run(paths)
-    assert calls == []
-
-
 def test_changed_notebook_reruns_only_its_executions(tmp_path):
     paths = make_book(tmp_path)
     fake_run(paths)
