@@ -154,3 +154,15 @@ def study_tables() -> dict:
         "summary": run_summary(all_runs),
         "delta": per_layer_delta(trained),
     }
+
+
+def write_study(root: Path, records: Iterable[RunRecord]) -> Path:
+    """A params copy in ``root`` whose smoke output root (beside it) holds ``records``; returns
+    the params folder."""
+    import shutil
+
+    from collapse_utils.config import PARAMS_DIR
+
+    shutil.copytree(PARAMS_DIR, root / "params")
+    write_records(root / "outputs" / "smoke", records)
+    return root / "params"

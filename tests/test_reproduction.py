@@ -4,9 +4,6 @@ the reproduction chapter on fake studies."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import nbformat
 import numpy as np
 import pandas as pd
@@ -18,8 +15,8 @@ from collapse_utils.analysis import reproduction as rp
 from collapse_utils.analysis.stats import compare_groups
 from collapse_utils.analysis.verdicts import INCONCLUSIVE, SUPPORTED
 from collapse_utils.book.reproduction_chapter import ReproductionChapter
-from collapse_utils.config import PARAMS_DIR, REPO_ROOT, ConfigError, available_experiments
-from tests.fake_records import FULL_CHANGE, START, histories, write_records
+from collapse_utils.config import REPO_ROOT, ConfigError, available_experiments
+from tests.fake_records import FULL_CHANGE, START, histories, write_study
 
 NUMBERS = rp.load_report_numbers()
 FLOOR = 0.7  # reg.floor_ratio of the full profile (the report authors' code)
@@ -231,14 +228,8 @@ def test_the_builds_tables_in_the_reports_layout():
 # --- the chapter on fake studies ---------------------------------------------------------------
 
 
-def study(root: Path, records) -> Path:
-    shutil.copytree(PARAMS_DIR, root / "params")
-    write_records(root / "outputs" / "smoke", records)
-    return root / "params"
-
-
 def test_reproduction_chapter_sets_a_fake_build_beside_every_published_number(tmp_path):
-    chapter = ReproductionChapter("smoke", study(tmp_path, histories()), show=False)
+    chapter = ReproductionChapter("smoke", write_study(tmp_path, histories()), show=False)
     compared = chapter.comparison.set_index(["table", "row", "column"])
     assert len(compared) == 445
     e2 = compared.loc[("appendix_runs", "E2", "d_entropy_pct"), "ours"]
@@ -261,7 +252,7 @@ def test_reproduction_chapter_sets_a_fake_build_beside_every_published_number(tm
 
 
 def test_reproduction_chapter_of_an_empty_study_marks_every_number_not_in_the_build(tmp_path):
-    chapter = ReproductionChapter("smoke", study(tmp_path, []), show=False)
+    chapter = ReproductionChapter("smoke", write_study(tmp_path, []), show=False)
     assert (chapter.comparison["flag"] == rp.NOT_RUN).all()
     assert chapter.counts() == {rp.WITHIN: 0, rp.DIFFERS: 0, rp.NOT_RUN: 445}
     assert "No entropy-floor run" in chapter.this_build_markdown()
@@ -270,7 +261,7 @@ def test_reproduction_chapter_of_an_empty_study_marks_every_number_not_in_the_bu
 
 def test_reproduction_chapter_of_a_partial_study_shows_every_table(tmp_path, capsys):
     records = [h for h in histories() if h.id in {"E1_eurosat", "E2", "E4"}]
-    chapter = ReproductionChapter("smoke", study(tmp_path, records), show=True)
+    chapter = ReproductionChapter("smoke", write_study(tmp_path, records), show=True)
     for name in NUMBERS.tables:
         assert len(chapter.table(name)) == len(rp.report_values(NUMBERS).query("table == @name"))
     chapter.tolerances()
@@ -287,7 +278,7 @@ def test_notebook_executes_on_fake_records(tmp_path, stem):
     import subprocess
     import sys
 
-    params = study(tmp_path, histories())
+    params = write_study(tmp_path, histories())
     output = tmp_path / f"{stem}.ipynb"
     env = {**os.environ, "COLLAPSE_PARAMS_DIR": str(params)}
     source = REPO_ROOT / "notebooks" / f"{stem}.ipynb"

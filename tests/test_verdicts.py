@@ -3,9 +3,6 @@ findings chapter on fake studies: complete, partial and empty."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,8 +20,7 @@ from collapse_utils.analysis.verdicts import (
     rq5_learning_rate_drives_collapse,
 )
 from collapse_utils.book.findings_chapter import FindingsChapter, evidence
-from collapse_utils.config import PARAMS_DIR
-from tests.fake_records import histories, write_records
+from tests.fake_records import histories, write_study
 
 # --- RQ1: one Δ entropy per full-FT run, bootstrap CI of the mean ------------------------------
 
@@ -185,15 +181,8 @@ def test_every_rule_is_stated_for_every_claim():
 # --- the findings chapter on fake studies -----------------------------------------------------
 
 
-def study(root: Path, records) -> Path:
-    """A params copy whose smoke output root (beside it) holds ``records``."""
-    shutil.copytree(PARAMS_DIR, root / "params")
-    write_records(root / "outputs" / "smoke", records)
-    return root / "params"
-
-
 def test_findings_on_a_fake_study_give_a_verdict_and_evidence_for_every_claim(tmp_path):
-    chapter = FindingsChapter("smoke", study(tmp_path, histories()), show=False)
+    chapter = FindingsChapter("smoke", write_study(tmp_path, histories()), show=False)
     assert set(chapter.build) == set(chapter.report) == set(verdicts.CLAIMS)
     assert chapter.build["RQ1"].verdict == SUPPORTED  # every fake full-FT run loses entropy
     assert chapter.build["RQ2"].verdict == SUPPORTED  # fake LoRA runs gain it
@@ -214,7 +203,7 @@ def test_findings_on_a_fake_study_give_a_verdict_and_evidence_for_every_claim(tm
 
 
 def test_findings_of_an_empty_study_are_all_inconclusive(tmp_path):
-    chapter = FindingsChapter("smoke", study(tmp_path, []), show=False)
+    chapter = FindingsChapter("smoke", write_study(tmp_path, []), show=False)
     assert {v.verdict for v in chapter.build.values()} == {INCONCLUSIVE}
     assert all(v.n == 0 and v.reason for v in chapter.build.values())
     assert chapter.report["RQ5_lr"].verdict == SUPPORTED  # the report's numbers still count
@@ -223,7 +212,7 @@ def test_findings_of_an_empty_study_are_all_inconclusive(tmp_path):
 
 def test_findings_of_a_partial_study_render(tmp_path, capsys):
     records = [h for h in histories() if h.id in {"E2", "E5", "R2_entfloor0.1"}]
-    chapter = FindingsChapter("smoke", study(tmp_path, records), show=True)
+    chapter = FindingsChapter("smoke", write_study(tmp_path, records), show=True)
     assert chapter.build["RQ2"].reason.startswith("1 Full FT and 1 LoRA")
     assert chapter.build["RQ4"].n == 1
     chapter.knobs()
