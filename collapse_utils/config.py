@@ -31,8 +31,10 @@ PARAMS_DIR = Path(os.environ.get(PARAMS_ENV) or REPO_ROOT / "params")
 # The four attention metrics of the report (§1.4); formulas in metrics.py. Here so that code
 # reading results needs no torch import.
 METRICS = ("entropy", "erf", "gini", "head_diversity")
-DATASETS = ("eurosat", "pets", "cifar100", "flowers102", "synthetic")
-METHODS = ("none", "full", "lora")
+DATASETS = ("eurosat", "pets", "cifar100", "cifar10", "flowers102", "synthetic")
+# linear_probe: frozen encoder, head only; last_block: the last vision layer, its post-LayerNorm
+# and the head (study2's baselines).
+METHODS = ("none", "full", "lora", "linear_probe", "last_block")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 REGULARIZERS = ("none", "apr", "entropy_floor")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -154,6 +156,11 @@ class EvalSpec:
     # Metrics averaged per batch of this many metric images, then over batches (the original:
     # 32); None: over all images at once.
     metric_batch: int | None = None
+    # Representation signals at every snapshot: linear CKA per layer of the [CLS] features and
+    # embedding drift against the pre-trained tower, relative weight drift of the vision tower.
+    representation: bool = True
+    # Zero-shot also after the first epoch (an early signal of forgetting), not only at the end.
+    zeroshot_epoch1: bool = False
 
 
 @dataclass(frozen=True)

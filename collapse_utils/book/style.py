@@ -15,8 +15,20 @@ METRIC_NAMES = {
     "head_diversity": "Head diversity",
 }
 METRIC_UNITS = {"entropy": "nats"}
-METHOD_NAMES = {"full": "Full FT", "lora": "LoRA", "none": "pre-trained"}
-METHOD_COLORS = {"full": "tab:red", "lora": "tab:blue", "none": "tab:gray"}
+METHOD_NAMES = {
+    "full": "Full FT",
+    "lora": "LoRA",
+    "none": "pre-trained",
+    "linear_probe": "linear probe",
+    "last_block": "last block",
+}
+METHOD_COLORS = {
+    "full": "tab:red",
+    "lora": "tab:blue",
+    "none": "tab:gray",
+    "linear_probe": "tab:green",
+    "last_block": "tab:orange",
+}
 REGULARIZER_NAMES = {"none": "none", "apr": "APR", "entropy_floor": "entropy floor"}
 # Settings a family varies (families.yaml ``axis``), as axis labels.
 SETTING_NAMES = {
@@ -34,6 +46,7 @@ DATASET_NAMES = {
     "eurosat": "EuroSAT",
     "pets": "Pets",
     "cifar100": "CIFAR-100",
+    "cifar10": "CIFAR-10",
     "flowers102": "Flowers-102",
     "synthetic": "synthetic",
 }
