@@ -75,7 +75,27 @@ def test_frozen_layers_get_no_gradient(tiny_clip, pixels):
     assert model.vision_model.embeddings.patch_embedding.weight.grad is None
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+def test_linear_probe_trains_only_the_head_and_keeps_the_encoder(tiny_clip, pixels):
+    model = make(tiny_clip, method="linear_probe")
+    assert count_trainable(model) == HIDDEN * CLASSES + CLASSES
+    one_step(model, pixels)
+    merged = merged_clip(model, tiny_clip)
+    assert torch.equal(image_features(merged, pixels), image_features(tiny_clip, pixels))
+
+
+def test_last_block_trains_the_last_layer_post_norm_projection_and_head(tiny_clip, pixels):
+    model = make(tiny_clip, method="last_block")
+    last = sum(p.numel() for p in vision_layers(model)[-1].parameters())
+    norm = sum(p.numel() for p in model.vision_model.post_layernorm.parameters())
+    projection = model.visual_projection.weight.numel()
+    assert count_trainable(model) == last + norm + projection + HIDDEN * CLASSES + CLASSES
+    model(pixels).sum().backward()
+    for layer in vision_layers(model)[:-1]:
+        assert all(p.grad is None for p in layer.parameters())
+    assert all(p.grad is not None for p in vision_layers(model)[-1].parameters())
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "last_block"])
 def test_merged_model_differs_from_base_after_one_step(tiny_clip, pixels, method):
     model = make(tiny_clip, method=method)
     one_step(model, pixels)

@@ -217,6 +217,9 @@ def prepare_for_training(classifier: CLIPClassifier, train: TrainSpec, lora: Lor
     full: everything trains except ``train.freeze_layers`` first layers (see freeze_first_layers).
     lora: the LoRA matrices on ``lora.targets`` of the vision attention and the head train, and
     the visual projection with ``lora.train_projection``.
+    linear_probe: only the head trains (frozen encoder).
+    last_block: the last vision layer, the post-LayerNorm, the visual projection and the head
+    train (study2's baseline; its parameter count matches theirs).
     none: nothing trains (baseline analysis).
     """
     if train.method == "full":
@@ -235,6 +238,13 @@ def prepare_for_training(classifier: CLIPClassifier, train: TrainSpec, lora: Lor
         model.base_model.model.visual_projection.requires_grad_(lora.train_projection)
         return model
     classifier.requires_grad_(False)
+    if train.method == "last_block":
+        vision = classifier.vision_model
+        for module in (vision.encoder.layers[-1], vision.post_layernorm):
+            module.requires_grad_(True)
+        classifier.visual_projection.requires_grad_(True)
+    if train.method in ("linear_probe", "last_block"):
+        classifier.head.requires_grad_(True)
     return classifier
 
 
