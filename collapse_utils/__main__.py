@@ -1,4 +1,5 @@
-"""``python -m collapse_utils run --profile smoke|full [--only IDS] [--jobs N] [--no-build]``;
+"""``python -m collapse_utils run --profile smoke|full [--only IDS] [--jobs N] [--seeds S,S]
+[--no-build]``;
 ``python -m collapse_utils doctor --profile full [--jobs N] [--allow-cpu]`` (preflight, see
 doctor.py); ``python -m collapse_utils rehearse [--only IDS] [--no-build]`` (the full profile's
 code path on full-size fixtures, see rehearsal.py)."""
@@ -31,6 +32,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--profile", required=True, choices=available_profiles())
     _execution_options(r)
     r.add_argument("--force", action="store_true", help="re-execute even up-to-date notebooks")
+    r.add_argument(
+        "--seeds",
+        type=_seeds,
+        metavar="S,S,…",
+        help="run every configuration with these seeds instead of its own (params seeds:)",
+    )
     h = sub.add_parser(
         "rehearse",
         help="build full-size fixtures, check them with doctor, then run the rehearsal book",
@@ -71,6 +78,17 @@ def _execution_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-build", action="store_true", help="execute and write the toc only")
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s)
+    except ValueError:
+        message = f"must be integers separated by commas, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f"must be distinct integers >= 0, got {text!r}")
+    return seeds
+
+
 def doctor(profile: str, jobs: int, allow_cpu: bool = False) -> int:
     from collapse_utils import config
     from collapse_utils.doctor import problems, report, run_doctor
@@ -99,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             check = lambda: doctor("rehearsal", args.jobs, allow_cpu=True)  # noqa: E731
             report = rehearse(only=only, jobs=args.jobs, build=not args.no_build, check=check)
         else:
-            report = run_book(args.profile, only=only, jobs=args.jobs,
-                              build=not args.no_build, force=args.force)  # fmt: skip
+            report = run_book(args.profile, only=only, jobs=args.jobs, build=not args.no_build,
+                              force=args.force, seeds=args.seeds)  # fmt: skip
     except (RunnerError, ConfigError, LockedError, RehearsalError) as err:
         p.error(str(err))
     return 0 if report is not None and report.ok else 1

@@ -9,14 +9,17 @@ the dotted field.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
 import re
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,11 +226,11 @@ class RunConfig:
 # --- loading -------------------------------------------------------------------------------
 
 _PROFILE_KEYS = {
-    "about", "extends", "output_root", "seed", "model", "data", "train", "lora", "reg", "eval",
-    "defaults",
+    "about", "extends", "output_root", "seed", "max_seeds", "model", "data", "train", "lora",
+    "reg", "eval", "defaults",
 }  # fmt: skip
-_EXPERIMENT_KEYS = {"id", "family", "description", "seed"} | (
-    _PROFILE_KEYS - {"defaults", "about", "extends"}
+_EXPERIMENT_KEYS = {"id", "family", "description", "seed", "seeds", "grid"} | (
+    _PROFILE_KEYS - {"defaults", "about", "extends", "max_seeds"}
 )
 _SECTIONS = {
     "model": ModelSpec,
@@ -244,8 +247,14 @@ def available_profiles(params_dir: Path = PARAMS_DIR) -> list[str]:
     return sorted(p.stem for p in (params_dir / "profiles").glob("*.yaml"))
 
 
-def available_experiments(params_dir: Path = PARAMS_DIR) -> list[str]:
-    return sorted(p.stem for p in (params_dir / "experiments").glob("*.yaml"))
+def experiment_files(params_dir: Path | str = PARAMS_DIR) -> list[str]:
+    """Stems of ``params/experiments/*.yaml``: one configuration each, or a grid of them."""
+    return sorted(p.stem for p in (Path(params_dir) / "experiments").glob("*.yaml"))
+
+
+def available_experiments(params_dir: Path | str = PARAMS_DIR) -> list[str]:
+    """Every configuration id: a plain experiment's id, or each point of a grid file."""
+    return [i for stem in experiment_files(params_dir) for i in _file_ids(stem, params_dir)]
 
 
 Source = tuple[Path, dict[str, Any]]  # a params file and its fields
@@ -319,6 +328,8 @@ def load_config(
                 origin[key] = source
     if seed is not None:
         top["seed"] = seed
+    elif "seeds" in exp:
+        top["seed"] = exp["seeds"][0]
     built["train"] = _fill_defaults(built["train"], built["data"], defaults, origin)
     config = RunConfig(**top, **built)
     _validate(config, origin, experiment_file)
@@ -326,23 +337,163 @@ def load_config(
 
 
 def _experiment_source(experiment_id: str, params_dir: Path) -> Source:
+    """The experiment file of ``experiment_id`` and its fields; for a grid point, the grid
+    file with the point's values in place of ``grid``."""
     _check_name(experiment_id, "experiment id")
     path = params_dir / "experiments" / f"{experiment_id}.yaml"
-    if not path.exists():
-        raise ConfigError(
-            f"{path}: unknown experiment {experiment_id!r}; "
-            f"available: {available_experiments(params_dir)}"
-        )
+    if path.exists():
+        exp = _read_experiment(path)
+        if "grid" in exp:
+            points = list(grid_points(path, exp))
+            raise ConfigError(
+                f"{path}: {experiment_id!r} is a grid; load one of its points, e.g. "
+                f"{points[0][0]!r} ({len(points)} points)"
+            )
+        return path, exp
+    for stem in experiment_files(params_dir):
+        grid_file = params_dir / "experiments" / f"{stem}.yaml"
+        if experiment_id.startswith(f"{stem}_"):
+            exp = _read_experiment(grid_file)
+            for point_id, point in grid_points(grid_file, exp) if "grid" in exp else ():
+                if point_id == experiment_id:
+                    return grid_file, point
+    raise ConfigError(
+        f"{path}: unknown experiment {experiment_id!r}; "
+        f"available: {available_experiments(params_dir)}"
+    )
+
+
+def _read_experiment(path: Path) -> dict[str, Any]:
     exp = _read_yaml(path, _EXPERIMENT_KEYS)
     for name in ("id", "family"):
         if name not in exp:
             raise ConfigError(f"{path}: field {name!r} is required")
-    if exp["id"] != experiment_id:
+    if exp["id"] != path.stem:
         raise ConfigError(
-            f"{path}: field 'id' is {exp['id']!r} but the file is named {experiment_id!r}"
+            f"{path}: field 'id' is {exp['id']!r} but the file is named {path.stem!r}"
         )
-    _check_family(exp["family"], path, params_dir)
-    return path, exp
+    _check_family(exp["family"], path, path.parent.parent)
+    _check_seeds(path, exp)
+    return exp
+
+
+# --- grids and seeds ---------------------------------------------------------------------------
+#
+# An experiment file may declare ``grid:``, a mapping of dotted fields (``train.lr``) or ``seed``
+# to lists of values: it stands for one configuration per combination of the non-seed axes, with
+# the id ``<file id>_<value>_…`` (values in the order of _NAME_ORDER, then the file's order), and
+# the ``seed`` axis gives each configuration its seeds. Any experiment may list ``seeds:`` instead
+# of ``seed:``. A configuration's seeds are replicates: one run folder each, one id.
+
+_NAME_ORDER = ("data.dataset", "train.method", "lora.rank", "train.lr")
+_NAME_PREFIX = {"lora.rank": "r", "train.lr": "lr", "train.weight_decay": "wd", "reg.lam": "lam"}
+
+
+def grid_points(path: Path, exp: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(id, fields)`` of every point of a grid file's ``exp``: ``fields`` is ``exp`` without
+    ``grid``, with the point's values set (and ``seeds`` from a ``seed`` axis)."""
+    axes = _grid_axes(path, exp)
+    named = sorted(axes, key=lambda a: _NAME_ORDER.index(a) if a in _NAME_ORDER else 99)
+    base = {k: v for k, v in exp.items() if k != "grid"}
+    if "seed" in exp["grid"]:
+        base["seeds"] = exp["grid"]["seed"]
+    ids: set[str] = set()
+    for values in itertools.product(*(axes[a] for a in named)):
+        point, names = copy.deepcopy(base), [exp["id"]]
+        for axis, value in zip(named, values, strict=True):
+            section, key = axis.split(".")
+            point.setdefault(section, {})[key] = value
+            names.append(_value_name(axis, value))
+        point_id = point["id"] = "_".join(names)
+        _check_name(point_id, f"{path}: grid point id")
+        if point_id in ids:
+            raise ConfigError(f"{path}: field 'grid' gives two points the id {point_id!r}")
+        ids.add(point_id)
+        yield point_id, point
+
+
+def _grid_axes(path: Path, exp: dict[str, Any]) -> dict[str, list[Any]]:
+    """The grid's non-seed axes (dotted field → values), checked against the config's fields."""
+    grid = exp["grid"]
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError(f"{path}: field 'grid' must be a mapping of fields to lists of values")
+    axes = {}
+    for axis, values in grid.items():
+        if not isinstance(values, list) or not values or len(set(map(str, values))) < len(values):
+            raise ConfigError(f"{path}: field 'grid.{axis}' must be a list of distinct values")
+        if axis == "seed":
+            continue
+        section, _, key = str(axis).partition(".")
+        settings = _hints(_SECTIONS[section]) if section in _SECTIONS else {}
+        if section == "defaults" or key not in settings:
+            raise ConfigError(
+                f"{path}: field 'grid' axis {axis!r} is not a setting; use 'seed' or "
+                "<section>.<field> such as 'train.lr'"
+            )
+        if key in (exp.get(section) or {}):
+            raise ConfigError(f"{path}: field {axis!r} is set both in 'grid' and in {section!r}")
+        axes[axis] = values
+    if not axes:
+        raise ConfigError(f"{path}: field 'grid' needs a setting besides 'seed' (or use seeds:)")
+    return axes
+
+
+def _value_name(axis: str, value: Any) -> str:
+    """``train.lr`` 1e-05 → ``lr1e-5``; ``lora.rank`` 8 → ``r8``; ``train.method`` full → full."""
+    if isinstance(value, float) or (axis == "train.lr" and isinstance(value, str)):
+        mantissa, exponent = f"{float(value):e}".split("e")
+        text = f"{float(mantissa):g}e{int(exponent)}"
+    else:
+        text = str(value).replace(" ", "")
+    return f"{_NAME_PREFIX.get(axis, '')}{text}"
+
+
+def _check_seeds(path: Path, exp: dict[str, Any]) -> None:
+    """``seeds:`` is a non-empty list of distinct seeds and excludes ``seed:`` and a grid's
+    ``seed`` axis."""
+    grid_seeds = isinstance(exp.get("grid"), dict) and "seed" in exp["grid"]
+    if "seeds" in exp and ("seed" in exp or grid_seeds):
+        raise ConfigError(f"{path}: give either 'seeds' or 'seed' (or a grid 'seed' axis)")
+    seeds = exp.get("seeds", exp["grid"]["seed"] if grid_seeds else [0])
+    if not isinstance(seeds, list) or not seeds or len(set(seeds)) < len(seeds):
+        raise ConfigError(f"{path}: field 'seeds' must be a list of distinct integers")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ConfigError(f"{path}: field 'seeds' has {seed!r}; seeds are integers >= 0")
+
+
+def _file_ids(stem: str, params_dir: Path | str) -> list[str]:
+    path = Path(params_dir) / "experiments" / f"{stem}.yaml"
+    exp = _read_experiment(path)
+    return [i for i, _ in grid_points(path, exp)] if "grid" in exp else [stem]
+
+
+def config_seeds(
+    profile: str, experiment_id: str, params_dir: Path | str = PARAMS_DIR
+) -> tuple[int, ...]:
+    """The seeds a configuration runs with: its ``seeds`` (or grid ``seed`` axis), else the
+    one ``seed`` of the experiment or profile."""
+    _, exp = _experiment_source(experiment_id, Path(params_dir))
+    if "seeds" not in exp:
+        return (load_config(profile, experiment_id, params_dir).seed,)
+    return tuple(exp["seeds"][: profile_max_seeds(profile, params_dir)])
+
+
+def profile_max_seeds(profile: str, params_dir: Path | str = PARAMS_DIR) -> int | None:
+    """``max_seeds`` of a profile: a configuration runs at most its first this many seeds
+    (the smoke profile keeps grids small); None: all of them."""
+    value, where = None, Path(params_dir)
+    for source, raw in profile_sources(profile, params_dir):
+        if "max_seeds" in raw:
+            value, where = raw["max_seeds"], source
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{where}: field 'max_seeds' must be an integer >= 1, got {value!r}")
+    return value
+
+
+def run_name(config: RunConfig, several_seeds: bool) -> str:
+    """A run's readable name: the id, with ``_s<seed>`` when its configuration has several."""
+    return f"{config.id}_s{config.seed}" if several_seeds else config.id
 
 
 def _merge_sections(sources: list[Source], origin: dict[str, Path]) -> dict[str, dict[str, Any]]:

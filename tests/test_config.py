@@ -10,6 +10,7 @@ from collapse_utils.config import (
     REPO_ROOT,
     ConfigError,
     available_experiments,
+    config_seeds,
     load_config,
     load_family,
     profile_output_root,
@@ -19,11 +20,11 @@ BAD = sorted((Path(__file__).parent / "bad_configs").glob("*.yaml"))
 
 
 def test_study_has_every_configuration_of_the_report():
-    ids = available_experiments()
-    assert len(ids) == 23  # 21 configurations + E1 on two datasets
     families = {}
-    for i in ids:
+    for i in available_experiments():
         families.setdefault(load_config("full", i).family, []).append(i)
+    report = [i for family, ids in families.items() if family != "study_b" for i in ids]
+    assert len(report) == 23  # 21 configurations + E1 on two datasets
     assert len(families["lr_sweep"]) == 4
     assert len(families["layer_freezing"]) == 3
     assert len(families["regularization"]) == 7
@@ -37,7 +38,7 @@ def test_every_experiment_loads_and_validates(profile, experiment):
     config = load_config(profile, experiment)
     assert config.id == experiment
     assert config.profile == profile
-    assert config.seed == 42
+    assert config.seed == config_seeds(profile, experiment)[0]
     if config.train.method != "none":
         assert config.train.lr > 0 and config.train.epochs >= 1
 
@@ -208,3 +209,94 @@ def test_a_cycle_of_extends_and_a_bad_inherited_value_name_their_files(tmp_path:
     (profiles / "child.yaml").write_text("extends: base\n")
     with pytest.raises(ConfigError, match=r"base\.yaml: field 'train\.batch_size'"):
         load_config("child", "E2", params_dir=tmp_path / "params")
+
+
+# --- grids and seeds ---------------------------------------------------------------------------
+
+
+def _params_with(tmp_path: Path, **experiments: str) -> Path:
+    """A params folder with the repository's profiles and families and these experiment files."""
+    (tmp_path / "experiments").mkdir()
+    shutil.copytree(PARAMS_DIR / "profiles", tmp_path / "profiles")
+    shutil.copy(PARAMS_DIR / "families.yaml", tmp_path / "families.yaml")
+    for name, text in experiments.items():
+        (tmp_path / "experiments" / f"{name}.yaml").write_text(text)
+    return tmp_path
+
+
+GRID = """id: G
+family: study_b
+grid:
+  train.lr: [3.0e-6, 1.0e-5]
+  train.method: [full, lora]
+  seed: [7, 11, 19]
+"""
+
+
+def test_study_b_grid_expands_into_readable_ids_with_every_point_valid():
+    ids = [i for i in available_experiments() if load_config("full", i).family == "study_b"]
+    assert len(ids) == 16 + 4 + 2  # the matched grid, last block, linear probe
+    assert "B_eurosat_full_lr1e-5" in ids and "B_pets_lora_lr3e-6" in ids
+    config = load_config("full", "B_eurosat_lora_lr3e-5")
+    assert (config.train.method, config.train.lr, config.lora.rank) == ("lora", 3e-5, 8)
+    assert (config.data.dataset, config.data.split, config.seed) == ("eurosat", "heldout", 7)
+    assert config_seeds("full", "B_eurosat_lora_lr3e-5") == (7, 11, 19)
+    assert config_seeds("smoke", "B_eurosat_lora_lr3e-5") == (7, 11)  # smoke: max_seeds 2
+    assert load_config("full", "B_probe_pets").train.method == "linear_probe"
+    assert load_config("full", "B_last_pets_lr1e-4").train.method == "last_block"
+
+
+def test_grid_ids_follow_dataset_method_lr_order_and_seeds_are_replicates(tmp_path: Path):
+    params = _params_with(tmp_path, G=GRID)
+    assert available_experiments(params) == [
+        "G_full_lr3e-6", "G_full_lr1e-5", "G_lora_lr3e-6", "G_lora_lr1e-5"
+    ]  # fmt: skip
+    a = load_config("smoke", "G_lora_lr1e-5", params, seed=11)
+    assert (a.id, a.seed, a.run_dir.name, a.run_dir.parent.name) == (
+        "G_lora_lr1e-5", 11, "seed11", "G_lora_lr1e-5"
+    )  # fmt: skip
+    assert a.config_hash() != load_config("smoke", "G_lora_lr1e-5", params).config_hash()
+
+
+def test_seeds_list_of_a_plain_experiment_and_its_first_seed_by_default(tmp_path: Path):
+    params = _params_with(tmp_path, S="id: S\nfamily: full_vs_lora\nseeds: [3, 5, 8]\n")
+    assert config_seeds("full", "S", params) == (3, 5, 8)
+    assert config_seeds("smoke", "S", params) == (3, 5)
+    assert load_config("full", "S", params).seed == 3
+
+
+def test_loading_a_grid_file_id_names_its_points(tmp_path: Path):
+    params = _params_with(tmp_path, G=GRID)
+    with pytest.raises(ConfigError, match="'G' is a grid; .*'G_full_lr3e-6' \\(4 points\\)"):
+        load_config("smoke", "G", params)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("grid: {train.lr: [1.0e-5, -1.0]}", "'train.lr' must be in (0"),
+        ("grid: {train.speed: [1, 2]}", "axis 'train.speed' is not a setting"),
+        ("grid: {train.lr: [1.0e-5, 1.0e-5]}", "'grid.train.lr' must be a list of distinct"),
+        ("grid: {train.lr: 1.0e-5}", "'grid.train.lr' must be a list"),
+        ("grid: {seed: [1, 2]}", "needs a setting besides 'seed'"),
+        ("grid: {train.lr: [1.0e-5]}\ntrain: {lr: 1.0e-4}", "set both in 'grid' and in 'train'"),
+        ("seeds: [1, 1]", "'seeds' must be a list of distinct integers"),
+        ("seeds: [1, -2]", "'seeds' has -2"),
+        ("seeds: [1]\nseed: 3", "either 'seeds' or 'seed'"),
+        ("grid: {train.method: [full, banana]}", "'train.method' is 'banana'"),
+    ],
+)
+def test_bad_grids_and_seeds_name_the_file_and_field(tmp_path: Path, text: str, expected: str):
+    params = _params_with(tmp_path, X=f"id: X\nfamily: study_b\n{text}\n")
+    with pytest.raises(ConfigError) as err:
+        for i in available_experiments(params):
+            load_config("smoke", i, params)
+    assert "X.yaml" in str(err.value) and expected in str(err.value)
+
+
+def test_bad_max_seeds_names_the_profile(tmp_path: Path):
+    params = _params_with(tmp_path, S="id: S\nfamily: full_vs_lora\nseeds: [3, 5]\n")
+    smoke = params / "profiles" / "smoke.yaml"
+    smoke.write_text(smoke.read_text().replace("max_seeds: 2", "max_seeds: 0"))
+    with pytest.raises(ConfigError, match="smoke.yaml: field 'max_seeds' must be an integer"):
+        config_seeds("smoke", "S", params)

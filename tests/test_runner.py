@@ -22,7 +22,13 @@ from collapse_utils.book.runner import (
     stamp_of,
     write_build_config,
 )
-from collapse_utils.config import PARAMS_DIR, available_experiments, load_config
+from collapse_utils.config import (
+    PARAMS_DIR,
+    ConfigError,
+    available_experiments,
+    config_seeds,
+    load_config,
+)
 from collapse_utils.families import FAMILIES_FILE, load_families
 from collapse_utils.storage import LockedError, locked
 
@@ -94,26 +100,30 @@ def test_every_family_has_a_notebook_and_every_experiment_a_family():
     assert families == set(FAMILIES)
 
 
-def test_plan_runs_each_family_notebook_per_configuration_then_summaries_then_study_notebooks(
-    tmp_path,
-):
+def test_plan_runs_each_family_notebook_per_run_then_summaries_then_study_notebooks(tmp_path):
     paths = make_book(tmp_path, experiments=None)
     plan = build_plan("smoke", paths)
-    ids = available_experiments()
-    assert len(ids) == 23
-    assert len(plan) == 23 + len(FAMILIES) + len(PROFILE_NOTEBOOKS)
+    runs = [(i, seed) for i in available_experiments() for seed in config_seeds("smoke", i)]
+    assert len(runs) == 23 + 22 * 2  # the report's configurations; Study B's 22 × 2 seeds
+    n = len(runs)
+    assert len(plan) == n + len(FAMILIES) + len(PROFILE_NOTEBOOKS)
     assert [e.phase for e in plan] == (
-        ["config"] * 23 + ["summary"] * 6 + ["profile"] * len(PROFILE_NOTEBOOKS)
+        ["config"] * n + ["summary"] * len(FAMILIES) + ["profile"] * len(PROFILE_NOTEBOOKS)
     )
 
     configs = [e for e in plan if e.phase == "config"]
-    assert sorted(e.config_id for e in configs) == ids
+    assert sorted((e.config_id, e.parameters.get("seed", 42)) for e in configs) == sorted(runs)
     for e in configs:
         stem = FAMILY_NOTEBOOKS[load_config("smoke", e.config_id).family]
         assert e.source == paths.notebooks / f"{stem}.ipynb"
-        assert e.output == paths.book / "executed" / stem / f"{e.config_id}.ipynb"
-        assert e.parameters == {"profile": "smoke", "config_id": e.config_id}
-    assert len({e.key for e in configs}) == 23
+        several = "seed" in e.parameters
+        name = f"{e.config_id}_s{e.parameters['seed']}" if several else e.config_id
+        assert e.output == paths.book / "executed" / stem / f"{name}.ipynb"
+        assert e.parameters == {"profile": "smoke", "config_id": e.config_id} | (
+            {"seed": e.parameters["seed"]} if several else {}
+        )
+        assert e.grouped == (stem == "13_study_b")
+    assert len({e.key for e in configs}) == n
 
     summaries = [e for e in plan if e.phase == "summary"]
     assert [e.family for e in summaries] == list(FAMILIES)
@@ -264,6 +274,64 @@ def test_toc_lists_every_page_with_summaries_first(tmp_path):
     ]
     titles = {c["file"]: c.get("title") for part in toc["parts"] for c in part["chapters"]}
     assert titles["book/executed/02_full_ft_vs_lora/E4"] == "E4: LoRA r=4 EuroSAT"
+
+
+GRID = """id: G
+family: study_b
+description: a small grid
+grid:
+  train.lr: [1.0e-3, 1.0e-2]
+  seed: [7, 11]
+train: {method: full}
+"""
+
+
+def grid_book(tmp_path: Path) -> BookPaths:
+    paths = make_book(tmp_path, experiments=("E2",))
+    (paths.params / "experiments" / "G.yaml").write_text(GRID)
+    return paths
+
+
+def test_a_grid_runs_one_page_per_point_and_seed_grouped_under_its_comparison(tmp_path):
+    paths = grid_book(tmp_path)
+    report, calls = fake_run(paths)
+    grid_pages = [c for c in calls if c.startswith("13_study_b/G")]
+    assert grid_pages == [
+        "13_study_b/G_lr1e-3_s7", "13_study_b/G_lr1e-3_s11",
+        "13_study_b/G_lr1e-2_s7", "13_study_b/G_lr1e-2_s11",
+    ]  # fmt: skip
+    page = next(e for e in report.executed if e.output.stem == "G_lr1e-2_s11")
+    assert page.parameters == {"profile": "smoke", "config_id": "G_lr1e-2", "seed": 11}
+    assert page.title == "G_lr1e-2_s11: a small grid"
+
+    toc = yaml.safe_load(paths.toc.read_text())
+    part = next(p for p in toc["parts"] if p["caption"] == FAMILIES["study_b"].title)
+    [chapter] = part["chapters"]  # one entry in the sidebar, the pages fold under it
+    assert chapter["file"] == "book/executed/13_study_b/summary"
+    assert [s["file"].rsplit("/", 1)[1] for s in chapter["sections"]] == [
+        "G_lr1e-3_s7", "G_lr1e-3_s11", "G_lr1e-2_s7", "G_lr1e-2_s11"
+    ]  # fmt: skip
+
+
+def test_only_takes_a_run_name_or_every_seed_of_an_id_and_seeds_override(tmp_path):
+    paths = grid_book(tmp_path)
+    _, calls = fake_run(paths, only=["G_lr1e-2_s11"])
+    assert calls == ["13_study_b/G_lr1e-2_s11", "13_study_b/summary"]
+    _, calls = fake_run(paths, only=["G_lr1e-3"])  # the summary is up to date by now
+    assert calls == ["13_study_b/G_lr1e-3_s7", "13_study_b/G_lr1e-3_s11"]
+    _, calls = fake_run(paths, only=["G_lr1e-3"], seeds=[1, 2, 3])
+    assert calls[:3] == [f"13_study_b/G_lr1e-3_s{k}" for k in (1, 2, 3)]
+    with pytest.raises(RunnerError, match=r"\['G_lr1e-3_s99'\]"):
+        fake_run(paths, only=["G_lr1e-3_s99"])
+
+
+def test_a_bad_grid_point_fails_the_plan_before_anything_runs(tmp_path):
+    paths = grid_book(tmp_path)
+    (paths.params / "experiments" / "G.yaml").write_text(GRID.replace("1.0e-2]", "-1.0]"))
+    fake = FakeExecutor()
+    with pytest.raises(ConfigError, match="G.yaml: field 'train.lr' must be in"):
+        run_book("smoke", paths, build=False, executor=fake)
+    assert fake.calls == [] and not paths.executed.exists()
 
 
 def test_toc_leaves_out_pages_executed_for_another_profile_or_config(tmp_path):

@@ -306,9 +306,14 @@ def family_summary(
 
 
 def family_page(
-    profile: str, config_id: str, family: str, params_dir: Path | str = PARAMS_DIR
+    profile: str,
+    config_id: str,
+    family: str,
+    params_dir: Path | str = PARAMS_DIR,
+    seed: int | None = None,
 ) -> None:
-    """A family notebook's one entry point: a run page, or (``config_id == ""``) the comparison."""
+    """A family notebook's one entry point: a run page (of ``seed``, default: the
+    configuration's first), or (``config_id == ""``) the comparison."""
     with failure_findings(profile):
         if not config_id:
             family_summary(profile, family, params_dir)
@@ -316,4 +321,4 @@ def family_page(
         config = load_config(profile, config_id, params_dir)
         if config.family != family:
             raise ValueError(f"{config_id} is in family {config.family!r}, not {family!r}")
-        run_page(profile, config_id, params_dir)
+        run_page(profile, config_id, params_dir, seed=seed)

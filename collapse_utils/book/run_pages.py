@@ -57,13 +57,19 @@ def per_layer_table(history: RunRecord) -> pd.DataFrame:
 
 
 def run_page(
-    profile: str, config_id: str, params_dir: Path | str = PARAMS_DIR, show: bool = True
+    profile: str,
+    config_id: str,
+    params_dir: Path | str = PARAMS_DIR,
+    show: bool = True,
+    seed: int | None = None,
 ) -> Page:
-    """Run (or load) one configuration and show its settings, curves and per-layer heat map."""
+    """Run (or load) one configuration (``seed``: one of its seeds) and show its settings,
+    curves and per-layer heat map."""
     # Imported here: torch/transformers/PEFT take seconds to import and only run pages train.
     from collapse_utils.training.experiment import run_experiment
 
-    config = load_config(profile, config_id, params_dir)
+    config = load_config(profile, config_id, params_dir, seed=seed)
+    name = config_id if seed is None else f"{config_id}_s{config.seed}"  # figure files, captions
     page = Page(profile, profile_output_root(profile, params_dir), show)
     page.table("config", config_table(config))
     history = run_experiment(config, progress=False).history
@@ -72,7 +78,7 @@ def run_page(
     dataset = DATASET_NAMES.get(config.data.dataset, config.data.dataset)
     if config.train.method == "none":
         page.figure(
-            f"fig2_baseline_{config_id}",
+            f"fig2_baseline_{name}",
             figures.baseline_structure([history]),
             f"The pre-trained model's four [CLS]→patch attention metrics per layer on the "
             f"{dataset} metric-subset images: lower entropy and ERF@0.95 and a higher Gini "
@@ -87,16 +93,16 @@ def run_page(
         )
     else:
         page.figure(
-            f"fig3_triple_curve_{config_id}",
+            f"fig3_triple_curve_{name}",
             figures.training_curves(history),
-            f"{config_id} over training: {history.eval_split} accuracy (blue) against "
+            f"{name} over training: {history.eval_split} accuracy (blue) against "
             "layer-mean entropy (red, right axis), and the training loss; look at whether "
             "entropy keeps falling once accuracy has levelled off.",
         )
         page.figure(
-            f"fig4_layer_entropy_{config_id}",
+            f"fig4_layer_entropy_{name}",
             figures.layer_heatmaps([history]),
-            f"Entropy of every layer (rows) at every evaluation (columns) of {config_id}: a row "
+            f"Entropy of every layer (rows) at every evaluation (columns) of {name}: a row "
             "that darkens from left to right is a layer whose attention concentrates.",
         )
         text = (

@@ -49,9 +49,12 @@ from collapse_utils.config import (
     REPO_ROOT,
     RunConfig,
     available_experiments,
+    config_seeds,
+    experiment_files,
     load_config,
     profile_about,
     profile_output_root,
+    run_name,
 )
 from collapse_utils.families import load_families
 from collapse_utils.run_record import find_runs
@@ -143,12 +146,15 @@ class Execution:
     phase: str
     source: Path
     output: Path
-    parameters: dict[str, str]
+    parameters: dict[str, Any]
     key: str
     title: str
     family: str | None = None
     config_id: str | None = None
     runs_root: Path | None = None  # summaries and study pages read every run under it
+    # A run page of a grid or of a configuration with several seeds: listed under its family's
+    # comparison page in the toc, not as a chapter of its own.
+    grouped: bool = False
 
     def current_key(self) -> str:
         """``key``, plus for pages that read the runs, the state of those runs now: a page is
@@ -191,17 +197,33 @@ def execution_key(source: Path, profile: str, configs: Iterable[RunConfig]) -> s
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
-def build_plan(profile: str, paths: BookPaths) -> list[Execution]:
+def plan_configs(profile: str, params: Path, seeds: Sequence[int] | None = None) -> list[RunConfig]:
+    """Every run of the study: each configuration once per seed (its ``seeds``, or ``seeds``
+    here for every configuration), validated before anything runs; in id order, then seed."""
+    runs = []
+    for i in available_experiments(params):
+        config = load_config(profile, i, params)
+        for seed in seeds or config_seeds(profile, i, params):
+            runs.append(config.with_seed(seed))
+    return runs
+
+
+def build_plan(
+    profile: str, paths: BookPaths, seeds: Sequence[int] | None = None
+) -> list[Execution]:
     """Every execution of the book for ``profile``, in run order (phases config, summary,
-    profile). Raises :class:`RunnerError` naming any missing notebook source."""
+    profile); ``seeds`` overrides every configuration's seeds. Raises :class:`RunnerError`
+    naming any missing notebook source."""
     families = load_families(paths.params)
     needed = [*(f.notebook for f in families.values()), *PROFILE_NOTEBOOKS]
     missing = [n for n in needed if not (paths.notebooks / f"{n}.ipynb").is_file()]
     if missing:
         raise RunnerError(f"missing notebook source(s) in {paths.notebooks}: {missing}")
-    configs = [load_config(profile, i, paths.params) for i in available_experiments(paths.params)]
+    configs = plan_configs(profile, paths.params, seeds)
     by_family = {f: [c for c in configs if c.family == f] for f in families}
     runs_root = profile_output_root(profile, paths.params)
+    files = set(experiment_files(paths.params))
+    several = {c.id for c in configs if sum(o.id == c.id for o in configs) > 1}
 
     plan: list[Execution] = []
     for family, stem, axis in ((f.name, f.notebook, f.axis) for f in families.values()):
@@ -210,16 +232,19 @@ def build_plan(profile: str, paths: BookPaths) -> list[Execution]:
         if axis in PAGE_ORDER:
             members = sorted(members, key=lambda c, key=PAGE_ORDER[axis]: (key(c), c.id))
         for c in members:
+            name = run_name(c, c.id in several)
+            parameters = {"profile": profile, "config_id": c.id}
             plan.append(
                 Execution(
                     phase="config",
                     source=source,
-                    output=paths.executed / stem / f"{c.id}.ipynb",
-                    parameters={"profile": profile, "config_id": c.id},
+                    output=paths.executed / stem / f"{name}.ipynb",
+                    parameters=parameters | ({"seed": c.seed} if c.id in several else {}),
                     key=execution_key(source, profile, [c]),
-                    title=f"{c.id}: {c.description}" if c.description else c.id,
+                    title=f"{name}: {c.description}" if c.description else name,
                     family=family,
                     config_id=c.id,
+                    grouped=c.id in several or c.id not in files,
                 )
             )
     for family, stem in ((f.name, f.notebook) for f in families.values()):
@@ -256,26 +281,29 @@ def build_plan(profile: str, paths: BookPaths) -> list[Execution]:
     return plan
 
 
-def check_ids(only: Sequence[str], params: Path = PARAMS_DIR) -> None:
-    """Raise :class:`RunnerError` listing the available ids if ``only`` names an unknown one."""
-    available = available_experiments(params)
-    unknown = [i for i in only if i not in available]
+def check_ids(only: Sequence[str], plan: Sequence[Execution]) -> None:
+    """Raise :class:`RunnerError` listing the available ids if ``only`` names an unknown one
+    (an id names every seed of a configuration; a run page's name, ``<id>_s<seed>``, one)."""
+    pages = [e for e in plan if e.phase == "config"]
+    available = sorted({e.config_id for e in pages})
+    unknown = [i for i in only if i not in available and not any(_is_run(e, [i]) for e in pages)]
     if unknown:
         raise RunnerError(f"unknown experiment id(s) {unknown}; available: {', '.join(available)}")
 
 
+def _is_run(execution: Execution, only: Sequence[str]) -> bool:
+    return execution.config_id in only or execution.output.stem in only
+
+
 def select_executions(plan: Sequence[Execution], only: Sequence[str] | None) -> list[Execution]:
-    """The executions to run: all, or for ``only`` those ids' pages and their families'
-    summaries (the cross-study notebooks need every run, so they wait for a full run)."""
+    """The executions to run: all, or for ``only`` those ids' (or run names') pages and their
+    families' summaries (the cross-study notebooks need every run, so they wait for a full
+    run)."""
     if not only:
         return list(plan)
-    families = {e.family for e in plan if e.config_id in only}
-    return [
-        e
-        for e in plan
-        if (e.phase == "config" and e.config_id in only)
-        or (e.phase == "summary" and e.family in families)
-    ]
+    chosen = [e for e in plan if e.phase == "config" and _is_run(e, only)]
+    families = {e.family for e in chosen}
+    return [*chosen, *(e for e in plan if e.phase == "summary" and e.family in families)]
 
 
 # --- state in the executed notebook -----------------------------------------------------------
@@ -492,7 +520,7 @@ def write_toc(plan: Sequence[Execution], paths: BookPaths) -> Path:
     executed for this plan (ok or failed)."""
     listed = listed_pages(plan)
 
-    def entry(e: Execution) -> dict[str, str]:
+    def entry(e: Execution) -> dict[str, Any]:
         return {"file": _docname(e.output, paths.root), "title": e.title}
 
     method = {"file": _docname(paths.book / "method", paths.root)}
@@ -502,8 +530,12 @@ def write_toc(plan: Sequence[Execution], paths: BookPaths) -> Path:
     for family in load_families(paths.params).values():
         pages = [e for e in listed if e.family == family.name]
         pages.sort(key=lambda e: e.phase != "summary")  # summary first, then plan order
-        if pages:
-            parts.append({"caption": family.title, "chapters": [entry(e) for e in pages]})
+        chapters = [entry(e) for e in pages if not (e.grouped and pages[0].phase == "summary")]
+        grouped = [entry(e) for e in pages if e.grouped and pages[0].phase == "summary"]
+        if grouped:  # a grid's run pages fold under the family's comparison page
+            chapters[0]["sections"] = grouped
+        if chapters:
+            parts.append({"caption": family.title, "chapters": chapters})
     across = [entry(e) for e in cross if e.source.stem not in AFTER_METHOD]
     if across:
         parts.append({"caption": "Across the study", "chapters": across})
@@ -595,20 +627,22 @@ def run_book(
     build: bool = True,
     force: bool = False,
     executor: Executor = papermill_execute,
+    seeds: Sequence[int] | None = None,
 ) -> Report:
-    """Plan, execute, write the toc and (``build``) the book; print what failed. One runner
-    per profile at a time: a second one raises :class:`~collapse_utils.storage.LockedError`."""
+    """Plan, execute, write the toc and (``build``) the book; print what failed. ``seeds``
+    overrides every configuration's seeds. One runner per profile at a time: a second one
+    raises :class:`~collapse_utils.storage.LockedError`."""
     paths = paths or BookPaths.repo()
     output_root = profile_output_root(profile, paths.params)
     output_root.mkdir(parents=True, exist_ok=True)
     with locked(output_root / ".runner.lock", f"the {profile} book runner ({output_root})"):
-        return _run_book(profile, paths, only, jobs, build, force, executor)
+        return _run_book(profile, paths, only, jobs, build, force, executor, seeds)
 
 
-def _run_book(profile, paths, only, jobs, build, force, executor) -> Report:
+def _run_book(profile, paths, only, jobs, build, force, executor, seeds) -> Report:
+    plan = build_plan(profile, paths, seeds)
     if only:
-        check_ids(only, paths.params)
-    plan = build_plan(profile, paths)
+        check_ids(only, plan)
     selected = select_executions(plan, only)
     if jobs > 1:
         # Parallel runs must not download or decode the same dataset at once.
