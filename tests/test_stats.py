@@ -393,3 +393,17 @@ def test_predictor_ranking_puts_the_informative_signal_first_with_cis():
     )
     assert best["ci_low"] <= abs(best["rho"]) <= best["ci_high"] and best["n"] == 24
     assert 0 < best["abs_rho_within"] <= 1
+    assert best["gap"] == 0 and best["gap_low"] <= 0 <= best["gap_high"]
+    noise = table.loc["noise"]
+    assert noise["gap"] == pytest.approx(abs(best["rho"]) - abs(noise["rho"]))
+    assert 0 < noise["gap_low"] <= noise["gap"] <= noise["gap_high"]  # the gap is real
+
+
+def test_predictor_ranking_scores_every_predictor_on_the_same_runs():
+    grid = _grid()
+    grid["cka"] = -grid["d_entropy"]
+    grid.loc[:4, "cka"] = np.nan  # a signal not measured on five runs
+    table = stats.predictor_ranking(grid, "retention", ["d_entropy", "cka"], n_boot=50)
+    assert set(table["n"]) == {len(grid) - 5}
+    assert table.loc["cka", "rho"] == pytest.approx(-table.loc["d_entropy", "rho"])
+    assert math.isnan(table.loc["cka", "abs_rho_within"])  # no within groups asked

@@ -512,28 +512,63 @@ def predictor_ranking(
 ) -> pd.DataFrame:
     """How well each predictor column ranks ``target`` across the runs of ``frame``.
 
-    Indexed by predictor: ``rho``, ``p``, ``n`` (Spearman over all rows); ``abs_rho_within``:
-    mean |ρ| over the groups of ``within`` with at least 3 rows (confounds such as dataset or
-    method cannot carry it; NaN without ``within``); ``ci_low``/``ci_high``: percentile
-    bootstrap 95 % CI of |ρ| over rows resampled with replacement. Sorted by |ρ|, best first."""
-    rng = np.random.default_rng(seed)
+    Every predictor is scored on the same runs: the rows where all of them and ``target`` are
+    known. Indexed by predictor: ``rho``, ``p``, ``n`` (Spearman over those rows);
+    ``abs_rho_within``: mean |ρ| over the groups of ``within`` with at least 3 rows (confounds
+    such as dataset or method cannot carry it; NaN without ``within``); ``ci_low``/``ci_high``:
+    percentile bootstrap 95 % CI of |ρ| over rows resampled with replacement; ``gap``,
+    ``gap_low``, ``gap_high``: |ρ| of the best predictor minus this one's, with its CI from the
+    same resamples (paired; 0 for the best). Sorted by |ρ|, best first."""
+    data = frame[[*dict.fromkeys([*predictors, target, *(within or [])])]].dropna()
+    overall = {name: dose_response(data, name, target) for name in predictors}
+    best = max(predictors, key=lambda name: abs(overall[name]["rho"]))
+    boot = _bootstrap_abs_rho(data, target, predictors, n_boot, np.random.default_rng(seed))
     rows = {}
     for name in predictors:
-        data = frame[[name, target, *(within or [])]].dropna()
-        overall = dose_response(data, name, target)
-        boot = []
-        for _ in range(n_boot):
-            sample = data.iloc[rng.integers(0, len(data), len(data))]
-            if sample[name].nunique() > 1 and sample[target].nunique() > 1:
-                boot.append(abs(scipy.stats.spearmanr(sample[name], sample[target]).statistic))
-        within_rho = float("nan")
-        if within:
-            groups = [g for _, g in data.groupby(list(within)) if len(g) >= 3]
-            values = [abs(dose_response(g, name, target)["rho"]) for g in groups]
-            within_rho = float(np.nanmean(values)) if values else float("nan")
-        low, high = np.percentile(boot, [2.5, 97.5]) if boot else (float("nan"),) * 2
-        rows[name] = {"rho": overall["rho"], "p": overall["p"], "n": int(overall["n"]),
-                      "abs_rho_within": within_rho, "ci_low": low, "ci_high": high}  # fmt: skip
+        gap = boot[best] - boot[name]
+        rows[name] = {
+            "rho": overall[name]["rho"],
+            "p": overall[name]["p"],
+            "n": int(overall[name]["n"]),
+            "abs_rho_within": _mean_abs_rho_within(data, name, target, within),
+            **_percentiles(boot[name], "ci_low", "ci_high"),
+            "gap": abs(overall[best]["rho"]) - abs(overall[name]["rho"]),
+            **_percentiles(gap, "gap_low", "gap_high"),
+        }
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "predictor"
     return table.reindex(table["rho"].abs().sort_values(ascending=False).index)
+
+
+def _bootstrap_abs_rho(
+    data: pd.DataFrame, target: str, predictors: Sequence[str], n_boot: int, rng
+) -> dict[str, np.ndarray]:
+    """|Spearman ρ| of each predictor with ``target`` on ``n_boot`` row resamples shared by all
+    predictors (NaN where a resample leaves a column constant)."""
+    values = {name: np.full(n_boot, np.nan) for name in predictors}
+    for k in range(n_boot):
+        sample = data.iloc[rng.integers(0, len(data), len(data))]
+        if sample[target].nunique() < 2:
+            continue
+        for name in predictors:
+            if sample[name].nunique() > 1:
+                values[name][k] = abs(scipy.stats.spearmanr(sample[name], sample[target])[0])
+    return values
+
+
+def _percentiles(values: np.ndarray, low: str, high: str) -> dict[str, float]:
+    finite = values[np.isfinite(values)]
+    if not len(finite):
+        return {low: float("nan"), high: float("nan")}
+    lo, hi = np.percentile(finite, [2.5, 97.5])
+    return {low: float(lo), high: float(hi)}
+
+
+def _mean_abs_rho_within(
+    data: pd.DataFrame, name: str, target: str, within: Sequence[str] | None
+) -> float:
+    if not within:
+        return float("nan")
+    groups = [g for _, g in data.groupby(list(within)) if len(g) >= 3]
+    values = [abs(dose_response(g, name, target)["rho"]) for g in groups]
+    return float(np.nanmean(values)) if values and not np.all(np.isnan(values)) else float("nan")
