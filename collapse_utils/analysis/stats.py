@@ -494,9 +494,10 @@ def paired_matched(
 
 def dose_response(frame: pd.DataFrame, x: str, y: str) -> pd.Series:
     """Spearman correlation of ``y`` with ``x`` over the rows of ``frame`` (e.g. Δentropy vs
-    log10 lr, n = learning rates × seeds): rho, p (scipy's two-sided), n."""
+    log10 lr, n = learning rates × seeds): rho, p (scipy's two-sided), n; rho and p are NaN
+    below 3 rows or when a column is constant."""
     rows = frame[[x, y]].dropna()
-    if len(rows) < 3:
+    if len(rows) < 3 or rows[x].nunique() < 2 or rows[y].nunique() < 2:  # ρ undefined
         return pd.Series({"rho": float("nan"), "p": float("nan"), "n": len(rows)})
     result = scipy.stats.spearmanr(rows[x], rows[y])
     return pd.Series({"rho": float(result.statistic), "p": float(result.pvalue), "n": len(rows)})
