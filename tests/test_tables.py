@@ -73,7 +73,7 @@ def test_ints_print_as_ints_and_missing_values_are_blank():
 
 
 def test_a_small_number_never_prints_as_zero():
-    shown = format_table(pd.DataFrame({"mean_diff_sd": [0.00004, 0.0, 1.23456]}))
+    shown = format_table(pd.DataFrame({"spread": [0.00004, 0.0, 1.23456]}))
     assert shown.iloc[:, 0].tolist() == ["4.0e-05", "0.000", "1.235"]
 
 
@@ -138,3 +138,14 @@ def test_a_repeated_outer_index_value_is_left_blank_and_names_share_the_header_r
     assert '<th class="index">Family</th><th class="index">Run</th>' in html
     assert "<tr><th>x</th><th>y</th>" in html and "<tr><th></th><th>z</th>" in html
     assert "<tr><th>y</th><th>z</th>" in html
+
+
+def test_study_b_columns_read_as_words_with_unsigned_sds():
+    frame = pd.DataFrame(
+        {"d_entropy_pct_mean": [-3.456], "d_entropy_pct_sd": [0.4], "retention_cifar10": [0.9]}
+    )
+    shown = format_table(frame)
+    assert list(shown.columns) == [
+        "Δ Entropy (%), mean", "Δ Entropy (%), SD", "Zero-shot retention CIFAR-10"
+    ]  # fmt: skip
+    assert shown.iloc[0].tolist() == ["-3.46", "0.40", "0.900"]

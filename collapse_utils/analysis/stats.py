@@ -484,11 +484,10 @@ def paired_matched(
            "p_wilcoxon": nan}  # fmt: skip
     if len(x):
         row |= {"mean_a": x.mean(), "mean_b": y.mean(), "diff": (x - y).mean()}
-    if len(x) >= 2:
+    if len(x) >= 2 and np.any(x != y):  # identical pairs: no test, no effect size
         test = paired(x, y)
         row |= {"d_z": test.d_z, "p_t": test.p}
-        if np.any(x != y):
-            row["p_wilcoxon"] = float(scipy.stats.wilcoxon(x, y).pvalue)
+        row["p_wilcoxon"] = float(scipy.stats.wilcoxon(x, y).pvalue)
     return pd.Series(row)
 
 
@@ -545,16 +544,18 @@ def _bootstrap_abs_rho(
     data: pd.DataFrame, target: str, predictors: Sequence[str], n_boot: int, rng
 ) -> dict[str, np.ndarray]:
     """|Spearman ρ| of each predictor with ``target`` on ``n_boot`` row resamples shared by all
-    predictors (NaN where a resample leaves a column constant)."""
-    values = {name: np.full(n_boot, np.nan) for name in predictors}
+    predictors (NaN where a resample leaves a column constant). Spearman's ρ is Pearson's r of
+    the ranks (average ranks for ties), computed for all predictors at once."""
+    columns = data[[*predictors, target]].to_numpy(dtype=float)
+    values = np.full((n_boot, len(predictors)), np.nan)
     for k in range(n_boot):
-        sample = data.iloc[rng.integers(0, len(data), len(data))]
-        if sample[target].nunique() < 2:
-            continue
-        for name in predictors:
-            if sample[name].nunique() > 1:
-                values[name][k] = abs(scipy.stats.spearmanr(sample[name], sample[target])[0])
-    return values
+        ranks = scipy.stats.rankdata(columns[rng.integers(0, len(data), len(data))], axis=0)
+        centred = ranks - ranks.mean(axis=0)
+        norms = np.sqrt((centred**2).sum(axis=0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = centred[:, :-1].T @ centred[:, -1] / (norms[:-1] * norms[-1])
+        values[k] = np.where(norms[:-1] * norms[-1] > 0, np.abs(r), np.nan)
+    return {name: values[:, i] for i, name in enumerate(predictors)}
 
 
 def _percentiles(values: np.ndarray, low: str, high: str) -> dict[str, float]:

@@ -26,6 +26,7 @@ from collapse_utils.analysis.results import (
 from collapse_utils.book import figures
 from collapse_utils.book.page import Page, failure_findings
 from collapse_utils.book.run_pages import run_page
+from collapse_utils.book.study_b_page import study_b_page
 from collapse_utils.book.style import (
     DATASET_NAMES,
     METHOD_NAMES,
@@ -282,6 +283,7 @@ FAMILY_PAGES: dict[str, Callable[[Page, FamilyRuns], None]] = {
     "layer_freezing": layer_freezing_page,
     "lora_targets": lora_targets_page,
     "regularization": regularization_page,
+    "study_b": study_b_page,
 }
 """Families with a page of their own; any other family of families.yaml gets the comparison
 table, its metrics over training and a sentence per run."""

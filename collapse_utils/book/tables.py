@@ -133,6 +133,31 @@ COLUMNS: dict[str, Column] = {
     "epochs": Column("Epochs", INT),
     "late_std": Column("SD of the last epochs' accuracy (points)", ACC),
     "converged": Column("Converged", BOOL),
+    # Study B (analysis.study_b): representation signals, retention, paired tests, rankings
+    "test_acc": Column("Test accuracy (%)", ACC),
+    "cka_mean_f": Column("CKA to pre-trained, layer mean", NUMBER),
+    "cka_last_f": Column("CKA to pre-trained, last layer", NUMBER),
+    "embedding_drift_f": Column("Embedding drift", NUMBER),
+    "weight_drift_f": Column("Relative weight drift", NUMBER, 4),
+    "cka_mean_e1": Column("CKA to pre-trained after epoch 1", NUMBER),
+    "cka_last_e1": Column("CKA last layer after epoch 1", NUMBER),
+    "embedding_drift_e1": Column("Embedding drift after epoch 1", NUMBER),
+    "weight_drift_e1": Column("Relative weight drift after epoch 1", NUMBER, 4),
+    "outcome": Column("Outcome", values=lambda v: column_spec(v).label),
+    "predictor": Column("Signal", values=lambda v: column_spec(v).label),
+    "mean_a": Column("Mean, Full FT", NUMBER),
+    "mean_b": Column("Mean, LoRA", NUMBER),
+    "diff": Column("Mean difference (Full FT − LoRA)", NUMBER),
+    "p_t": Column("Paired t p", P),
+    "p_wilcoxon": Column("Wilcoxon p", P),
+    "rho": Column("Spearman ρ", NUMBER, 2),
+    "abs_rho_within": Column("Mean |ρ| within dataset", NUMBER, 2),
+    "abs_rho_within_method": Column("Mean |ρ| within dataset × method", NUMBER, 2),
+    "ci_low": Column("|ρ| 95% CI low", NUMBER, 2),
+    "ci_high": Column("|ρ| 95% CI high", NUMBER, 2),
+    "gap": Column("|ρ| gap to the best", NUMBER, 2),
+    "gap_low": Column("Gap 95% CI low", NUMBER, 2),
+    "gap_high": Column("Gap 95% CI high", NUMBER, 2),
     # reproducibility
     "config_hash": Column("Config hash"),
     "device": Column("Device"),
@@ -171,7 +196,20 @@ PATTERNS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Column]]] = [
     (re.compile(r"(early|middle|late)_sd"),
      lambda m: Column(f"{m[1].capitalize()} SD (points)", NUMBER, 2)),
     (re.compile(r"(\w+)_holm"), lambda m: Column(f"{column_spec(m[1]).label} (Holm)", P)),
+    (re.compile(r"retention_(\w+)"),
+     lambda m: Column(f"Zero-shot retention {_dataset(m[1])}", NUMBER)),
+    (re.compile(r"(\w+)_mean"), lambda m: _summary_of(m[1], "mean")),
+    (re.compile(r"(\w+)_sd"), lambda m: _summary_of(m[1], "SD")),
 ]  # fmt: skip
+
+
+def _summary_of(name: str, statistic: str) -> Column:
+    """``<column>_mean``/``_sd`` of a cell table: the column's label and kind, then the
+    statistic. An SD carries no sign: a change's SD shows as a plain number."""
+    spec = column_spec(name)
+    kind = NUMBER if statistic == "SD" and spec.kind == CHANGE else spec.kind
+    digits = 2 if spec.kind == CHANGE else spec.digits
+    return Column(f"{spec.label}, {statistic}", kind, digits, spec.values)
 
 
 def column_spec(name: Any, values: pd.Series | pd.Index | None = None) -> Column:

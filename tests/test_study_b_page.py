@@ -1,0 +1,82 @@
+"""The Study B comparison page on fake records of the real grid's ids (two seeds)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from collapse_utils.book.family_pages import family_summary
+from collapse_utils.run_record import ZeroShotRecord
+from tests.fake_records import LAYERS, history, write_study
+
+LRS = (3e-6, 1e-5, 3e-5, 1e-4)
+
+
+def grid_records(seeds=(7, 11)):
+    """Full FT and LoRA on both datasets at the grid's lrs: entropy falls with lr alike for
+    both, embedding drift (and with it forgetting) grows with lr, four times faster for full."""
+    records = []
+    for dataset in ("eurosat", "pets"):
+        for method in ("full", "lora"):
+            for k, lr in enumerate(LRS):
+                for seed in seeds:
+                    wobble = 0.002 * (seed % 3) + 0.001 * len(dataset)
+                    drift = (0.08 if method == "full" else 0.02) * (k + 1) + wobble
+                    run = f"B_{dataset}_{method}_lr{lr:.0e}".replace("e-0", "e-")
+                    base = history(run, "study_b", [-0.01 * (k + 1) - wobble] * LAYERS, method,
+                                   dataset, lr, seed=seed, representation=True)  # fmt: skip
+                    last = dataclasses.replace(base.evals[-1], embedding_drift=drift)
+                    zeroshot = {
+                        "cifar100": ZeroShotRecord(0.6 * (1 - drift), 0.6, "single", 100),
+                        "cifar10": ZeroShotRecord(0.9 * (1 - drift / 2), 0.9, "single", 100),
+                    }
+                    evals = [*base.evals[:-1], last]
+                    records.append(dataclasses.replace(base, evals=evals, zeroshot=zeroshot))
+    return records
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    params = write_study(tmp_path_factory.mktemp("study_b"), grid_records())
+    return family_summary("smoke", "study_b", params, show=False)
+
+
+def test_the_page_names_the_baselines_that_have_not_run(page):
+    assert "B_probe_eurosat" in page.notes[0] and "B_last_pets_lr1e-4" in page.notes[0]
+
+
+def test_cell_table_has_one_row_per_dataset_method_lr_with_two_seeds(page):
+    cells = page.tables["cells"]
+    assert len(cells) == 16 and set(cells["seeds"]) == {2}
+    assert {"retention_cifar100_mean", "retention_cifar10_sd", "d_entropy_pct_mean"} <= set(
+        cells.columns
+    )
+
+
+def test_paired_tests_find_full_ft_forgets_more_at_matched_lr_and_seed(page):
+    paired = page.tables["paired"]
+    row = paired.loc[("eurosat", "retention_cifar100")]
+    assert row["n"] == 8 and row["diff"] < 0 and row["p_t_holm"] < 0.05
+    tested = paired.dropna(subset=["p_t"])
+    assert len(tested) == 4 and (tested["p_t_holm"] >= tested["p_t"]).all()
+    same = paired.loc[("pets", "best_acc")]  # identical accuracies: nothing to test
+    assert same["diff"] == 0 and same["p_t"] != same["p_t"]
+
+
+def test_embedding_drift_ranks_retention_first_and_figures_are_captioned(page):
+    ranking = page.tables["signal_ranking"]
+    assert (
+        ranking.index[0] == "embedding_drift_f" and ranking.loc["embedding_drift_f", "rho"] < -0.9
+    )
+    assert set(page.figures) == {
+        "study_b_dose_response", "study_b_retention_vs_entropy", "study_b_signal_ranking"
+    }  # fmt: skip
+    assert all(page.captions[name] for name in page.figures)
+    assert "Embedding drift" in page.findings and "full FT minus LoRA" in page.findings
+
+
+def test_operating_points_are_one_lr_per_dataset_and_method(page):
+    points = page.tables["operating_points"]
+    assert len(points) == 4 and set(points["lr"]) <= set(LRS)
+    assert "operating points" in page.findings
