@@ -20,7 +20,8 @@ FAMILIES_FILE = "families.yaml"
 # Settings a family can vary: the columns of analysis.results.run_summary that describe a run.
 AXES = ("dataset", "method", "lr", "weight_decay", "rank", "targets", "freeze_layers", "reg_kind",
         "lam")  # fmt: skip
-_FAMILY_FIELDS = ("notebook", "title", "references", "axis")
+_FAMILY_FIELDS = ("notebook", "title", "references", "axis", "study")
+REPORT_STUDY = "report"  # the default ``study`` of a family: the report's own design
 _STATISTICS_RUNS = ("layer_anova", "dynamics")
 _STATISTICS_FAMILIES = ("method_comparison", "lr_sweep", "regularizers")
 
@@ -32,6 +33,9 @@ class Family:
     title: str
     references: tuple[str, ...]
     axis: str
+    # Which study the family belongs to: the report's (its runs feed the cross-study chapters:
+    # findings, statistics, zero-shot, explorer) or another design with its own page (Study B).
+    study: str = REPORT_STUDY
     source: Path = field(default=Path(FAMILIES_FILE), compare=False, repr=False)
 
     @property
@@ -90,6 +94,13 @@ def comparison_ids(profile: str, family: Family, params_dir: Path | str = PARAMS
     return list(dict.fromkeys([*family.references, *members]))
 
 
+def report_ids(profile: str, params_dir: Path | str = PARAMS_DIR) -> list[str]:
+    """Ids of every configuration in a family of the report's study (not Study B's grid): the
+    runs the cross-study chapters read."""
+    families = [f for f in load_families(params_dir).values() if f.study == REPORT_STUDY]
+    return [c.id for f in families for c in load_family(profile, f.name, params_dir)]
+
+
 def _read(params_dir: Path | str) -> tuple[Path, dict[str, Any]]:
     path = Path(params_dir) / FAMILIES_FILE
     if not path.is_file():
@@ -113,8 +124,10 @@ def _mapping(path: Path, name: str, value: Any, fields: tuple[str, ...]) -> dict
 
 def _family(path: Path, name: str, fields: Any) -> Family:
     where = f"families.{name}"
+    if isinstance(fields, dict):
+        fields = {"study": REPORT_STUDY, **fields}
     fields = _mapping(path, where, fields, _FAMILY_FIELDS)
-    for key in ("notebook", "title", "axis"):
+    for key in ("notebook", "title", "axis", "study"):
         if not isinstance(fields[key], str) or not fields[key]:
             raise ConfigError(f"{path}: field '{where}.{key}' must be a non-empty string")
     if fields["axis"] not in AXES:
@@ -127,6 +140,7 @@ def _family(path: Path, name: str, fields: Any) -> Family:
         title=fields["title"],
         references=_ids(path, f"{where}.references", fields["references"]),
         axis=fields["axis"],
+        study=fields["study"],
         source=path,
     )
 

@@ -20,8 +20,17 @@ from collapse_utils.families import (
     comparison_ids,
     load_families,
     load_statistics_runs,
+    report_ids,
 )
 from tests.fake_records import history
+
+
+def test_the_report_runs_are_every_configuration_outside_study_b():
+    report = report_ids("smoke")
+    assert len(report) == 23 and "E2" in report
+    assert not [i for i in report if i.startswith("B_")]
+    everything = set(available_experiments())
+    assert {load_config("smoke", i).family for i in everything - set(report)} == {"study_b"}
 
 
 def test_families_are_in_book_order_with_notebook_title_references_and_axis():
@@ -33,6 +42,7 @@ def test_families_are_in_book_order_with_notebook_title_references_and_axis():
         "layer_freezing",
         "lora_targets",
         "regularization",
+        "study_b",
     ]
     assert [f.notebook for f in families.values()] == [
         "01_baseline",
@@ -41,7 +51,10 @@ def test_families_are_in_book_order_with_notebook_title_references_and_axis():
         "04_layer_freezing",
         "05_lora_targets",
         "06_regularization",
+        "13_study_b",
     ]
+    assert {f.study for name, f in families.items() if name != "study_b"} == {"report"}
+    assert families["study_b"].study == "B"
     assert families["lr_sweep"].title == "Learning-rate sweep (A1)"
     assert {name: f.references for name, f in families.items() if f.references} == {
         "full_vs_lora": ("E2",),

@@ -477,7 +477,8 @@ def paired_matched(
     )
     if (cells > 1).any().any():
         raise ValueError(f"cells of {keys} hold several {group} rows; add the column that tells")
-    wide = frame.pivot(index=keys, columns=group, values=value).dropna(subset=[a, b])
+    wide = frame.pivot(index=keys, columns=group, values=value).reindex(columns=[a, b])
+    wide = wide.dropna(subset=[a, b])
     x, y = _array(wide[a]), _array(wide[b])
     nan = float("nan")
     row = {"n": len(x), "mean_a": nan, "mean_b": nan, "diff": nan, "d_z": nan, "p_t": nan,

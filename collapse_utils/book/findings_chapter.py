@@ -44,7 +44,12 @@ from collapse_utils.config import (
     load_config,
     profile_output_root,
 )
-from collapse_utils.families import comparison_ids, load_families, load_statistics_runs
+from collapse_utils.families import (
+    comparison_ids,
+    load_families,
+    load_statistics_runs,
+    report_ids,
+)
 
 EXECUTED = "/book/executed"
 """Where the runner writes executed pages (``runner.BookPaths.executed``), as a docname root."""
@@ -87,7 +92,8 @@ class StudyRuns:
         self.families = load_families(params_dir)
         self.chosen = load_statistics_runs(params_dir)
         self.settings = run_settings(profile, params_dir)
-        self.histories = load_histories(self.output_root)
+        report = set(report_ids(profile, params_dir))  # Study B has its own page
+        self.histories = [h for h in load_histories(self.output_root) if h.id in report]
         self.trained = stat_tables.trained(self.histories)
         self.summary = run_summary(self.trained)
         self.means = run_means(self.summary) if not self.summary.empty else pd.DataFrame()

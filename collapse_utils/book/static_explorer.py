@@ -15,6 +15,7 @@ import hashlib
 import html
 import io
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -61,18 +62,22 @@ def _run_entry(run: RunMaps, pictures: dict[str, str]) -> dict[str, Any]:
     return {"steps": run.steps.tolist(), "images": keys, "heads": n_heads, "weights": weights}
 
 
-def explorer_data(output_root: Path | str) -> dict[str, Any]:
-    """Everything the viewer shows: ``runs`` (label → entry, see :func:`_run_entry`) and
-    ``pictures`` (image key → PNG data URL)."""
+def explorer_data(output_root: Path | str, ids: Collection[str] | None = None) -> dict[str, Any]:
+    """Everything the viewer shows: ``runs`` (label → entry, see :func:`_run_entry`) of every
+    run with maps, or of the runs of ``ids``, and ``pictures`` (image key → PNG data URL)."""
     pictures: dict[str, str] = {}
-    runs = {label: _run_entry(RunMaps.load(files), pictures)
-            for label, files in available_runs(output_root).items()}  # fmt: skip
+    found = available_runs(output_root).items()
+    runs = {label: _run_entry(RunMaps.load(files), pictures) for label, files in found
+            if ids is None or files.run_dir.parent.name in ids}  # fmt: skip
     return {"runs": runs, "pictures": pictures}
 
 
-def explorer_html(output_root: Path | str, element_id: str = "cls-explorer") -> str:
-    """A self-contained viewer (controls, a canvas and the data) for a static page."""
-    data = json.dumps(explorer_data(output_root), separators=(",", ":"))
+def explorer_html(
+    output_root: Path | str, element_id: str = "cls-explorer", ids: Collection[str] | None = None
+) -> str:
+    """A self-contained viewer (controls, a canvas and the data) for a static page, of every
+    run or of the runs of ``ids``."""
+    data = json.dumps(explorer_data(output_root, ids), separators=(",", ":"))
     options = "".join(f"<option>{html.escape(r)}</option>" for r in json.loads(data)["runs"])
     page = _TEMPLATE.replace("__CX_ID__", element_id).replace("__CX_OPTIONS__", options)
     return page.replace("__CX_DATA__", data)

@@ -30,7 +30,12 @@ from collapse_utils.book.figures import show_figure
 from collapse_utils.book.style import DATASET_NAMES
 from collapse_utils.book.tables import show_table
 from collapse_utils.config import PARAMS_DIR, load_config, profile_output_root
-from collapse_utils.families import comparison_ids, load_families, load_statistics_runs
+from collapse_utils.families import (
+    comparison_ids,
+    load_families,
+    load_statistics_runs,
+    report_ids,
+)
 
 A_GLUE = {
     "a_layer_n_full": ("layer", "n_full"),
@@ -115,7 +120,8 @@ class StatisticsChapter:
 
     def __init__(self, profile: str, params_dir: Path | str = PARAMS_DIR):
         self.output_root: Path = profile_output_root(profile, params_dir)
-        self.histories = load_histories(self.output_root)
+        report = set(report_ids(profile, params_dir))  # Study B has its own page
+        self.histories = [h for h in load_histories(self.output_root) if h.id in report]
         self.trained = tables.trained(self.histories)
         if not self.trained:
             raise RuntimeError(

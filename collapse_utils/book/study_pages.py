@@ -19,6 +19,7 @@ from collapse_utils.book import figures
 from collapse_utils.book.page import Page, failure_findings
 from collapse_utils.book.style import DATASET_NAMES, METHOD_NAMES
 from collapse_utils.config import PARAMS_DIR, profile_output_root
+from collapse_utils.families import report_ids
 
 
 def zeroshot_page(profile: str, params_dir: Path | str = PARAMS_DIR, show: bool = True) -> Page:
@@ -27,7 +28,10 @@ def zeroshot_page(profile: str, params_dir: Path | str = PARAMS_DIR, show: bool 
     with failure_findings(profile):
         output_root = profile_output_root(profile, params_dir)
         page = Page(profile, output_root, show)
-        histories = [h for h in load_histories(output_root) if h.method != "none"]
+        report = set(report_ids(profile, params_dir))  # Study B has its own page
+        histories = [
+            h for h in load_histories(output_root) if h.method != "none" and h.id in report
+        ]
         if not histories:
             page.conclude("No fine-tuned run is complete yet.")
             return page
