@@ -11,12 +11,16 @@ Schema (``schema_version`` 1). Layers are 1-based in tables, lists here are per 
   device, steps_per_epoch, total_steps, best_val_acc, final_val_acc (accuracy on the per-epoch
   evaluation split: val, or test in the 'original' split protocol), test_acc (held-out test
   accuracy at the best-val epoch, or null), wall_time_s (s);
-- evals: :class:`EvalRecord` at step 0 and ``evals_per_epoch`` times per epoch;
+- evals: :class:`EvalRecord` at step 0 and ``evals_per_epoch`` times per epoch: step, epoch,
+  fraction, train_loss, metrics (metric → per layer), kl_to_initial (per layer, nats) and the
+  representation signals against the pre-trained tower (null when not measured): cka (per
+  layer), embedding_drift, weight_drift;
 - epochs: :class:`EpochRecord` after each epoch;
 - zeroshot: dataset → :class:`ZeroShotRecord` after training.
 
 Histories written before the version field have the same fields and load as version 1; fields
-added later with a default (test_acc, zero-shot checkpoint) take it when absent.
+added later with a default (test_acc, zero-shot checkpoint, the evals' representation signals)
+take it when absent.
 """
 
 from __future__ import annotations
@@ -101,7 +105,12 @@ def find_runs(root: Path | str) -> list[RunFiles]:
 class EvalRecord:
     """One tracking point. ``metrics``: metric → per-layer values; ``kl_to_initial``: per-layer
     KL(pre-trained ‖ current) of the [CLS] rows in nats; ``fraction`` of training (0..1);
-    ``train_loss``: mean loss since the previous eval (None at step 0)."""
+    ``train_loss``: mean loss since the previous eval (None at step 0).
+
+    Against the pre-trained vision tower, None when not measured: ``cka`` per layer, linear CKA
+    of the [CLS] token after each layer (1 = same up to rotation and scale); ``embedding_drift``
+    = 1 − mean cosine of the image embeddings; ``weight_drift`` = ‖θ − θ₀‖ / ‖θ₀‖ (LoRA
+    merged)."""
 
     step: int
     epoch: float
@@ -109,6 +118,9 @@ class EvalRecord:
     train_loss: float | None
     metrics: dict[str, list[float]]
     kl_to_initial: list[float]
+    cka: list[float] | None = None
+    embedding_drift: float | None = None
+    weight_drift: float | None = None
 
     def layer_mean(self, metric: str) -> float:
         """Unweighted mean over layers of ``metric``."""

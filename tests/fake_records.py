@@ -20,11 +20,16 @@ START = [2.0 + 0.1 * layer for layer in range(LAYERS)]
 
 
 def record(
-    config: RunConfig, change: list[float], accuracies: tuple[float, ...] = (0.5, 0.8, 0.9)
+    config: RunConfig,
+    change: list[float],
+    accuracies: tuple[float, ...] = (0.5, 0.8, 0.9),
+    representation: bool = False,
 ) -> RunRecord:
     """A complete history of ``config`` whose entropy moves linearly from START to
     START·(1 + change) over 3 evals (one eval, step 0, when nothing trains); ERF tracks entropy,
-    Gini is its inverse, head diversity drifts with a run-specific slope."""
+    Gini is its inverse, head diversity drifts with a run-specific slope. With
+    ``representation``, the evals also hold CKA 1 − 0.05·layer·fraction (layers 1-based),
+    embedding drift 0.1·fraction and weight drift 0.01·fraction."""
     trained = config.train.method != "none"
     fractions = [0.0, 0.5, 1.0] if trained else [0.0]
     slope = 0.3 + 0.1 * (len(config.id) % 5)
@@ -37,8 +42,17 @@ def record(
             "gini": [1 / e for e in entropy],
             "head_diversity": [0.1 * (1 + slope * c * fraction) for c in change],
         }
+        signals = {}
+        if representation:
+            signals = {
+                "cka": [1 - 0.05 * layer * fraction for layer in range(1, LAYERS + 1)],
+                "embedding_drift": 0.1 * fraction,
+                "weight_drift": 0.01 * fraction,
+            }
         evals.append(
-            EvalRecord(int(40 * fraction), 3 * fraction, fraction, 1.0, metrics, [0.0] * LAYERS)
+            EvalRecord(
+                int(40 * fraction), 3 * fraction, fraction, 1.0, metrics, [0.0] * LAYERS, **signals
+            )
         )
     return RunRecord(
         id=config.id,
@@ -76,6 +90,7 @@ def history(
     reg: RegSpec | None = None,
     seed: int = 42,
     accuracies: tuple[float, ...] = (0.5, 0.8, 0.9),
+    representation: bool = False,
 ) -> RunRecord:
     """:func:`record` of a config built from these settings (LoRA rank 8)."""
     config = RunConfig(
@@ -87,7 +102,7 @@ def history(
         lora=LoraSpec(rank=8),
         reg=reg or RegSpec(),
     )
-    return record(config, change, accuracies)
+    return record(config, change, accuracies, representation)
 
 
 FULL_CHANGE = [-0.02, -0.01, 0.0, -0.03, -0.04, -0.05]

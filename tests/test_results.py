@@ -22,6 +22,7 @@ from collapse_utils.analysis.results import (
 from collapse_utils.analysis.stats import collapse_onset
 from collapse_utils.config import LoraSpec, RegSpec, RunConfig, TrainSpec
 from collapse_utils.run_record import RecordError, RunRecord, find_runs, read_record
+from tests.fake_records import history as fake_history
 
 LAYERS = 3
 
@@ -298,3 +299,66 @@ def test_pct_change_is_nan_from_zero_and_zeroshot_change_is_in_points(root):
     assert zeroshot_datasets(summary) == ["cifar100"]
     change = zeroshot_change(summary.set_index(["run", "seed"]), "cifar100")
     assert change.loc[("E2", 42)] == pytest.approx(100 * (0.3 - 0.6))
+
+
+REPRESENTATION = ["cka_mean", "cka_last", "embedding_drift", "weight_drift"]
+# (CKA per layer, embedding drift, weight drift) at steps 0, 10, 20: epochs 0, 1 and 2.
+SIGNALS = [
+    ([1.0, 1.0, 1.0], 0.0, 0.0),
+    ([0.99, 0.95, 0.9], 0.05, 0.01),
+    ([0.98, 0.9, 0.7], 0.1, 0.02),
+]
+
+
+def signal_history() -> dict:
+    evals_ = evals(FULL_ENTROPY, [0, 10, 20], 20)
+    for record, (cka, embedding, weight) in zip(evals_, SIGNALS, strict=True):
+        record |= {"cka": cka, "embedding_drift": embedding, "weight_drift": weight}
+    return make_history(FULL, "complete", evals_, zs=0.3)
+
+
+def test_run_summary_has_representation_signals_at_the_end_of_epoch_one_and_the_end():
+    row = run_summary([RunRecord.from_dict(signal_history())]).iloc[0]
+    assert row["cka_mean_f"] == pytest.approx((0.98 + 0.9 + 0.7) / 3)
+    assert (row["cka_last_f"], row["embedding_drift_f"], row["weight_drift_f"]) == (0.7, 0.1, 0.02)
+    assert row["cka_mean_e1"] == pytest.approx((0.99 + 0.95 + 0.9) / 3)
+    assert (row["cka_last_e1"], row["embedding_drift_e1"], row["weight_drift_e1"]) == (
+        0.9, 0.05, 0.01,
+    )  # fmt: skip
+
+
+def test_epoch_one_signals_are_nan_without_an_eval_at_epoch_one():
+    row = run_summary([fake_history("E2", "full_vs_lora", [0.0] * 6, representation=True)]).iloc[0]
+    assert row["cka_last_f"] == pytest.approx(1 - 0.05 * 6)
+    assert row["weight_drift_f"] == pytest.approx(0.01)
+    assert all(math.isnan(row[f"{name}_e1"]) for name in REPRESENTATION)  # evals at epoch 1.5
+
+
+def test_history_without_representation_signals_loads_and_gives_nan(root):
+    record = read_record(root / "runs" / "E2" / "seed42" / "history.json")
+    assert "cka" not in json.loads((root / "runs" / "E2" / "seed42" / "history.json").read_text())
+    assert all(e.cka is None and e.weight_drift is None for e in record.evals)
+    summary = run_summary(load_histories(root))
+    for suffix in ("_f", "_e1"):
+        assert summary[[f"{name}{suffix}" for name in REPRESENTATION]].isna().all().all()
+
+
+def test_representation_signals_and_their_absence_round_trip_through_json(tmp_path):
+    data = signal_history()
+    data["evals"][0] |= {"cka": None, "embedding_drift": None, "weight_drift": None}
+    record = RunRecord.from_dict(data)
+    record.write(tmp_path / "history.json")
+    again = read_record(tmp_path / "history.json")
+    assert again.evals == record.evals  # the config dict holds tuples, JSON lists
+    assert again.evals[0].cka is None and again.evals[2].cka[-1] == 0.7
+
+
+def test_retention_is_zero_shot_over_pretrained_beside_the_zero_shot_columns(root):
+    summary = run_summary(load_histories(root)).set_index(["run", "seed"])
+    assert summary.loc[("E2", 42), "retention_cifar100"] == pytest.approx(0.3 / 0.6)
+    assert summary.loc[("E1_eurosat", 42), "retention_cifar100"] == pytest.approx(1.0)
+    tail = ["zs_cifar100", "zs_cifar100_pretrained", "retention_cifar100", "status"]
+    assert list(summary.columns)[-4:] == tail
+    data = signal_history()
+    data["zeroshot"]["cifar100"]["pretrained_accuracy"] = 0.0
+    assert math.isnan(run_summary([RunRecord.from_dict(data)]).loc[0, "retention_cifar100"])

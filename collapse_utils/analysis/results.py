@@ -12,6 +12,7 @@ is ``100 · (final − first) / first``; "layer mean" is the unweighted mean ove
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from collapse_utils.config import METRICS
-from collapse_utils.run_record import RunRecord, find_runs, read_record
+from collapse_utils.run_record import EvalRecord, RunRecord, find_runs, read_record
 
 
 def load_histories(root: Path | str, complete_only: bool = True) -> list[RunRecord]:
@@ -63,8 +64,13 @@ def run_summary(histories: Iterable[RunRecord]) -> pd.DataFrame:
     Columns: run, seed, family, method, dataset, lr, weight_decay, rank and targets (missing
     unless method is ``lora``), freeze_layers, reg_kind, lam, best_acc, final_acc; for each
     metric ``m``: ``m_0`` and ``m_f`` (layer mean at the first and final eval) and
-    ``d_m_pct`` (their change in %); for each zero-shot dataset ``d``: ``zs_d`` and
-    ``zs_d_pretrained``; status. Accuracies are as stored in the history."""
+    ``d_m_pct`` (their change in %); the representation signals against the pre-trained tower
+    at the final eval, ``cka_mean_f`` and ``cka_last_f`` (linear CKA of the [CLS] tokens, mean
+    over layers and last layer), ``embedding_drift_f`` and ``weight_drift_f``, and the same at
+    the end of the first epoch (the eval at epoch 1.0) with suffix ``_e1`` (NaN where not
+    measured); for each zero-shot dataset ``d``: ``zs_d``, ``zs_d_pretrained`` and
+    ``retention_d`` = zs_d / zs_d_pretrained (NaN when the pre-trained accuracy is 0); status.
+    Accuracies are as stored in the history."""
     rows = [_summary_row(h) for h in histories]
     frame = pd.DataFrame(rows)
     if frame.empty:
@@ -72,8 +78,10 @@ def run_summary(histories: Iterable[RunRecord]) -> pd.DataFrame:
     for column in ("seed", "rank", "freeze_layers"):
         frame[column] = frame[column].astype("Int64")
     zs = sorted(c for c in frame.columns if c.startswith("zs_"))
-    ordered = [c for c in frame.columns if not c.startswith("zs_") and c != "status"]
-    return frame[ordered + zs + ["status"]]
+    retention = sorted(c for c in frame.columns if c.startswith("retention_"))
+    last = {*zs, *retention, "status"}
+    ordered = [c for c in frame.columns if c not in last]
+    return frame[ordered + zs + retention + ["status"]]
 
 
 def _summary_row(h: RunRecord) -> dict[str, Any]:
@@ -103,11 +111,38 @@ def _summary_row(h: RunRecord) -> dict[str, Any]:
         row[f"{metric}_0"] = first
         row[f"{metric}_f"] = final
         row[f"d_{metric}_pct"] = pct_change(first, final)
+    row |= representation_signals(evals[-1] if evals else None, "_f")
+    row |= representation_signals(epoch_end(h, 1), "_e1")
     for dataset, result in sorted(h.zeroshot.items()):
         row[f"zs_{dataset}"] = result.accuracy
         row[f"zs_{dataset}_pretrained"] = result.pretrained_accuracy
+        pretrained = result.pretrained_accuracy
+        row[f"retention_{dataset}"] = result.accuracy / pretrained if pretrained else math.nan
     row["status"] = h.status
     return row
+
+
+def epoch_end(history: RunRecord, epoch: int) -> EvalRecord | None:
+    """The eval at the end of ``epoch`` (its ``epoch`` field equals it), or None."""
+    return next((e for e in history.evals if math.isclose(e.epoch, epoch)), None)
+
+
+def representation_signals(record: EvalRecord | None, suffix: str) -> dict[str, float]:
+    """``cka_mean``, ``cka_last``, ``embedding_drift``, ``weight_drift`` of one eval, each name
+    + ``suffix``; NaN for an eval that did not measure them (or no eval)."""
+    nan = math.nan
+    measured = record is not None and record.cka is not None
+    values = {
+        "cka_mean": float(np.mean(record.cka)) if measured else nan,
+        "cka_last": float(record.cka[-1]) if measured else nan,
+        "embedding_drift": _or_nan(record.embedding_drift) if record else nan,
+        "weight_drift": _or_nan(record.weight_drift) if record else nan,
+    }
+    return {f"{name}{suffix}": value for name, value in values.items()}
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
 
 
 def zeroshot_datasets(summary: pd.DataFrame) -> list[str]:

@@ -3,11 +3,14 @@
 The method (report §2.3), in the order the code runs it:
 
 1. **setup** — load the data, the zero-shot test sets and CLIP before anything trains;
-2. **references** — the pre-trained [CLS] attention on the fixed metric subset (step 0), the
-   entropy floor and APR's reference; a baseline run stops here and only evaluates zero-shot;
+2. **references** — the pre-trained [CLS] attention on the fixed metric subset (step 0) and,
+   with ``eval.representation``, its [CLS] tokens per layer, image embeddings and vision-tower
+   weights; the entropy floor and APR's reference; a baseline run stops here and only evaluates
+   zero-shot;
 3. **resume or start** — continue after the last checkpointed epoch of the same config hash;
 4. **epochs** — AdamW steps (cosine schedule, warmup, clip, mixed precision), the four metrics
-   ``evals_per_epoch`` times per epoch, validation accuracy and checkpoints after each epoch;
+   (and CKA, embedding and weight drift) ``evals_per_epoch`` times per epoch, validation
+   accuracy and checkpoints after each epoch;
 5. **finish** — final weights, zero-shot transfer, the record marked complete.
 
 Everything lives in ``config.run_dir`` (:class:`~collapse_utils.run_record.RunFiles`) and is
@@ -60,9 +63,9 @@ from collapse_utils.training.environment import (
     set_rng_state,
 )
 from collapse_utils.training.evaluation import (
+    Reference,
     Snapshot,
     accuracy,
-    cls_attention,
     evaluate_zeroshot,
     snapshot,
 )
@@ -169,6 +172,9 @@ def eval_record(plan: StepPlan, step: int, train_loss: float | None, snap: Snaps
         train_loss=train_loss,
         metrics=snap.metrics,
         kl_to_initial=snap.kl_to_initial,
+        cka=snap.cka,
+        embedding_drift=snap.embedding_drift,
+        weight_drift=snap.weight_drift,
     )
 
 
@@ -220,8 +226,9 @@ def _train(config: RunConfig, progress: bool) -> RunResult:
     started = time.perf_counter()
     setup = load_setup(config)
     # 2. references, before any resume so they are never the trained model's
-    initial_attn = cls_attention(setup.model, setup.metric_images, setup.dtype)
-    first = _snapshot(setup, initial_attn)
+    reference = Reference.of(setup.model, setup.metric_images, setup.dtype,
+                             config.eval.representation)  # fmt: skip
+    first = _snapshot(setup, reference)
     if config.train.method == "none":
         return _evaluate_baseline(setup, first, started)
     floor = torch.tensor(first.metrics["entropy"], device=setup.device)
@@ -234,7 +241,7 @@ def _train(config: RunConfig, progress: bool) -> RunResult:
         maps.add(0, first.maps)
         record.write(setup.files.history)
     # 4. epochs
-    loop = _Loop(setup, opt, reg, record, maps, initial_attn, progress)
+    loop = _Loop(setup, opt, reg, record, maps, reference, progress)
     for epoch in range(start_epoch, setup.plan.epochs):
         started = loop.train_epoch(epoch, started)
     # 5. finish
@@ -260,9 +267,9 @@ def final_evaluation(setup: Setup) -> tuple[dict[str, ZeroShotRecord], float | N
     return zeroshot, test_acc
 
 
-def _snapshot(setup: Setup, initial_attn: Tensor) -> Snapshot:
+def _snapshot(setup: Setup, reference: Reference) -> Snapshot:
     spec = setup.config.eval
-    return snapshot(setup.model, setup.metric_images, initial_attn, spec.map_images,
+    return snapshot(setup.model, setup.metric_images, reference, spec.map_images,
                     setup.dtype, spec)  # fmt: skip
 
 
@@ -280,9 +287,9 @@ def _evaluate_baseline(setup: Setup, first: Snapshot, started: float) -> RunResu
 class _Loop:
     """The epoch loop's state: the step counter, the progress bar and TensorBoard."""
 
-    def __init__(self, setup, opt, reg, record, maps, initial_attn, progress):
+    def __init__(self, setup, opt, reg, record, maps, reference, progress):
         self.setup, self.opt, self.reg = setup, opt, reg
-        self.record, self.maps, self.initial_attn = record, maps, initial_attn
+        self.record, self.maps, self.reference = record, maps, reference
         self.progress = progress
         plan = setup.plan
         self.step = len(record.epochs) * plan.steps_per_epoch
@@ -333,8 +340,9 @@ class _Loop:
             self.writer.add_scalar("train/regularizer", penalty.item(), self.step)
 
     def _track(self, window: _Window) -> None:
-        """A tracking point: the four metrics on the metric subset, maps, TensorBoard."""
-        snap = _snapshot(self.setup, self.initial_attn)
+        """A tracking point: the four metrics (and representation signals) on the metric subset,
+        maps, TensorBoard."""
+        snap = _snapshot(self.setup, self.reference)
         record = eval_record(self.setup.plan, self.step, window.mean_loss, snap)
         self.record.evals.append(record)
         self.maps.add(self.step, snap.maps)
@@ -425,13 +433,21 @@ def epoch_order(n: int, seed: int, epoch: int, flip: bool = False) -> tuple[Tens
 
 
 def write_eval_scalars(writer: SummaryWriter, record: EvalRecord) -> None:
-    """The layer means and per-layer values of the metrics and of KL to the pre-trained."""
+    """The layer means and per-layer values of the metrics and of KL to the pre-trained, and
+    the representation signals when measured (CKA: layer mean and per layer)."""
     mean_kl = sum(record.kl_to_initial) / len(record.kl_to_initial)
     writer.add_scalar("attention/kl_to_initial_mean", mean_kl, record.step)
     for name, values in record.metrics.items():
         writer.add_scalar(f"attention/{name}_mean", record.layer_mean(name), record.step)
         for layer, value in enumerate(values, start=1):
             writer.add_scalar(f"attention_layers/{name}_L{layer:02d}", value, record.step)
+    if record.cka is None:
+        return
+    writer.add_scalar("representation/cka_mean", sum(record.cka) / len(record.cka), record.step)
+    writer.add_scalar("representation/embedding_drift", record.embedding_drift, record.step)
+    writer.add_scalar("representation/weight_drift", record.weight_drift, record.step)
+    for layer, value in enumerate(record.cka, start=1):
+        writer.add_scalar(f"representation_layers/cka_L{layer:02d}", value, record.step)
 
 
 # --- checkpoints and the record -------------------------------------------------------------
