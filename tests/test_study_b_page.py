@@ -2,38 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from collapse_utils.book.family_pages import family_summary
-from collapse_utils.run_record import ZeroShotRecord
-from tests.fake_records import LAYERS, history, write_study
-
-LRS = (3e-6, 1e-5, 3e-5, 1e-4)
-
-
-def grid_records(seeds=(7, 11)):
-    """Full FT and LoRA on both datasets at the grid's lrs: entropy falls with lr alike for
-    both, embedding drift (and with it forgetting) grows with lr, four times faster for full."""
-    records = []
-    for dataset in ("eurosat", "pets"):
-        for method in ("full", "lora"):
-            for k, lr in enumerate(LRS):
-                for seed in seeds:
-                    wobble = 0.002 * (seed % 3) + 0.001 * len(dataset)
-                    drift = (0.08 if method == "full" else 0.02) * (k + 1) + wobble
-                    run = f"B_{dataset}_{method}_lr{lr:.0e}".replace("e-0", "e-")
-                    base = history(run, "study_b", [-0.01 * (k + 1) - wobble] * LAYERS, method,
-                                   dataset, lr, seed=seed, representation=True)  # fmt: skip
-                    last = dataclasses.replace(base.evals[-1], embedding_drift=drift)
-                    zeroshot = {
-                        "cifar100": ZeroShotRecord(0.6 * (1 - drift), 0.6, "single", 100),
-                        "cifar10": ZeroShotRecord(0.9 * (1 - drift / 2), 0.9, "single", 100),
-                    }
-                    evals = [*base.evals[:-1], last]
-                    records.append(dataclasses.replace(base, evals=evals, zeroshot=zeroshot))
-    return records
+from tests.fake_records import GRID_LRS, grid_records, write_study
 
 
 @pytest.fixture(scope="module")
@@ -78,5 +50,5 @@ def test_embedding_drift_ranks_retention_first_and_figures_are_captioned(page):
 
 def test_operating_points_are_one_lr_per_dataset_and_method(page):
     points = page.tables["operating_points"]
-    assert len(points) == 4 and set(points["lr"]) <= set(LRS)
+    assert len(points) == 4 and set(points["lr"]) <= set(GRID_LRS)
     assert "operating points" in page.findings

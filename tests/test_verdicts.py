@@ -14,13 +14,14 @@ from collapse_utils.analysis.verdicts import (
     SUPPORTED,
     rq1_fine_tuning_lowers_entropy,
     rq2_lora_preserves_better,
+    rq2_matched_lora_preserves_better,
     rq3_collapse_tracks_zeroshot_loss,
     rq4_regularizer_limits_change,
     rq5_layer_position_matters,
     rq5_learning_rate_drives_collapse,
 )
 from collapse_utils.book.findings_chapter import FindingsChapter, evidence
-from tests.fake_records import histories, write_study
+from tests.fake_records import grid_records, histories, write_study
 
 # --- RQ1: one Δ entropy per full-FT run, bootstrap CI of the mean ------------------------------
 
@@ -171,6 +172,33 @@ def test_a_layer_position_effect_contradicts_rq5b_and_none_is_never_called_suppo
     nothing = rq5_layer_position_matters([0.755, 0.99])
     assert nothing.verdict == INCONCLUSIVE
     assert rq5_layer_position_matters([]).reason == "no run with a layer ANOVA"
+
+
+def test_matched_pairs_where_lora_keeps_more_entropy_support_rq2():
+    v = rq2_matched_lora_preserves_better([-3.0, -2.0, -4.0, -1.0], [-1.0, -0.5, -1.5, 0.0])
+    assert v.verdict == SUPPORTED and v.n == 4 and v.numbers["diff"] == pytest.approx(1.75)
+    assert v.unit == "matched pair (dataset, lr, seed)"
+
+
+def test_matched_pairs_with_noise_only_are_inconclusive_and_missing_pairs_drop():
+    v = rq2_matched_lora_preserves_better([-1.0, -2.0, -1.5, np.nan], [-1.2, -1.8, -1.5, 0.0])
+    assert v.verdict == INCONCLUSIVE and v.n == 3
+    assert rq2_matched_lora_preserves_better([-1.0], [0.0]).reason == "1 matched pairs"
+    assert rq2_matched_lora_preserves_better([1.0, 2.0], [1.0, 2.0]).reason == "every pair is equal"
+    lower = rq2_matched_lora_preserves_better([0.0, 0.1, 0.2, 0.0], [-2.0, -1.9, -2.1, -2.2])
+    assert lower.verdict == CONTRADICTED
+
+
+def test_findings_add_the_matched_grid_evidence_for_rq2_and_rq3(tmp_path):
+    chapter = FindingsChapter("smoke", write_study(tmp_path, histories() + grid_records()), False)
+    assert set(chapter.matched) == {"RQ2", "RQ3"}
+    assert chapter.matched["RQ2"].n == 16  # 2 datasets × 4 lrs × 2 seeds
+    assert chapter.matched["RQ3"].n == 32
+    text = chapter.claim_markdown("RQ2")
+    assert "Study B, matched grid" in text and verdicts.MATCHED_RULES["RQ2"] in text
+    assert "13_study_b/summary" in text
+    assert chapter.build["RQ2"].numbers["n_full"] == 2  # the report's design is unchanged
+    assert "Study B" not in chapter.claim_markdown("RQ1")
 
 
 def test_every_rule_is_stated_for_every_claim():

@@ -26,6 +26,7 @@ from collapse_utils.analysis.stats import (
     compare_groups,
     correlation,
     holm,
+    paired,
 )
 
 SUPPORTED = "supported"
@@ -91,6 +92,21 @@ RULES = {
         "per group cannot show that there is none, so this rule never says supported."
     ),
 }
+MATCHED_RULES = {
+    "RQ2": (
+        "One value per matched pair of Study B (dataset, learning rate, seed): LoRA's Δ entropy "
+        f"(%) minus Full FT's. Supported if the mean difference is above 0 with paired t "
+        f"p < {ALPHA}, contradicted if below 0 with p < {ALPHA}, otherwise inconclusive (also "
+        f"with fewer than {MIN_GROUP} pairs). Matching removes learning rate and seed as "
+        "explanations of the difference."
+    ),
+    "RQ3": (
+        "One value per fine-tuned run of Study B: Δ entropy (%) and zero-shot retention "
+        "(accuracy over the pre-trained model's, CIFAR-100). The same Spearman rule as above: "
+        f"supported if ρ > 0 with p < {ALPHA}, contradicted if ρ < 0 with p < {ALPHA}."
+    ),
+}
+"""Rules of the matched-grid evidence (Study B) for the claims it can test."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +182,25 @@ def rq2_lora_preserves_better(full: Sequence[float], lora: Sequence[float]) -> V
     numbers.update(welch_t=result.welch_t, welch_p=result.welch_p, mwu_p=result.mwu_p)
     diff = result.mean_b - result.mean_a
     return _signed("RQ2", unit, len(a) + len(b), diff, result.welch_p, numbers, want=1)
+
+
+def rq2_matched_lora_preserves_better(full: Sequence[float], lora: Sequence[float]) -> Verdict:
+    """RQ2 from matched pairs: ``full[i]`` and ``lora[i]`` are the Δ entropy (%) of a Full FT
+    and a LoRA run with the same dataset, learning rate and seed. A pair missing either value
+    is left out."""
+    a, b = np.asarray(full, dtype=float), np.asarray(lora, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"need one LoRA value per Full FT value, got {a.shape} and {b.shape}")
+    keep = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[keep], b[keep]
+    unit = "matched pair (dataset, lr, seed)"
+    numbers = {"pairs": len(a), "mean_full": _mean(a), "mean_lora": _mean(b)}
+    if len(a) < MIN_GROUP or np.all(a == b):
+        reason = f"{len(a)} matched pairs" if len(a) < MIN_GROUP else "every pair is equal"
+        return Verdict("RQ2", INCONCLUSIVE, unit, len(a), numbers, reason)
+    test = paired(b, a)
+    numbers.update(diff=float((b - a).mean()), d_z=test.d_z, p=test.p)
+    return _signed("RQ2", unit, len(a), numbers["diff"], test.p, numbers, want=1)
 
 
 def rq3_collapse_tracks_zeroshot_loss(

@@ -12,6 +12,7 @@ missing is *inconclusive at this n* with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from pathlib import Path
@@ -20,7 +21,7 @@ import pandas as pd
 from IPython.display import Markdown
 from myst_nb import glue
 
-from collapse_utils.analysis import stat_tables, verdicts
+from collapse_utils.analysis import stat_tables, study_b, verdicts
 from collapse_utils.analysis.reproduction import (
     ReportNumbers,
     load_report_numbers,
@@ -42,9 +43,11 @@ from collapse_utils.config import (
     PARAMS_DIR,
     available_experiments,
     load_config,
+    load_family,
     profile_output_root,
 )
 from collapse_utils.families import (
+    REPORT_STUDY,
     comparison_ids,
     load_families,
     load_statistics_runs,
@@ -99,6 +102,8 @@ class StudyRuns:
         self.means = run_means(self.summary) if not self.summary.empty else pd.DataFrame()
         self.delta = per_layer_delta(self.trained) if self.trained else pd.DataFrame()
         self.reference = self.families[self.chosen.regularizers].reference
+        # Families of other designs (Study B), whose pages the matched evidence links to.
+        self.separate = [n for n, f in self.families.items() if f.study != REPORT_STUDY]
 
     def family_runs(self, family: str) -> list[str]:
         """A family's comparison runs (references first), run or not."""
@@ -126,6 +131,7 @@ class FindingsChapter:
                 self.numbers, study.reference, list(study.chosen.layer_anova)
             )
             self.build = self._build_verdicts()
+            self.matched = matched_verdicts(profile, params_dir)
             self._glue()
 
     # --- the build's evidence -----------------------------------------------------------------
@@ -205,6 +211,8 @@ class FindingsChapter:
             "RQ5_layers": [],
         }[claim]
         study = {"RQ3": [ZERO_SHOT, REPRODUCTION], "RQ4": [STATISTICS, REPRODUCTION]}
+        if claim in self.matched:
+            family_pages = [*family_pages, *self.study.separate]
         present = set(self.study.settings["family"])
         links = [
             doc_link(f"{families[f].notebook}/summary", families[f].title)
@@ -221,14 +229,19 @@ class FindingsChapter:
             ("The report's own numbers", self.report[claim]),
             (f"This build (`{self.profile}`)", self.build[claim]),
         ]
+        matched = self.matched.get(claim)
+        if matched is not None:
+            rows.append((f"Study B, matched grid (`{self.profile}`)", matched))
         table = "\n".join(
             f"| {who} | **{v.verdict}** | {evidence(v)} | {v.unit}, n = {v.n} |" for who, v in rows
         )
+        rule = f"*Rule.* {verdicts.RULES[claim]}"
+        if matched is not None:
+            rule += f"\n\n*Rule (Study B).* {verdicts.MATCHED_RULES[claim]}"
         return (
             f"**The report** ({section}): “{text}”\n\n"
             "| Numbers | Verdict | Evidence | Unit of analysis |\n| --- | --- | --- | --- |\n"
-            f"{table}\n\n"
-            f"*Rule.* {verdicts.RULES[claim]}\n\n"
+            f"{table}\n\n{rule}\n\n"
             f"Detail: {', '.join(self.links(claim))}."
         )
 
@@ -326,11 +339,39 @@ def _signed(value: float, unit: str = "%") -> str:
     return f"{value:+.2f} {unit}" if not math.isnan(value) else "missing"
 
 
+def matched_verdicts(profile: str, params_dir: Path | str = PARAMS_DIR) -> dict[str, Verdict]:
+    """RQ2 and RQ3 on the matched grid of Study B (families whose ``study`` is not the
+    report's): {} when none of its runs is complete."""
+    families = load_families(params_dir)
+    ids = {c.id for f in families.values() if f.study != REPORT_STUDY
+           for c in load_family(profile, f.name, params_dir)}  # fmt: skip
+    runs = [h for h in load_histories(profile_output_root(profile, params_dir)) if h.id in ids]
+    if not runs:
+        return {}
+    frame = study_b.grid_frame(run_summary(runs))
+    pairs = frame[frame["method"].isin(["full", "lora"])].pivot_table(
+        index=["dataset", "lr", "seed"], columns="method", values="d_entropy_pct"
+    )
+    pairs = pairs.reindex(columns=["full", "lora"])
+    retention = frame.get("retention_cifar100", pd.Series(float("nan"), index=frame.index))
+    rq3 = verdicts.rq3_collapse_tracks_zeroshot_loss(frame["d_entropy_pct"], retention - 1)
+    return {
+        "RQ2": verdicts.rq2_matched_lora_preserves_better(pairs["full"], pairs["lora"]),
+        "RQ3": dataclasses.replace(rq3, unit="Study B run (dataset, method, lr, seed)"),
+    }
+
+
 def evidence(v: Verdict) -> str:
     """The numbers a verdict rests on, as one phrase; the reason when no test could run."""
     x = v.numbers
     if v.reason:
         return f"not tested: {v.reason}"
+    if v.claim == "RQ2" and "pairs" in x:
+        return (
+            f"LoRA minus Full FT Δ entropy {_signed(x['diff'], 'points')} over {x['pairs']:.0f} "
+            f"matched pairs (Full FT {_signed(x['mean_full'])}, LoRA {_signed(x['mean_lora'])});"
+            f" paired t p = {format_p(x['p'])}, d_z = {x['d_z']:.2f}"
+        )
     if v.claim == "RQ1":
         return (
             f"mean Δ entropy {_signed(x['mean'])}, 95% bootstrap CI {_signed(x['ci_low'])} to "
