@@ -62,7 +62,8 @@ def run_summary(histories: Iterable[RunRecord]) -> pd.DataFrame:
     """One row per (run, seed).
 
     Columns: run, seed, family, method, dataset, lr, weight_decay, rank and targets (missing
-    unless method is ``lora``), freeze_layers, reg_kind, lam, best_acc, final_acc; for each
+    unless method is ``lora``), freeze_layers, reg_kind, lam, best_acc, final_acc, test_acc
+    (held-out test accuracy at the selected epoch; missing under the 'original' split); for each
     metric ``m``: ``m_0`` and ``m_f`` (layer mean at the first and final eval) and
     ``d_m_pct`` (their change in %); the representation signals against the pre-trained tower
     at the final eval, ``cka_mean_f`` and ``cka_last_f`` (linear CKA of the [CLS] tokens, mean
@@ -103,6 +104,7 @@ def _summary_row(h: RunRecord) -> dict[str, Any]:
         "lam": reg["lam"],
         "best_acc": h.best_val_acc,
         "final_acc": h.final_val_acc,
+        "test_acc": h.test_acc,
     }
     evals = h.evals
     for metric in METRICS:
