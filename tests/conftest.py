@@ -23,6 +23,20 @@ train: {method: full}
 """
 
 
+# Study B's design in miniature: two methods × two learning rates × two seeds, one epoch.
+TINY_GRID = """id: Bt
+family: study_b
+description: a tiny matched grid
+grid:
+  train.method: [full, lora]
+  train.lr: [1.0e-3, 1.0e-2]
+  seed: [7, 11]
+data: {dataset: eurosat, split: heldout}
+train: {epochs: 1}
+eval: {zeroshot_datasets: [cifar100, cifar10]}
+"""
+
+
 @pytest.fixture(scope="session")
 def tiny_spec() -> ModelSpec:
     return TINY
@@ -42,8 +56,8 @@ def pixels() -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def book(tmp_path_factory):
-    """A smoke book of a few configurations (``E9_broken`` fails on purpose) built once per
-    session with the real notebooks, warnings as errors: (paths, report)."""
+    """A smoke book of a few configurations (``E9_broken`` fails on purpose) and a tiny Study B
+    grid, built once per session with the real notebooks, warnings as errors: (paths, report)."""
     root = tmp_path_factory.mktemp("book")
     params = root / "params"
     shutil.copytree(PARAMS_DIR / "profiles", params / "profiles")
@@ -52,6 +66,7 @@ def book(tmp_path_factory):
     for i in BOOK_CONFIGS:
         shutil.copy(PARAMS_DIR / "experiments" / f"{i}.yaml", params / "experiments")
     (params / "experiments" / "E9_broken.yaml").write_text(BROKEN)
+    (params / "experiments" / "Bt.yaml").write_text(TINY_GRID)
     shutil.copytree(REPO / "book", root / "book", ignore=shutil.ignore_patterns("executed"))
     shutil.copy(REPO / "_config.yml", root / "_config.yml")
     paths = BookPaths(root=root, notebooks=REPO / "notebooks", params=params, book=root / "book")

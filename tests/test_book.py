@@ -55,3 +55,19 @@ def test_book_has_every_page_with_glued_numbers_and_the_smoke_banner(book):
     assert "not findings" in e2  # smoke banner / note
     assert "DatasetUnavailableError" in pages["broken"].read_text()
     assert "application/vnd.jupyter.widget-state+json" in pages["explore"].read_text()
+
+
+@pytest.mark.slow
+def test_study_b_pages_of_a_tiny_grid_fold_under_their_analysis(book):
+    paths, report = book
+    grid = [e for e in report.executed if e.family == "study_b"]
+    assert sorted(e.output.stem for e in grid if e.config_id) == sorted(
+        f"Bt_{m}_lr{lr}_s{s}" for m in ("full", "lora") for lr in ("1e-3", "1e-2") for s in (7, 11)
+    )
+    html = paths.root / "_build" / "html" / "book" / "executed" / "13_study_b"
+    summary = (html / "summary.html").read_text()
+    for text in ("Study B", "full FT minus LoRA at matched learning rate", "operating points"):
+        assert text in summary, text
+    assert "CKA to pre-trained" in summary and "Zero-shot retention CIFAR-10" in summary
+    toc = (paths.root / "_toc.yml").read_text()
+    assert "sections:" in toc and "Bt_lora_lr1e-2_s11" in toc
