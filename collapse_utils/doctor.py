@@ -56,6 +56,8 @@ SPLIT_IMAGES: dict[tuple[str, str, str], int] = {
     ("torchvision", "pets", "test"): 3669,
     ("torchvision", "cifar100", "pool"): 50000,
     ("torchvision", "cifar100", "test"): 10000,
+    ("torchvision", "cifar10", "pool"): 50000,
+    ("torchvision", "cifar10", "test"): 10000,
     ("torchvision", "flowers102", "pool"): 1020,
     ("torchvision", "flowers102", "test"): 6149,
     ("hf", "eurosat", "pool"): 21600,
@@ -64,10 +66,12 @@ SPLIT_IMAGES: dict[tuple[str, str, str], int] = {
     ("hf", "pets", "test"): 3669,
     ("hf", "cifar100", "pool"): 50000,
     ("hf", "cifar100", "test"): 10000,
+    ("hf", "cifar10", "pool"): 50000,
+    ("hf", "cifar10", "test"): 10000,
     ("hf", "flowers102", "pool"): 7169,
     ("hf", "flowers102", "test"): 1020,
 }
-CLASSES = {"eurosat": 10, "pets": 37, "cifar100": 100, "flowers102": 102}
+CLASSES = {"eurosat": 10, "pets": 37, "cifar100": 100, "cifar10": 10, "flowers102": 102}
 CUDA_OVERHEAD_BYTES = 2**30  # CUDA context, cuBLAS/cuDNN workspaces, allocator slack
 WEIGHT_FILES = (
     "model.safetensors",

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from collapse_utils.config import available_experiments, load_config
-from collapse_utils.training.labels import CIFAR100, EUROSAT, PETS
+from collapse_utils.training.labels import CIFAR10, CIFAR100, EUROSAT, PETS
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 # torchvision's EuroSAT class folders, in label order.
@@ -37,8 +37,13 @@ EUROSAT_FOLDERS = (
     "AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
     "PermanentCrop", "Residential", "River", "SeaLake",
 )  # fmt: skip
-# Images per class and split of each fake build: enough for a metric subset of 20 and a batch.
-PER_CLASS = {"eurosat": (4, 2), "pets": (2, 2), "cifar100": (1, 1), "flowers102": (1, 1)}
+# Images per class and split of each fake build: enough for a metric subset of 20 and a batch
+# (CIFAR-10 as EuroSAT: 10 classes, so it can be trained on as well as scored zero-shot).
+PER_CLASS = {
+    "eurosat": (4, 2), "pets": (2, 2), "cifar100": (1, 1), "cifar10": (4, 2), "flowers102": (1, 1),
+}  # fmt: skip
+# (image, label) columns of each build; the others use ("image", "label").
+HF_COLUMNS = {"cifar100": ("img", "fine_label"), "cifar10": ("img", "label")}
 
 
 class RehearsalError(RuntimeError):
@@ -117,10 +122,11 @@ def _hf_build(name: str, rng: np.random.Generator):
         "eurosat": list(EUROSAT),
         "pets": list(PETS),
         "cifar100": [n.replace(" ", "_") for n in CIFAR100],
+        "cifar10": list(CIFAR10),
         # The build names classes by their official numbers, sorted as text.
         "flowers102": sorted(str(i) for i in range(1, 103)),
     }[name]
-    image, label = ("img", "fine_label") if name == "cifar100" else ("image", "label")
+    image, label = HF_COLUMNS.get(name, ("image", "label"))
     splits = {}
     for split, per_class in zip(("train", "test"), PER_CLASS[name], strict=True):
         labels = [c for c in range(len(names)) for _ in range(per_class)]
@@ -172,14 +178,17 @@ def save_torchvision_layouts(data_root: Path, seed: int = 0) -> None:
 
 def build_fixtures(model_dir: Path, data_root: Path, seed: int = 0) -> None:
     """The model (``model_dir``) and datasets (``data_root``) of the rehearsal, built once: a
-    ``.complete`` marker in each records a finished build."""
+    ``.complete`` marker in each records a finished build (the data marker also lists the
+    builds, so a folder written before a dataset was added here is built again)."""
     if not (model_dir / ".complete").is_file():
         save_model(model_dir, seed)
         (model_dir / ".complete").write_text(json.dumps({"seed": seed}))
-    if not (data_root / ".complete").is_file():
+    marker = json.dumps({"seed": seed, "datasets": sorted(PER_CLASS)})
+    done = data_root / ".complete"
+    if not done.is_file() or done.read_text() != marker:
         save_hf_builds(data_root, seed)
         save_torchvision_layouts(data_root, seed)
-        (data_root / ".complete").write_text(json.dumps({"seed": seed}))
+        done.write_text(marker)
 
 
 def rehearse(

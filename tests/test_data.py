@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import io
+import pickle
 import shutil
 import socket
+import struct
 import urllib.error
 from pathlib import Path
 
@@ -133,6 +136,7 @@ def test_class_name_lists_have_the_dataset_sizes():
         "eurosat": 10,
         "pets": 37,
         "cifar100": 100,
+        "cifar10": 10,
         "flowers102": 102,
         "synthetic": 100,
     }
@@ -228,26 +232,98 @@ def test_unreachable_dataset_host_raises_our_error_and_leaves_no_folder(
     assert socket.getdefaulttimeout() is None  # … and the default is restored after
 
 
-def test_failed_download_removes_only_what_it_created(tmp_path, monkeypatch):
+# (dataset, torchvision class, its folder, its archive, a file inside the folder, another one)
+CIFARS = [
+    ("cifar100", "CIFAR100", "cifar-100-python", "cifar-100-python.tar.gz", "meta", "train"),
+    ("cifar10", "CIFAR10", "cifar-10-batches-py", "cifar-10-python.tar.gz", "batches.meta",
+     "data_batch_1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "cls", "folder", "archive", "old", "new"), CIFARS)
+def test_failed_download_removes_only_what_it_created(
+    tmp_path, monkeypatch, name, cls, folder, archive, old, new
+):
     torchvision = pytest.importorskip("torchvision")
     root = tmp_path / "data"
-    (root / "cifar-100-python").mkdir(parents=True)
-    (root / "cifar-100-python" / "meta").write_bytes(b"from before")
+    (root / folder).mkdir(parents=True)
+    (root / folder / old).write_bytes(b"from before")
     (root / "notes.txt").write_text("mine")
     error = urllib.error.URLError("no route to host")
-    download = _failing_download(lambda r: r / "cifar-100-python.tar.gz", error, [])
+    download = _failing_download(lambda r: r / archive, error, [])
 
     def download_and_partial_member(self) -> None:
-        (Path(self.root) / "cifar-100-python" / "train").write_bytes(b"partial")
+        (Path(self.root) / folder / new).write_bytes(b"partial")
         download(self)
 
-    monkeypatch.setattr(torchvision.datasets.CIFAR100, "download", download_and_partial_member)
-    data = DataSpec(dataset="cifar100", root=str(root), download=True)
-    with pytest.raises(DatasetUnavailableError, match="cifar100"):
-        load_test_set(data, "cifar100", seed=0)
+    monkeypatch.setattr(getattr(torchvision.datasets, cls), "download", download_and_partial_member)
+    data = DataSpec(dataset=name, root=str(root), download=True)
+    with pytest.raises(DatasetUnavailableError, match=name):
+        load_test_set(data, name, seed=0)
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == [
-        "cifar-100-python", "cifar-100-python/meta", "notes.txt",
+        folder, f"{folder}/{old}", "notes.txt",
     ]  # fmt: skip
+
+
+def test_missing_cifar10_offline_names_its_folder_and_fetch_command(tmp_path):
+    data = DataSpec(dataset="cifar10", root=str(tmp_path), download=False)
+    with pytest.raises(DatasetUnavailableError) as err:
+        load_test_set(data, "cifar10", seed=0)
+    message = str(err.value)
+    assert "'cifar10' (test) is not on disk" in message
+    assert str(tmp_path / "cifar-10-batches-py") in message
+    assert f"datasets.CIFAR10('{tmp_path}', download=True)" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 ``str`` (BINSTRING), as the CIFAR batches were pickled: keys read
+    back as b"data" by default and as "data" with ``encoding="latin1"`` (torchvision's)."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_bytes(self, obj: bytes) -> None:
+        self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+
+
+def _python2_pickle(obj) -> bytes:
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
+def _cifar10_batches(folder: Path, per_batch: int = 4) -> None:
+    """torchvision's cifar-10-batches-py in the real format: Python 2 pickles of dicts with
+    b"data", uint8 rows (N, 3072: the red, green, blue 32×32 planes), and b"labels", a list;
+    batches.meta has b"label_names". Only the contents are random (so the files' MD5s are not
+    the real ones)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for batch in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        entry = {b"batch_label": batch.encode(), b"labels": [i % 10 for i in range(per_batch)],
+                 b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"filenames": [f"{batch}_{i}.png".encode() for i in range(per_batch)]}  # fmt: skip
+        (folder / batch).write_bytes(_python2_pickle(entry))
+    names = [name.encode() for name in CLASS_NAMES["cifar10"]]
+    meta = {b"label_names": names, b"num_cases_per_batch": per_batch, b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(_python2_pickle(meta))
+
+
+def test_cifar10_folder_is_checked_by_md5_so_a_fake_is_refused_with_our_error(tmp_path):
+    # torchvision's CIFAR10 compares each batch file with the MD5 of the real one: a folder in
+    # the real layout and format but other pixels is refused, and the message says how to get
+    # the real files. (So no fake torchvision CIFAR-10 can be loaded without patching it.)
+    folder = tmp_path / "cifar-10-batches-py"
+    _cifar10_batches(folder)
+    assert torchvision_missing("cifar10", tmp_path) == []  # the layout is complete
+    data = DataSpec(dataset="cifar10", root=str(tmp_path), download=False)
+    with pytest.raises(DatasetUnavailableError, match="not found or corrupted") as err:
+        load_test_set(data, "cifar10", seed=0)
+    assert f"datasets.CIFAR10('{tmp_path}', download=True)" in str(err.value)
+    assert len(list(folder.iterdir())) == 7  # nothing that was there is removed
 
 
 def test_torchvision_layout_names_what_is_missing(tmp_path):
@@ -255,4 +331,11 @@ def test_torchvision_layout_names_what_is_missing(tmp_path):
     (tmp_path / "flowers-102" / "setid.mat").write_bytes(b"")
     assert torchvision_missing("flowers102", tmp_path) == [
         tmp_path.resolve() / "flowers-102" / "imagelabels.mat"
+    ]
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    for batch in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_5", "test_batch"):
+        (tmp_path / "cifar-10-batches-py" / batch).write_bytes(b"")
+    assert torchvision_missing("cifar10", tmp_path) == [
+        tmp_path.resolve() / "cifar-10-batches-py" / name
+        for name in ("data_batch_4", "batches.meta")
     ]

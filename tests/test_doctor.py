@@ -30,7 +30,8 @@ from collapse_utils.training.model import (
     prepare_for_training,
 )
 
-DATASETS = ("eurosat", "pets", "cifar100", "flowers102")
+# The report's datasets, all in the full profile; Study B's experiments add CIFAR-10 (zero-shot).
+REPORT_DATASETS = ("eurosat", "pets", "cifar100", "flowers102")
 BIG_GPU = GpuInfo("Fake GPU 80GB", 80 * 2**30, 79 * 2**30, bf16=True)
 Usage = namedtuple("Usage", "total used free")
 
@@ -58,6 +59,14 @@ def params(tmp_path) -> Path:
 
 def full_plan(params: Path):
     return doctor.load_plan("full", params)
+
+
+def plan_datasets(params: Path) -> list[str]:
+    """The datasets the full profile decodes: the report's four, and CIFAR-10 where params/
+    has experiments that score it."""
+    names = sorted({name for c in full_plan(params) for name, _ in doctor.dataset_needs(c)})
+    assert set(REPORT_DATASETS) <= set(names) <= {*REPORT_DATASETS, "cifar10"}
+    return names
 
 
 # --- the whole report ----------------------------------------------------------------------
@@ -90,11 +99,11 @@ def test_missing_model_and_each_missing_dataset_is_one_line_and_fails(
     assert len(model) == 1 and str(tmp_path / "models" / "clip") in model[0]
     assert ".save_pretrained(" in model[0]
     data = [line for line in fixes if line.split()[1] == "data"]
-    assert sorted(line.split()[2] for line in data) == sorted(DATASETS)
+    assert sorted(line.split()[2] for line in data) == plan_datasets(params)
     for line in data:
         folder = hf_folder(tmp_path / "data" / "hf", line.split()[2])
         assert f"--local-dir {folder}" in line and "hf download" in line
-    assert len(fixes) == 1 + len(DATASETS)
+    assert len(fixes) == 1 + len(data)
     assert out[-1] == f"doctor: {len(fixes)} problems (lines marked FIX)"
 
 
@@ -102,7 +111,7 @@ def test_model_in_a_folder_and_datasets_on_disk_or_decoded_pass(params, tmp_path
     CLIPModel(CLIPConfig()).config.save_pretrained(tmp_path / "models" / "clip")
     (tmp_path / "models" / "clip" / "model.safetensors").write_bytes(b"")
     root = tmp_path / "data"
-    for name in ("eurosat", "pets"):  # save_to_disk layout
+    for name in ("eurosat", "pets", "cifar10"):  # save_to_disk layout
         folder = hf_folder(root / "hf", name)
         folder.mkdir(parents=True)
         (folder / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
@@ -117,7 +126,7 @@ def test_model_in_a_folder_and_datasets_on_disk_or_decoded_pass(params, tmp_path
     cache.with_name(cache.name + ".sha256").write_text("0\n")
     checks = run_doctor("full", params, gpu=BIG_GPU, bench_file=tmp_path / "none.json")
     assert not doctor.problems(checks), doctor.report(checks)
-    assert len(lines(checks, "data")) == len(DATASETS)
+    assert len(lines(checks, "data")) == len(plan_datasets(params))
 
 
 def test_torchvision_source_lists_its_folders_and_fetch_command(params, tmp_path):
@@ -128,12 +137,52 @@ def test_torchvision_source_lists_its_folders_and_fetch_command(params, tmp_path
     (tmp_path / "data" / "eurosat" / "2750").mkdir(parents=True)
     checks = doctor.check_datasets(full_plan(params))
     missing = lines(checks, "data", ok=False)
-    assert sorted(m.split()[0] for m in missing) == ["cifar100", "flowers102", "pets"]
+    assert sorted(m.split()[0] for m in missing) == [
+        name for name in plan_datasets(params) if name != "eurosat"
+    ]
     root = tmp_path / "data"
     [cifar] = [m for m in missing if m.startswith("cifar100")]
     assert f"datasets.CIFAR100('{root}', download=True)" in cifar
     assert str(root / "cifar-100-python" / "test") in cifar
     assert lines(checks, "data", ok=True) == [f"eurosat (pool): torchvision in {root}"]
+
+
+@pytest.mark.parametrize("source", ["hf", "torchvision"])
+def test_cifar10_zero_shot_is_checked_fetched_and_sized_like_cifar100(params, tmp_path, source):
+    profile = params / "profiles" / "full.yaml"
+    raw = yaml.safe_load(profile.read_text())
+    raw["data"] |= {"source": source, "split": "heldout"}
+    raw["eval"]["zeroshot_datasets"] = ["cifar100", "cifar10"]
+    profile.write_text(yaml.safe_dump(raw))
+    configs = full_plan(params)
+    [cifar10] = [m for m in lines(doctor.check_datasets(configs), "data", ok=False)
+                 if m.split()[0] == "cifar10"]  # fmt: skip
+    root = tmp_path / "data"
+    if source == "hf":
+        folder = hf_folder(root / "hf", "cifar10")
+        assert f"hf download uoft-cs/cifar10 --repo-type dataset --local-dir {folder}" in cifar10
+    else:
+        assert f"datasets.CIFAR10('{root}', download=True)" in cifar10
+        assert str(root / "cifar-10-batches-py" / "test_batch") in cifar10
+    e2 = next(c for c in configs if c.id == "E2")
+    without = e2.with_overrides(eval={"zeroshot_datasets": ("cifar100",)})
+
+    def caches(config) -> int:
+        return sum(n.bytes for n in doctor.disk_needs([config], ClipSize()) if n.what == "caches")
+
+    assert caches(e2) - caches(without) == 10000 * 3 * 224 * 224  # CIFAR-10's test split
+    assert doctor.split_images(e2, "cifar10", "pool") == 50000
+
+
+def test_a_run_trained_on_cifar10_has_a_ten_class_head(params):
+    e2 = next(c for c in full_plan(params) if c.id == "E2")  # EuroSAT: 10 classes too
+    cifar10 = e2.with_overrides(data={"dataset": "cifar10"})
+    cifar100 = e2.with_overrides(data={"dataset": "cifar100"})
+    size = ClipSize()
+    total, trainable = doctor.parameter_counts(cifar10, size)
+    assert (total, trainable) == doctor.parameter_counts(e2, size)
+    head_of_90 = 90 * (size.projection_dim + 1)  # 90 more classes: weights and biases
+    assert doctor.parameter_counts(cifar100, size) == (total + head_of_90, trainable + head_of_90)
 
 
 def test_doctor_decodes_the_same_splits_as_prepare_datasets(params, monkeypatch):

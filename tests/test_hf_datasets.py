@@ -22,6 +22,8 @@ SIZE = 24
 
 # The real builds' features (names, kinds, label vocabularies) and split names.
 FLOWER_IDS = sorted(str(i) for i in range(1, 103))  # as text: '1', '10', '100', '101', …
+# uoft-cs/cifar10's label names (its card), written out here rather than read from labels.py.
+CIFAR10_NAMES = "airplane automobile bird cat deer dog frog horse ship truck".split()
 FAKE_BUILDS = {
     "eurosat": {
         "features": {
@@ -46,6 +48,13 @@ FAKE_BUILDS = {
                 names=[n.replace(" ", "_") for n in CLASS_NAMES["cifar100"]]
             ),
             "coarse_label": datasets.ClassLabel(names=[f"super_{i}" for i in range(20)]),
+        },
+        "splits": ("train", "test"),
+    },
+    "cifar10": {
+        "features": {
+            "img": datasets.Image(),
+            "label": datasets.ClassLabel(names=CIFAR10_NAMES),
         },
         "splits": ("train", "test"),
     },
@@ -133,6 +142,7 @@ def test_builds_are_the_originals_with_their_image_and_label_columns():
         "eurosat": ("tanganke/eurosat", "image", "label"),
         "pets": ("timm/oxford-iiit-pet", "image", "label"),
         "cifar100": ("uoft-cs/cifar100", "img", "fine_label"),
+        "cifar10": ("uoft-cs/cifar10", "img", "label"),
         "flowers102": ("nelorth/oxford-flowers", "image", "label"),
     }
     assert all({"train", "test"} <= set(b.splits) for b in HF_BUILDS.values())
@@ -244,6 +254,12 @@ def test_cifar100_readable_names_have_spaces_for_underscores(disk_root):
     names = load_hf_split("cifar100", "test", disk_root, SIZE).class_names
     assert names == CLASS_NAMES["cifar100"]
     assert names[1] == "aquarium fish"
+
+
+def test_cifar10_class_names_are_the_builds_in_label_order(disk_root):
+    names = load_hf_split("cifar10", "test", disk_root, SIZE).class_names
+    assert names == CLASS_NAMES["cifar10"]
+    assert (names[0], names[9]) == ("airplane", "truck")
 
 
 # --- the original metric subset -----------------------------------------------------------------

@@ -3,6 +3,7 @@ on them end to end with a full-size ViT-B/32."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from collapse_utils.rehearsal import (
     save_torchvision_layouts,
 )
 from collapse_utils.training.data import load_images, load_splits
-from collapse_utils.training.labels import FLOWERS102, PETS
+from collapse_utils.training.hf_datasets import hf_folder
+from collapse_utils.training.labels import CIFAR10, FLOWERS102, PETS
 
 
 def test_the_real_clip_tokenizer_is_rebuilt_from_its_bpe_file(tmp_path):
@@ -56,6 +58,28 @@ def test_hugging_face_builds_feed_the_original_split_protocol(data_root):
     assert flowers.class_names == tuple(FLOWERS102[int(n) - 1] for n in in_label_order)
     cifar = load_images(data, "cifar100", "test", seed=42)
     assert len(cifar) == 100 and "aquarium fish" in cifar.class_names
+
+
+def test_cifar10_build_can_be_trained_on_and_scored_zero_shot(data_root):
+    data = load_config("full", "E2").data
+    data = data.__class__(**{**data.__dict__, "root": str(data_root), "dataset": "cifar10",
+                             "metric_subset": 20})  # fmt: skip
+    splits = load_splits(data, seed=42)
+    train, test = PER_CLASS["cifar10"]
+    assert (len(splits.train), len(splits.val), len(splits.metric)) == (10 * train, 10 * test, 20)
+    assert splits.val.class_names == CIFAR10
+    assert torch.bincount(splits.train.labels).tolist() == [train] * 10
+
+
+def test_a_data_folder_built_before_a_dataset_was_added_is_built_again(tmp_path):
+    model, data = tmp_path / "model", tmp_path / "data"
+    model.mkdir()
+    (model / ".complete").write_text("{}")  # no model needed here
+    data.mkdir()
+    (data / ".complete").write_text(json.dumps({"seed": 0}))  # the marker before cifar10
+    build_fixtures(model, data)
+    assert (hf_folder(data / "hf", "cifar10") / "dataset_dict.json").is_file()
+    assert json.loads((data / ".complete").read_text())["datasets"] == sorted(PER_CLASS)
 
 
 def test_torchvision_layouts_load_with_the_torchvision_source(data_root):

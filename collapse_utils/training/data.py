@@ -174,6 +174,8 @@ def _torchvision_source(name: str, root: Path, split: str, download: bool):
         return datasets.OxfordIIITPet(root, split=pets_split, download=download)
     if name == "cifar100":
         return datasets.CIFAR100(root, train=split == "pool", download=download)
+    if name == "cifar10":
+        return datasets.CIFAR10(root, train=split == "pool", download=download)
     if name == "flowers102":
         return datasets.Flowers102(
             root, split="train" if split == "pool" else "test", download=download
@@ -181,17 +183,21 @@ def _torchvision_source(name: str, root: Path, split: str, download: bool):
     raise ValueError(f"unknown dataset {name!r}")
 
 
+_CIFAR10_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 # torchvision's folder of each dataset under ``data.root`` and what must be in it (its own
 # ``_check_exists``), and what its download writes beside that folder.
 TORCHVISION_LAYOUT: dict[str, tuple[str, tuple[str, ...]]] = {
     "eurosat": ("eurosat", ("2750",)),
     "pets": ("oxford-iiit-pet", ("images", "annotations/trainval.txt", "annotations/test.txt")),
     "cifar100": ("cifar-100-python", ("train", "test", "meta")),
+    "cifar10": ("cifar-10-batches-py", (*_CIFAR10_BATCHES, "test_batch", "batches.meta")),
     "flowers102": ("flowers-102", ("jpg", "imagelabels.mat", "setid.mat")),
 }
-_TORCHVISION_ARCHIVES = {"cifar100": ("cifar-100-python.tar.gz",)}
+_TORCHVISION_ARCHIVES = {
+    "cifar100": ("cifar-100-python.tar.gz",), "cifar10": ("cifar-10-python.tar.gz",),
+}  # fmt: skip
 _TORCHVISION_CLASSES = {
-    "eurosat": "EuroSAT", "pets": "OxfordIIITPet", "cifar100": "CIFAR100",
+    "eurosat": "EuroSAT", "pets": "OxfordIIITPet", "cifar100": "CIFAR100", "cifar10": "CIFAR10",
     "flowers102": "Flowers102",
 }  # fmt: skip
 # What a download that cannot reach its host raises: urllib's URLError, socket errors and

@@ -1,9 +1,10 @@
 """The original study's Hugging Face builds, read from a local folder, and its metric subset.
 
 The original study loads four Hugging Face builds with ``datasets.load_dataset`` and uses each
-build's own train/test splits (no split of ours). This module reads the same builds from disk only
-(no hub, no network) and returns them in this project's form: :class:`~data.ImageSet` with uint8
-images ``(N, 3, S, S)``, int64 labels ``(N,)`` and class names.
+build's own train/test splits (no split of ours); CIFAR-10 (``uoft-cs/cifar10``) is read the same
+way. This module reads the builds from disk only (no hub, no network) and returns them in this
+project's form: :class:`~data.ImageSet` with uint8 images ``(N, 3, S, S)``, int64 labels ``(N,)``
+and class names.
 
 Each build lives in its own folder ``<root>/<owner>__<name>`` (e.g. ``data/hf/tanganke__eurosat``)
 in either layout:
@@ -77,6 +78,8 @@ HF_BUILDS: dict[str, HFBuild] = {
     "pets": HFBuild("timm/oxford-iiit-pet", "image", "label", ("train", "test")),
     # img, fine_label (ClassLabel, 100), coarse_label (20); train 50,000 / test 10,000.
     "cifar100": HFBuild("uoft-cs/cifar100", "img", "fine_label", ("train", "test")),
+    # img, label (ClassLabel, 10: airplane … truck); train 50,000 / test 10,000.
+    "cifar10": HFBuild("uoft-cs/cifar10", "img", "label", ("train", "test")),
     # image, label (ClassLabel whose names are the official class numbers '1'…'102' as strings,
     # sorted as text: label 0 is class '1', label 1 is class '10'); train 7,169 / test 1,020.
     "flowers102": HFBuild("nelorth/oxford-flowers", "image", "label", ("train", "test")),
@@ -217,7 +220,7 @@ def load_hf_split(
     cache_dir: str | Path | None = None,
 ) -> ImageSet:
     """One split ('train', 'test', …) of the Hugging Face build of ``name`` ('eurosat', 'pets',
-    'cifar100', 'flowers102'), decoded from ``hf_folder(root, name)``.
+    'cifar100', 'cifar10', 'flowers102'), decoded from ``hf_folder(root, name)``.
 
     Returns an :class:`ImageSet`: images uint8 (N, 3, size, size) in the build's row order,
     labels int64 (N,), class names indexed by label (``class_names="readable"``: see

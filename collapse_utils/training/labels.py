@@ -33,6 +33,10 @@ CIFAR100 = tuple(
     tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split()
 )
 
+CIFAR10 = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+
 FLOWERS102 = (
     "pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea",
     "english marigold", "tiger lily", "moon orchid", "bird of paradise", "monkshood",
@@ -61,6 +65,7 @@ CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "eurosat": EUROSAT,
     "pets": PETS,
     "cifar100": CIFAR100,
+    "cifar10": CIFAR10,
     "flowers102": FLOWERS102,
     "synthetic": SYNTHETIC,
 }
