@@ -491,6 +491,18 @@ def profile_max_seeds(profile: str, params_dir: Path | str = PARAMS_DIR) -> int 
     return value
 
 
+def plan_runs(
+    profile: str, params_dir: Path | str = PARAMS_DIR, seeds: tuple[int, ...] | None = None
+) -> list[RunConfig]:
+    """Every run of the study: each configuration once per seed (its own seeds, or ``seeds``
+    for every configuration), all validated before anything runs; in id order, then seed."""
+    runs = []
+    for i in available_experiments(params_dir):
+        config = load_config(profile, i, params_dir)
+        runs += [config.with_seed(s) for s in seeds or config_seeds(profile, i, params_dir)]
+    return runs
+
+
 def run_name(config: RunConfig, several_seeds: bool) -> str:
     """A run's readable name: the id, with ``_s<seed>`` when its configuration has several."""
     return f"{config.id}_s{config.seed}" if several_seeds else config.id

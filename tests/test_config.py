@@ -13,6 +13,7 @@ from collapse_utils.config import (
     config_seeds,
     load_config,
     load_family,
+    plan_runs,
     profile_output_root,
 )
 
@@ -300,3 +301,13 @@ def test_bad_max_seeds_names_the_profile(tmp_path: Path):
     smoke.write_text(smoke.read_text().replace("max_seeds: 2", "max_seeds: 0"))
     with pytest.raises(ConfigError, match="smoke.yaml: field 'max_seeds' must be an integer"):
         config_seeds("smoke", "S", params)
+
+
+def test_the_study_plans_every_configuration_once_per_seed():
+    full = plan_runs("full")
+    study_b = [c for c in full if c.family == "study_b"]
+    assert len(study_b) == 66  # study2's ViT-B/32 design: 48 + 6 linear probe + 12 last block
+    assert len(full) == 23 + 66
+    assert len(plan_runs("smoke")) == 23 + 44  # two seeds each under smoke's max_seeds
+    assert {c.seed for c in plan_runs("smoke", seeds=(1, 2))} == {1, 2}
+    assert len({(c.id, c.seed) for c in full}) == len(full)
