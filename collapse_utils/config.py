@@ -162,8 +162,6 @@ class EvalSpec:
     # Representation signals at every snapshot: linear CKA per layer of the [CLS] features and
     # embedding drift against the pre-trained tower, relative weight drift of the vision tower.
     representation: bool = True
-    # Zero-shot also after the first epoch (an early signal of forgetting), not only at the end.
-    zeroshot_epoch1: bool = False
 
 
 @dataclass(frozen=True)
