@@ -211,11 +211,17 @@ class RunConfig:
     def with_overrides(self, **changes: Any) -> RunConfig:
         """A validated copy with top-level fields or whole-section dicts replaced, e.g.
         ``config.with_overrides(output_root="/tmp/x", train={"epochs": 1})``."""
-        values = {}
+        values, where = {}, Path("<overrides>")
         for key, value in changes.items():
             current = getattr(self, key)
-            is_section = dataclasses.is_dataclass(current) and isinstance(value, dict)
-            values[key] = dataclasses.replace(current, **value) if is_section else value
+            if dataclasses.is_dataclass(current) and isinstance(value, dict):
+                hints = _hints(type(current))
+                unknown = sorted(set(value) - set(hints))
+                if unknown:
+                    raise ConfigError(f"{where}: unknown field(s) {unknown} of {key!r}")
+                typed = {k: _check_type(v, hints[k], f"{key}.{k}", where) for k, v in value.items()}
+                value = dataclasses.replace(current, **typed)
+            values[key] = value
         config = _resolve_paths(dataclasses.replace(self, **values), REPO_ROOT)
         _validate(config, {}, Path("<overrides>"))
         return config

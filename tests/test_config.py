@@ -311,3 +311,12 @@ def test_the_study_plans_every_configuration_once_per_seed():
     assert len(plan_runs("smoke")) == 23 + 44  # two seeds each under smoke's max_seeds
     assert {c.seed for c in plan_runs("smoke", seeds=(1, 2))} == {1, 2}
     assert len({(c.id, c.seed) for c in full}) == len(full)
+
+
+def test_overrides_are_typed_like_params_files():
+    config = load_config("smoke", "E2").with_overrides(
+        eval={"zeroshot_datasets": ["cifar100", "cifar10"]}, train={"lr": "1e-4"}
+    )
+    assert config.eval.zeroshot_datasets == ("cifar100", "cifar10") and config.train.lr == 1e-4
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['speed'\] of 'train'"):
+        load_config("smoke", "E2").with_overrides(train={"speed": 1})
