@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, get_cosine_schedule_with_warmup
 
-from collapse_utils.config import REPO_ROOT, RegSpec, TrainSpec, available_experiments, load_config
+from collapse_utils.config import REPO_ROOT, RegSpec, TrainSpec, load_config, plan_runs
 from collapse_utils.measurement.metrics import layer_metrics
 from collapse_utils.storage import write_json
 from collapse_utils.training.data import image_to_uint8, normalize, synthetic_images
@@ -73,7 +73,7 @@ PEAK_FLOPS = (
 # images); Pets uses its 3 680-image trainval split. Test sets for zero-shot; EuroSAT's is its
 # val split.
 POOL_SIZES = {"eurosat": 27000, "pets": 3680}
-TEST_SIZES = {"cifar100": 10000, "flowers102": 6149, "pets": 3669}
+TEST_SIZES = {"cifar100": 10000, "cifar10": 10000, "flowers102": 6149, "pets": 3669}
 # Training-step variants of our path: (name, regularizer).
 OUR_STEPS = (
     ("ours", RegSpec()),
@@ -98,8 +98,7 @@ def study_workload(profile: str = "full") -> dict[str, Any]:
     work = {"profile": profile, "runs": 0, "trained_runs": 0, "train_images": train}
     work |= {"snapshots": 0, "eval_images": 0, "reference_images": 0}
     zeroshot_sets: dict[str, int] = {}
-    for experiment in available_experiments():
-        c = load_config(profile, experiment)
+    for c in plan_runs(profile):  # every configuration once per seed
         pool = POOL_SIZES[c.data.dataset]
         n_val = round(pool * c.data.val_fraction)
         n_train = pool - n_val

@@ -40,9 +40,8 @@ from collapse_utils.config import (
     REPO_ROOT,
     ModelSpec,
     RunConfig,
-    available_experiments,
-    load_config,
     local_model_folder,
+    plan_runs,
 )
 
 BENCH_FILE = REPO_ROOT / "outputs" / "bench" / "latest.json"
@@ -102,8 +101,8 @@ def resolve(path: str | Path) -> Path:
 
 
 def load_plan(profile: str, params_dir: Path | str = PARAMS_DIR) -> list[RunConfig]:
-    """Every experiment of ``params_dir`` under ``profile``, in id order."""
-    return [load_config(profile, i, params_dir) for i in available_experiments(Path(params_dir))]
+    """Every run of ``params_dir`` under ``profile``: each configuration once per seed."""
+    return plan_runs(profile, params_dir)
 
 
 # --- model ---------------------------------------------------------------------------------

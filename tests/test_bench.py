@@ -6,7 +6,7 @@ import math
 import torch
 
 import bench
-from collapse_utils.config import available_experiments, load_config
+from collapse_utils.config import available_experiments, plan_runs
 from collapse_utils.storage import verify
 
 
@@ -60,7 +60,8 @@ def test_quick_cpu_benchmark_writes_well_formed_json(tmp_path, capsys):
 
 def test_study_workload_is_epochs_times_train_split_of_every_trained_run():
     work = bench.study_workload("full")
-    configs = [load_config("full", i) for i in available_experiments()]
+    configs = plan_runs("full")  # every configuration once per seed
+    assert len(configs) > len(available_experiments())
     trained = [c for c in configs if c.train.method != "none"]
     expected = sum(
         c.train.epochs * round(bench.POOL_SIZES[c.data.dataset] * (1 - c.data.val_fraction))
