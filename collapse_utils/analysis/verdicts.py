@@ -184,15 +184,23 @@ def rq2_lora_preserves_better(full: Sequence[float], lora: Sequence[float]) -> V
     return _signed("RQ2", unit, len(a) + len(b), diff, result.welch_p, numbers, want=1)
 
 
+def _complete_pairs(
+    x: Sequence[float], y: Sequence[float], need: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` and ``y`` as float arrays without the pairs where either is NaN; ``need`` says
+    what a shape mismatch lacks."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"need {need}, got {a.shape} and {b.shape}")
+    keep = ~(np.isnan(a) | np.isnan(b))
+    return a[keep], b[keep]
+
+
 def rq2_matched_lora_preserves_better(full: Sequence[float], lora: Sequence[float]) -> Verdict:
     """RQ2 from matched pairs: ``full[i]`` and ``lora[i]`` are the Δ entropy (%) of a Full FT
     and a LoRA run with the same dataset, learning rate and seed. A pair missing either value
     is left out."""
-    a, b = np.asarray(full, dtype=float), np.asarray(lora, dtype=float)
-    if a.shape != b.shape:
-        raise ValueError(f"need one LoRA value per Full FT value, got {a.shape} and {b.shape}")
-    keep = ~(np.isnan(a) | np.isnan(b))
-    a, b = a[keep], b[keep]
+    a, b = _complete_pairs(full, lora, "one LoRA value per Full FT value")
     unit = "matched pair (dataset, lr, seed)"
     numbers = {"pairs": len(a), "mean_full": _mean(a), "mean_lora": _mean(b)}
     if len(a) < MIN_GROUP or np.all(a == b):
@@ -208,11 +216,7 @@ def rq3_collapse_tracks_zeroshot_loss(
 ) -> Verdict:
     """RQ3 from each fine-tuned run's Δ entropy (%) and change in zero-shot accuracy (any unit;
     negative: accuracy lost). A run missing either value is left out."""
-    x, y = np.asarray(d_entropy, dtype=float), np.asarray(zeroshot_change, dtype=float)
-    if x.shape != y.shape:
-        raise ValueError(f"need one zero-shot change per run, got {x.shape} and {y.shape}")
-    keep = ~(np.isnan(x) | np.isnan(y))
-    x, y = x[keep], y[keep]
+    x, y = _complete_pairs(d_entropy, zeroshot_change, "one zero-shot change per run")
     unit = "fine-tuned run"
     reason = ""
     if len(x) < MIN_CORRELATION:
