@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -610,9 +611,15 @@ def _check_name(name: str, what: str) -> None:
 
 
 def read_params_yaml(path: Path) -> Any:
-    """A params file's YAML (UTF-8, no key given twice); :class:`ConfigError` names the file."""
+    """A params file's YAML (UTF-8, no key given twice); :class:`ConfigError` names the file.
+    Each text is parsed once (pages load every configuration many times)."""
+    return copy.deepcopy(_parse_params_yaml(Path(path), Path(path).read_bytes()))
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_params_yaml(path: Path, data: bytes) -> Any:
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        return yaml.load(data.decode("utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     except yaml.YAMLError as err:
