@@ -1,5 +1,5 @@
 # `make test`, `make book` and `make lab` create .venv on first use and install the package with
-# its extras (dev: tests and lint; lab: JupyterLab with the ipywidgets extension).
+# its extras (dev: tests and lint; lab: JupyterLab with the ipywidgets extension; cluster: Ray).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,7 +12,7 @@ LAB_ARGS ?=
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,lab]"
+	$(BIN)/python -m pip install -q -e ".[dev,lab,cluster]"
 	# Only for its CLIP BPE vocabulary (the rehearsal's real tokenizer): no dependencies.
 	$(BIN)/python -m pip install -q --no-deps "open_clip_torch>=2.20"
 	touch $@

@@ -1,5 +1,5 @@
 """``python -m collapse_utils run --profile smoke|full [--only IDS] [--jobs N] [--seeds S,S]
-[--no-build]``;
+[--gpus auto|N|0,1,…] [--ray [ADDRESS]] [--no-build]``;
 ``python -m collapse_utils doctor --profile full [--jobs N] [--allow-cpu]`` (preflight, see
 doctor.py); ``python -m collapse_utils rehearse [--only IDS] [--no-build]`` (the full profile's
 code path on full-size fixtures, see rehearsal.py)."""
@@ -38,6 +38,23 @@ def parser() -> argparse.ArgumentParser:
         metavar="S,S,…",
         help="run every configuration with these seeds instead of its own (params seeds:)",
     )
+    r.add_argument(
+        "--gpus",
+        type=_gpus,
+        metavar="auto|N|0,1,…",
+        help="one training page per GPU at a time, each kernel seeing only its GPU: every "
+        "visible GPU (auto), the first N, or these device ids; --jobs pages at a time for the "
+        "rest, and for everything where auto finds no GPU",
+    )
+    r.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run every notebook as a Ray task (training pages with num_gpus=1) on a new local "
+        "Ray instance, or on the cluster at ADDRESS (auto: the one `ray start` or RAY_ADDRESS "
+        "names); outputs/ and book/executed/ must be on a filesystem every node shares",
+    )
     h = sub.add_parser(
         "rehearse",
         help="build full-size fixtures, check them with doctor, then run the rehearsal book",
@@ -74,8 +91,29 @@ def _execution_options(p: argparse.ArgumentParser) -> None:
         help="run only these experiment ids (comma or space separated) and their families' "
         "summaries; other pages stay as they are",
     )
-    p.add_argument("--jobs", type=_positive, default=1, help="parallel executions (default 1)")
+    p.add_argument("--jobs", type=_positive, help="parallel executions (default 1)")
     p.add_argument("--no-build", action="store_true", help="execute and write the toc only")
+
+
+def _gpus(text: str) -> str | tuple[str, ...]:
+    from collapse_utils.book.dispatch import parse_gpus
+
+    try:
+        return parse_gpus(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _check_dispatch(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--ray schedules by the cluster's resources: --jobs and --gpus have no meaning there."""
+    if getattr(args, "ray", None) is not None:
+        for option in ("jobs", "gpus"):
+            if getattr(args, option) is not None:
+                p.error(
+                    f"argument --ray: not allowed with --{option} (Ray runs as many notebooks "
+                    "as the cluster has CPUs and GPUs; declare them with `ray start`)"
+                )
+    args.jobs = args.jobs or 1
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -101,12 +139,15 @@ def doctor(profile: str, jobs: int, allow_cpu: bool = False) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
+    if args.command != "doctor":
+        _check_dispatch(p, args)
     if args.command == "doctor":
         try:
             return doctor(args.profile, args.jobs, args.allow_cpu)
         except ConfigError as err:
             p.error(str(err))
     # Imported here: the runner imports torch, which `doctor` on a CPU profile never needs.
+    from collapse_utils.book.dispatch import DispatchError
     from collapse_utils.book.runner import RunnerError, run_book
     from collapse_utils.rehearsal import RehearsalError, rehearse
     from collapse_utils.storage import LockedError
@@ -118,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             report = rehearse(only=only, jobs=args.jobs, build=not args.no_build, check=check)
         else:
             report = run_book(args.profile, only=only, jobs=args.jobs, build=not args.no_build,
-                              force=args.force, seeds=args.seeds)  # fmt: skip
-    except (RunnerError, ConfigError, LockedError, RehearsalError) as err:
+                              force=args.force, seeds=args.seeds, gpus=args.gpus,
+                              ray=args.ray)  # fmt: skip
+    except (RunnerError, ConfigError, LockedError, RehearsalError, DispatchError) as err:
         p.error(str(err))
     return 0 if report is not None and report.ok else 1
 

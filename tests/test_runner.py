@@ -78,7 +78,7 @@ class FakeExecutor:
     def __init__(self):
         self.calls: list[str] = []
 
-    def __call__(self, execution, cwd):
+    def __call__(self, execution, cwd, env):
         nbformat.write(nbformat.read(execution.source, as_version=4), execution.output)
         self.calls.append(execution.name)
         return None

@@ -31,11 +31,10 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from multiprocessing import get_context
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,13 @@ import nbformat
 import yaml
 from tqdm import tqdm
 
+from collapse_utils.book.dispatch import (
+    LocalSlots,
+    RayCluster,
+    Work,
+    kernel_manager_with,
+    resolve_gpus,
+)
 from collapse_utils.config import (
     PARAMS_DIR,
     PARAMS_ENV,
@@ -57,8 +63,8 @@ from collapse_utils.config import (
     run_name,
 )
 from collapse_utils.families import load_families
-from collapse_utils.run_record import find_runs
-from collapse_utils.storage import locked
+from collapse_utils.run_record import RunFiles, find_runs
+from collapse_utils.storage import LockedError, locked
 from collapse_utils.training.data import prepare_datasets
 
 KERNEL = "python3"
@@ -326,7 +332,8 @@ def is_current(execution: Execution) -> bool:
 
 
 def _stamp_output(execution: Execution, error: str | None) -> None:
-    """Stamp the output with key and status; write a stub page if a failure left none."""
+    """Stamp the output with key and status; write a stub page if a failure left none. The
+    stamped page replaces the output at once (:func:`_write_page`)."""
     if error is not None and not execution.output.exists():
         nb = nbformat.v4.new_notebook()
         nb.cells.append(nbformat.v4.new_markdown_cell(f"# {execution.title}"))
@@ -335,42 +342,103 @@ def _stamp_output(execution: Execution, error: str | None) -> None:
                 f"```{{error}}\nThis notebook failed before papermill saved it:\n\n{error}\n```"
             )
         )
-        nbformat.write(nb, execution.output)
-    nb = nbformat.read(execution.output, as_version=4)
+    else:
+        nb = nbformat.read(execution.output, as_version=4)
     nb.metadata[METADATA_KEY] = {
         "key": execution.current_key(),
         "status": "ok" if error is None else "failed",
         "error": error,
         "parameters": execution.parameters,
     }
-    nbformat.write(nb, execution.output)
+    _write_page(nb, execution.output)
+
+
+def partial_path(output: Path) -> Path:
+    """Where a page is written before it replaces ``output`` (hidden from the book; one name per
+    page, so a re-run after a killed one overwrites what it left)."""
+    return output.with_name(f".{output.stem}.partial.ipynb")
+
+
+def _write_page(nb: nbformat.NotebookNode, output: Path) -> None:
+    partial = partial_path(output)
+    nbformat.write(nb, partial)
+    os.replace(partial, output)
 
 
 # --- execution ------------------------------------------------------------------------------
 
-Executor = Callable[[Execution, Path], "str | None"]
+# (execution, working directory, variables added to the kernel's environment) → error or None
+Executor = Callable[[Execution, Path, Mapping[str, str]], "str | None"]
+# Cross-study notebooks that run models (the WiSE-FT path measures checkpoints): like training
+# pages they get a GPU of their own under --gpus and --ray.
+GPU_NOTEBOOKS = ("11_interpolation",)
+RUN_LOCK_WAIT_S = 30.0  # see _wait_for_run_folder
 
 
-def papermill_execute(execution: Execution, cwd: Path) -> str | None:
-    """Run one notebook with papermill in ``cwd``; return ``None`` or a one-line error."""
+def needs_gpu(execution: Execution) -> bool:
+    """Whether ``execution`` runs a model: a training page or a :data:`GPU_NOTEBOOKS` page."""
+    return execution.phase == "config" or execution.source.stem in GPU_NOTEBOOKS
+
+
+def papermill_execute(execution: Execution, cwd: Path, env: Mapping[str, str]) -> str | None:
+    """Run one notebook with papermill in ``cwd``, its kernel's environment this process's plus
+    ``env``; return ``None`` or a one-line error. Papermill saves the notebook as it goes into
+    :func:`partial_path`, which replaces the output at the end (also after a failure, so the
+    page shows the error): a killed execution never leaves a half-written page."""
     import papermill
 
+    partial = partial_path(execution.output)
     try:
         papermill.execute_notebook(
             execution.source,
-            execution.output,
+            partial,
             parameters=execution.parameters,
             kernel_name=KERNEL,
             cwd=cwd,
             progress_bar=False,
             extra_arguments=_KERNEL_ARGS,
             execution_timeout=CELL_TIMEOUT_S.get(execution.parameters["profile"], 4 * 3600),
+            kernel_manager_class=kernel_manager_with(env),
         )
     except papermill.PapermillExecutionError as err:
         return f"{err.ename}: {err.evalue} (cell [{err.exec_count}])"
     except Exception as err:  # any failure is reported at the end; the other runs go on
         return f"{type(err).__name__}: {err}"
+    finally:
+        if partial.exists():
+            os.replace(partial, execution.output)
     return None
+
+
+def _wait_for_run_folder(execution: Execution, env: Mapping[str, str]) -> None:
+    """Wait up to :data:`RUN_LOCK_WAIT_S` while another process holds the run folder's lock of a
+    training page. A retried execution (its Ray worker killed) can start while the killed
+    one's kernel is still exiting: ipykernel notices within a second that its parent died, and
+    holds the lock until then. A lock still held afterwards fails the page as before."""
+    if not execution.config_id or PARAMS_ENV not in env:
+        return
+    profile, seed = execution.parameters["profile"], execution.parameters.get("seed")
+    run = RunFiles(load_config(profile, execution.config_id, env[PARAMS_ENV], seed=seed).run_dir)
+    deadline = time.monotonic() + RUN_LOCK_WAIT_S
+    while (run.run_dir / ".lock").exists():
+        try:
+            with run.locked():
+                return
+        except LockedError:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.5)
+
+
+def execute_and_stamp(
+    execution: Execution, env: Mapping[str, str], cwd: Path, executor: Executor
+) -> str | None:
+    """One execution where it runs (this process, a pool worker, a Ray worker): the executor,
+    then the stamp, so a finished execution leaves a complete, stamped page."""
+    _wait_for_run_folder(execution, env)
+    error = executor(execution, cwd, env)
+    _stamp_output(execution, error)
+    return error
 
 
 def execute_plan(
@@ -380,16 +448,22 @@ def execute_plan(
     force: bool = False,
     executor: Executor = papermill_execute,
     report: Report | None = None,
+    env: Mapping[str, str] | None = None,
+    gpus: Sequence[str] = (),
+    ray: str | None = None,
+    shared: Sequence[Path] = (),
 ) -> Report:
-    """Run ``selected`` phase by phase, ``jobs`` at a time, skipping current outputs."""
+    """Run ``selected`` phase by phase, skipping current outputs, each kernel with ``env`` added
+    to its environment. Here: ``jobs`` at a time, plus one per device of ``gpus`` for the pages
+    that run a model (:func:`needs_gpu`). With ``ray`` (an address, ``auto`` or ``local``): as
+    Ray tasks, after checking that every node sees the ``shared`` folders. See
+    :mod:`collapse_utils.book.dispatch`."""
     report = report or Report()
-    pool = (
-        ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) if jobs > 1 else None
-    )
-    bar = tqdm(total=len(selected), unit="notebook", desc="notebooks", dynamic_ncols=True)
+    dispatcher = RayCluster(ray, shared) if ray is not None else LocalSlots(jobs, gpus)
 
     def done(execution: Execution, error: str | None) -> None:
-        _stamp_output(execution, error)
+        if error is not None and stamp_of(execution.output).get("status") != "failed":
+            _stamp_output(execution, error)  # its process died before it could stamp it
         if error is None:
             report.executed.append(execution)
         else:
@@ -398,33 +472,24 @@ def execute_plan(
         bar.set_postfix_str(execution.name)
         bar.update()
 
-    try:
-        for phase in PHASES:
-            todo = []
-            for e in (e for e in selected if e.phase == phase):
-                if not force and is_current(e):
-                    report.skipped.append(e)
-                    bar.update()
-                else:
-                    e.output.parent.mkdir(parents=True, exist_ok=True)
-                    e.output.unlink(missing_ok=True)  # a failure must not leave an old page
-                    todo.append(e)
-            if pool is None:
-                for e in todo:
-                    bar.set_postfix_str(f"running {e.name}")
-                    done(e, executor(e, cwd))
-                continue
-            futures: dict[Future, Execution] = {pool.submit(executor, e, cwd): e for e in todo}
-            for future in as_completed(futures):
-                try:
-                    error = future.result()
-                except Exception as err:  # a worker process died; report it like a failure
-                    error = f"{type(err).__name__}: {err}"
-                done(futures[future], error)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+    job = partial(execute_and_stamp, cwd=cwd, executor=executor)
+    work = Work(job=job, env=dict(env or {}), needs_gpu=needs_gpu, done=done)
+    with dispatcher:
+        bar = tqdm(total=len(selected), unit="notebook", desc="notebooks", dynamic_ncols=True)
+        try:
+            for phase in PHASES:
+                todo = []
+                for e in (e for e in selected if e.phase == phase):
+                    if not force and is_current(e):
+                        report.skipped.append(e)
+                        bar.update()
+                    else:
+                        e.output.parent.mkdir(parents=True, exist_ok=True)
+                        e.output.unlink(missing_ok=True)  # a failure must not leave an old page
+                        todo.append(e)
+                dispatcher.run(todo, work)
+        finally:
+            bar.close()
     return report
 
 
@@ -599,24 +664,15 @@ def build_book(profile: str, paths: BookPaths) -> int:
     return subprocess.run(command, cwd=paths.root, check=False).returncode
 
 
-@contextmanager
-def _kernel_environment(paths: BookPaths, jobs: int) -> Iterator[None]:
-    """Environment the kernels inherit while executing: the params folder their load_config
-    reads, a share of the cores per parallel kernel, and no tqdm bars (a saved page would keep
-    an empty progress widget). Restored afterwards."""
-    saved = {name: os.environ.get(name) for name in (PARAMS_ENV, "OMP_NUM_THREADS", "TQDM_DISABLE")}
-    os.environ[PARAMS_ENV] = str(paths.params.resolve())
-    os.environ["TQDM_DISABLE"] = "1"
-    if saved["OMP_NUM_THREADS"] is None:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+def kernel_environment(paths: BookPaths, parallel: int | None) -> dict[str, str]:
+    """Variables every kernel gets added to its environment: the params folder its load_config
+    reads, no tqdm bars (a saved page would keep an empty progress widget), and unless set
+    here, a share of the cores per kernel running at once (``parallel``; ``None``: Ray gives
+    each task its own count)."""
+    env = {PARAMS_ENV: str(paths.params.resolve()), "TQDM_DISABLE": "1"}
+    if parallel is not None and os.environ.get("OMP_NUM_THREADS") is None:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    return env
 
 
 def run_book(
@@ -628,29 +684,42 @@ def run_book(
     force: bool = False,
     executor: Executor = papermill_execute,
     seeds: Sequence[int] | None = None,
+    gpus: str | Sequence[str] | None = None,
+    ray: str | None = None,
 ) -> Report:
     """Plan, execute, write the toc and (``build``) the book; print what failed. ``seeds``
-    overrides every configuration's seeds. One runner per profile at a time: a second one
-    raises :class:`~collapse_utils.storage.LockedError`."""
+    overrides every configuration's seeds. ``gpus`` (``auto``, ``N``, device ids; see
+    :func:`~collapse_utils.book.dispatch.parse_gpus`): one kernel per GPU for the pages that run
+    a model, ``jobs`` at a time for the others (and for all of them where there is no GPU).
+    ``ray`` (``local``, ``auto``, an address): every execution as a Ray task instead. One runner
+    per profile at a time: a second one raises :class:`~collapse_utils.storage.LockedError`."""
     paths = paths or BookPaths.repo()
     output_root = profile_output_root(profile, paths.params)
     output_root.mkdir(parents=True, exist_ok=True)
     with locked(output_root / ".runner.lock", f"the {profile} book runner ({output_root})"):
-        return _run_book(profile, paths, only, jobs, build, force, executor, seeds)
+        return _run_book(profile, paths, only, jobs, build, force, executor, seeds, gpus, ray)
 
 
-def _run_book(profile, paths, only, jobs, build, force, executor, seeds) -> Report:
+def _run_book(profile, paths, only, jobs, build, force, executor, seeds, gpus, ray) -> Report:
     plan = build_plan(profile, paths, seeds)
     if only:
         check_ids(only, plan)
     selected = select_executions(plan, only)
-    if jobs > 1:
+    if ray is not None and gpus is not None:
+        raise RunnerError("gpus and ray exclude each other: Ray assigns the cluster's GPUs")
+    devices = resolve_gpus(gpus)
+    if gpus is not None and not devices:
+        print(f"note: no GPU found; running {jobs} notebook(s) at a time (--jobs)")
+    if ray is not None or jobs > 1 or len(devices) > 1:
         # Parallel runs must not download or decode the same dataset at once.
         configs = [load_config(profile, e.config_id, paths.params) for e in selected if e.config_id]
         for problem in prepare_datasets(configs):
             print(f"data: {problem}", file=sys.stderr)
-    with _kernel_environment(paths, jobs):
-        report = execute_plan(selected, paths.root, jobs, force, executor)
+    env = kernel_environment(paths, None if ray is not None else jobs + len(devices))
+    shared = (profile_output_root(profile, paths.params), paths.executed)
+    report = execute_plan(
+        selected, paths.root, jobs, force, executor, env=env, gpus=devices, ray=ray, shared=shared
+    )
     dress_pages(plan, paths)
     write_toc(plan, paths)
     if build:
