@@ -271,7 +271,10 @@ class RayCluster:
             ) from None
         if not ray.is_initialized():
             local = {"include_dashboard": False} if self.address == "local" else {}
-            ray.init(self.address, log_to_driver=False, logging_level="WARNING", **local)
+            try:
+                ray.init(self.address, log_to_driver=False, logging_level="WARNING", **local)
+            except (ConnectionError, ValueError, RuntimeError) as err:
+                raise DispatchError(f"--ray {self.address}: {_error_of(err)}") from err
             self._started = True
         try:
             self._gpus = ray.cluster_resources().get("GPU", 0) >= 1
