@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 import random
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
@@ -74,8 +74,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape a run; "not installed" for one imported from a
+    checkout on the path instead (a run must not fail for want of package metadata)."""
     names = ("torch", "torchvision", "transformers", "peft", "collapse_utils")
-    return {name: version(name) for name in names} | {"python": platform.python_version()}
+    return {name: _version(name) for name in names} | {"python": platform.python_version()}
+
+
+def _version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def device_name(device: torch.device) -> str:
