@@ -54,10 +54,9 @@ from collapse_utils.config import (
     PARAMS_ENV,
     REPO_ROOT,
     RunConfig,
-    available_experiments,
-    config_seeds,
     experiment_files,
     load_config,
+    plan_runs,
     profile_about,
     profile_output_root,
     run_name,
@@ -203,17 +202,6 @@ def execution_key(source: Path, profile: str, configs: Iterable[RunConfig]) -> s
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
-def plan_configs(profile: str, params: Path, seeds: Sequence[int] | None = None) -> list[RunConfig]:
-    """Every run of the study: each configuration once per seed (its ``seeds``, or ``seeds``
-    here for every configuration), validated before anything runs; in id order, then seed."""
-    runs = []
-    for i in available_experiments(params):
-        config = load_config(profile, i, params)
-        for seed in seeds or config_seeds(profile, i, params):
-            runs.append(config.with_seed(seed))
-    return runs
-
-
 def build_plan(
     profile: str, paths: BookPaths, seeds: Sequence[int] | None = None
 ) -> list[Execution]:
@@ -225,7 +213,7 @@ def build_plan(
     missing = [n for n in needed if not (paths.notebooks / f"{n}.ipynb").is_file()]
     if missing:
         raise RunnerError(f"missing notebook source(s) in {paths.notebooks}: {missing}")
-    configs = plan_configs(profile, paths.params, seeds)
+    configs = plan_runs(profile, paths.params, tuple(seeds) if seeds else None)
     by_family = {f: [c for c in configs if c.family == f] for f in families}
     runs_root = profile_output_root(profile, paths.params)
     files = set(experiment_files(paths.params))
