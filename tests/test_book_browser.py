@@ -24,6 +24,7 @@ SCREENSHOTS = {
     "run_page": "book/executed/02_full_ft_vs_lora/E2",
     "family_page": "book/executed/02_full_ft_vs_lora/summary",
     "statistics": "book/executed/08_statistics",
+    "study_b": "book/executed/13_study_b/summary",
 }
 SNAKE_CASE = re.compile(r"(?<![A-Za-z0-9])[a-z][a-z0-9]*_[a-z0-9_]+")
 RAW_CELLS = {"nan", "NaN", "-nan", "<NA>", "None", "NaT", "0.0000", "-0.0000"}
@@ -92,7 +93,9 @@ def seen(book) -> dict[str, dict[str, Any]]:
     paths, _ = book
     html = paths.build / "html"
     toc = yaml.safe_load(paths.toc.read_text())
-    files = [toc["root"], *(c["file"] for part in toc["parts"] for c in part["chapters"])]
+    chapters = [c for part in toc["parts"] for c in part["chapters"]]
+    sections = [s for c in chapters for s in c.get("sections", [])]  # a grid's run pages
+    files = [toc["root"], *(c["file"] for c in chapters), *(s["file"] for s in sections)]
     shots = {file: name for name, file in SCREENSHOTS.items()}
     SHOTS.mkdir(parents=True, exist_ok=True)
     pages = {}
@@ -126,7 +129,10 @@ def study_pages(seen: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 @pytest.mark.slow
 def test_each_run_page_is_headed_by_its_id_and_description(seen):
     pages = run_pages(seen)
-    assert {Path(f).stem for f in pages} == {"E1_eurosat", "E2", "E5", "E9_broken"}
+    grid = {
+        f"Bt_{m}_lr{lr}_s{s}" for m in ("full", "lora") for lr in ("1e-3", "1e-2") for s in (7, 11)
+    }
+    assert {Path(f).stem for f in pages} == {"E1_eurosat", "E2", "E5", "E9_broken", *grid}
     for file, page in pages.items():
         run = Path(file).stem
         assert len(page["h1"]) == 1 and page["h1"][0].startswith(f"{run}: "), (file, page["h1"])

@@ -142,10 +142,16 @@ def test_a_repeated_outer_index_value_is_left_blank_and_names_share_the_header_r
 
 def test_study_b_columns_read_as_words_with_unsigned_sds():
     frame = pd.DataFrame(
-        {"d_entropy_pct_mean": [-3.456], "d_entropy_pct_sd": [0.4], "retention_cifar10": [0.9]}
+        {
+            "d_entropy_pct_mean": [-3.456],
+            "d_entropy_pct_sd": [0.4],
+            "retention_cifar10": [0.9],
+            "retention_cifar100_mean": [0.8],
+        }  # fmt: skip
     )
     shown = format_table(frame)
     assert list(shown.columns) == [
-        "Δ Entropy (%), mean", "Δ Entropy (%), SD", "Zero-shot retention CIFAR-10"
+        "Δ Entropy (%), mean", "Δ Entropy (%), SD", "Zero-shot retention CIFAR-10",
+        "Zero-shot retention CIFAR-100, mean",
     ]  # fmt: skip
-    assert shown.iloc[0].tolist() == ["-3.46", "0.40", "0.900"]
+    assert shown.iloc[0].tolist() == ["-3.46", "0.40", "0.900", "0.800"]

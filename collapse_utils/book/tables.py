@@ -196,7 +196,7 @@ PATTERNS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Column]]] = [
     (re.compile(r"(early|middle|late)_sd"),
      lambda m: Column(f"{m[1].capitalize()} SD (points)", NUMBER, 2)),
     (re.compile(r"(\w+)_holm"), lambda m: Column(f"{column_spec(m[1]).label} (Holm)", P)),
-    (re.compile(r"retention_(\w+)"),
+    (re.compile(r"retention_([a-z0-9]+)"),
      lambda m: Column(f"Zero-shot retention {_dataset(m[1])}", NUMBER)),
     (re.compile(r"(\w+)_mean"), lambda m: _summary_of(m[1], "mean")),
     (re.compile(r"(\w+)_sd"), lambda m: _summary_of(m[1], "SD")),
