@@ -34,6 +34,7 @@ def test_paired_tests_find_full_ft_forgets_more_at_matched_lr_and_seed(page):
     assert len(tested) == 4 and (tested["p_t_holm"] >= tested["p_t"]).all()
     same = paired.loc[("pets", "best_acc")]  # identical accuracies: nothing to test
     assert same["diff"] == 0 and same["p_t"] != same["p_t"]
+    assert same["mean_a"] == pytest.approx(90.0)  # in % as its label says (stored 0.9)
 
 
 def test_embedding_drift_ranks_retention_first_and_figures_are_captioned(page):

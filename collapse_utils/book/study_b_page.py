@@ -38,7 +38,7 @@ def study_b_page(page: Page, runs: FamilyRuns) -> None:
     )
     drift = study_b.present(frame, ["embedding_drift_f"])
     page.table("cells", study_b.cell_table(frame, [*outcomes, *drift]))
-    paired = study_b.paired_table(frame, outcomes)
+    paired = study_b.paired_table(_accuracy_in_points(frame), outcomes)
     page.table("paired", paired)
     page.table("dose_response", study_b.dose_table(frame, outcomes[1:]))
     page.figure(
@@ -69,6 +69,16 @@ def study_b_page(page: Page, runs: FamilyRuns) -> None:
     page.table("operating_points", points)
     sentences.append(_operating_sentence(points, target))
     page.conclude(" ".join(s for s in sentences if s))
+
+
+def _accuracy_in_points(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with accuracies (stored as fractions) in %: a table whose rows are outcomes
+    of different units shows each in the unit of its label."""
+    scaled = frame.copy()
+    for column in ("best_acc", "final_acc", "test_acc"):
+        if column in scaled:
+            scaled[column] = 100 * scaled[column].astype(float)
+    return scaled
 
 
 def _paired_sentence(paired: pd.DataFrame, dataset: str) -> str:
