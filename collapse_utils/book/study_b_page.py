@@ -26,49 +26,56 @@ N_BOOT = 2000
 
 
 def study_b_page(page: Page, runs: FamilyRuns) -> None:
+    """The Study B comparison of the complete runs of ``runs`` (any subset renders)."""
     frame = study_b.grid_frame(run_summary(runs.histories))
     retention = study_b.retention_columns(frame)
+    # CIFAR-100 is the report's transfer set; another retention only when it is missing.
     target = (
         "retention_cifar100" if "retention_cifar100" in retention else next(iter(retention), "")
     )
-    outcomes = study_b.present(frame, ["best_acc", "d_entropy_pct", *retention])
-    signals = study_b.present(
-        frame,
-        [*study_b.ATTENTION_SIGNALS, *study_b.REPRESENTATION_SIGNALS, *study_b.EARLY_SIGNALS],
+    effects = study_b.present(frame, ["d_entropy_pct", *retention])  # what training changes
+    outcomes = study_b.present(frame, ["best_acc", *effects])
+    page.table(
+        "cells", study_b.cell_table(frame, study_b.present(frame, [*outcomes, "embedding_drift_f"]))
     )
-    drift = study_b.present(frame, ["embedding_drift_f"])
-    page.table("cells", study_b.cell_table(frame, [*outcomes, *drift]))
     paired = study_b.paired_table(_accuracy_in_points(frame), outcomes)
     page.table("paired", paired)
-    page.table("dose_response", study_b.dose_table(frame, outcomes[1:]))
+    page.table("dose_response", study_b.dose_table(frame, effects))
     page.figure(
         "study_b_dose_response",
-        study_b_figures.dose_response(frame, outcomes[1:]),
+        study_b_figures.dose_response(frame, effects),
         "Each outcome against the learning rate, one dot per seed and the seed mean as a line "
         "per method: compare the lines at the same learning rate, not the methods' defaults.",
     )
     sentences = [_paired_sentence(paired, dataset) for dataset in sorted(frame["dataset"].unique())]
     if target:
-        page.figure(
-            "study_b_retention_vs_entropy",
-            study_b_figures.retention_vs_entropy(frame, target),
-            f"{column_spec(target).label} against Δ entropy for every run, coloured by method: "
-            "if collapse drove forgetting, the points of each colour would fall along a line.",
-        )
-        ranking = study_b.signal_ranking(frame, target, signals, N_BOOT)
-        page.table("signal_ranking", ranking)
-        page.figure(
-            "study_b_signal_ranking",
-            study_b_figures.signal_ranking(ranking),
-            "How well each label-free signal ranks the runs' zero-shot retention: the bar over "
-            "all runs (with its 95 % bootstrap CI), the markers within a dataset and within a "
-            "dataset and method, where the method cannot carry the correlation.",
-        )
-        sentences.append(_ranking_sentence(ranking, target))
-    points = study_b.operating_points(frame, study_b.present(frame, ["test_acc", *outcomes[1:]]))
+        sentences.append(_signal_ranking(page, frame, target))
+    points = study_b.operating_points(frame, study_b.present(frame, ["test_acc", *effects]))
     page.table("operating_points", points)
     sentences.append(_operating_sentence(points, target))
     page.conclude(" ".join(s for s in sentences if s))
+
+
+def _signal_ranking(page: Page, frame: pd.DataFrame, target: str) -> str:
+    """Retention against Δ entropy, and every measured signal ranked by how well it predicts
+    ``target``; returns the finding's sentence."""
+    page.figure(
+        "study_b_retention_vs_entropy",
+        study_b_figures.retention_vs_entropy(frame, target),
+        f"{column_spec(target).label} against Δ entropy for every run, coloured by method: "
+        "if collapse drove forgetting, the points of each colour would fall along a line.",
+    )
+    signals = [*study_b.ATTENTION_SIGNALS, *study_b.REPRESENTATION_SIGNALS, *study_b.EARLY_SIGNALS]
+    ranking = study_b.signal_ranking(frame, target, study_b.present(frame, signals), N_BOOT)
+    page.table("signal_ranking", ranking)
+    page.figure(
+        "study_b_signal_ranking",
+        study_b_figures.signal_ranking(ranking),
+        "How well each label-free signal ranks the runs' zero-shot retention: the bar over "
+        "all runs (with its 95 % bootstrap CI), the markers within a dataset and within a "
+        "dataset and method, where the method cannot carry the correlation.",
+    )
+    return _ranking_sentence(ranking, target)
 
 
 def _accuracy_in_points(frame: pd.DataFrame) -> pd.DataFrame:
