@@ -95,7 +95,7 @@ def _paired_sentence(paired: pd.DataFrame, dataset: str) -> str:
     if rows.empty:
         return f"On {DATASET_NAMES.get(dataset, dataset)} no full-FT run has a LoRA twin yet."
     parts = [
-        f"{column_spec(outcome).label} {format_value(row['diff'], column_spec('diff'))} "
+        f"{column_spec(outcome).label} {row['diff']:+.3f} "
         f"(d_z {_num(row['d_z'])}, Holm p {_p(row['p_t_holm'])})"
         for outcome, row in rows.iterrows()
     ]
