@@ -444,13 +444,16 @@ def _grid_axes(path: Path, exp: dict[str, Any]) -> dict[str, list[Any]]:
 
 
 def _value_name(axis: str, value: Any) -> str:
-    """``train.lr`` 1e-05 → ``lr1e-5``; ``lora.rank`` 8 → ``r8``; ``train.method`` full → full."""
+    """``train.lr`` 1e-05 → ``lr1e-5``; ``lora.rank`` 8 → ``r8``; ``train.method`` full → full;
+    another number is named by its field: ``train.epochs`` 3 → ``epochs3``."""
     if isinstance(value, float) or (axis == "train.lr" and isinstance(value, str)):
         mantissa, exponent = f"{float(value):e}".split("e")
         text = f"{float(mantissa):g}e{int(exponent)}"
     else:
         text = str(value).replace(" ", "")
-    return f"{_NAME_PREFIX.get(axis, '')}{text}"
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    prefix = _NAME_PREFIX.get(axis, axis.partition(".")[2] if number else "")
+    return f"{prefix}{text}"
 
 
 def _check_seeds(path: Path, exp: dict[str, Any]) -> None:

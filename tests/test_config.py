@@ -259,6 +259,12 @@ def test_grid_ids_follow_dataset_method_lr_order_and_seeds_are_replicates(tmp_pa
     assert a.config_hash() != load_config("smoke", "G_lora_lr1e-5", params).config_hash()
 
 
+def test_grid_ids_name_other_numeric_settings_by_their_field(tmp_path: Path):
+    grid = "id: H\nfamily: study_b\ngrid: {train.epochs: [1, 2], lora.rank: [4]}\n"
+    params = _params_with(tmp_path, H=grid)
+    assert available_experiments(params) == ["H_r4_epochs1", "H_r4_epochs2"]
+
+
 def test_seeds_list_of_a_plain_experiment_and_its_first_seed_by_default(tmp_path: Path):
     params = _params_with(tmp_path, S="id: S\nfamily: full_vs_lora\nseeds: [3, 5, 8]\n")
     assert config_seeds("full", "S", params) == (3, 5, 8)
