@@ -155,6 +155,12 @@ def test_load_histories_keeps_complete_runs_in_id_seed_order(root):
     assert [h.status for h in everything if h.id == "R1_apr0.1"] == ["failed"]
 
 
+def test_load_histories_of_some_runs_reads_only_their_folders(root):
+    (root / "runs" / "E5" / "seed42" / "history.json").write_text("not json")  # never read
+    assert [(h.id, h.seed) for h in load_histories(root, ids={"E2"})] == [("E2", 7), ("E2", 42)]
+    assert load_histories(root, ids=set()) == []
+
+
 def test_read_record_names_the_file_when_a_key_is_missing(tmp_path):
     path = tmp_path / "history.json"
     path.write_text(json.dumps({"id": "E2"}))

@@ -13,7 +13,7 @@ is ``100 · (final − first) / first``; "layer mean" is the unweighted mean ove
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,11 @@ from collapse_utils.config import METRICS
 from collapse_utils.run_record import EvalRecord, RunRecord, find_runs, read_record
 
 
-def load_histories(root: Path | str, complete_only: bool = True) -> list[RunRecord]:
-    """All run records below ``root``, in (id, seed) order; by default only complete ones.
+def load_histories(
+    root: Path | str, complete_only: bool = True, ids: Collection[str] | None = None
+) -> list[RunRecord]:
+    """All run records below ``root`` (or those of the runs ``ids``: only their folders are
+    read), in (id, seed) order; by default only complete ones.
 
     Raises ``ValueError`` if two files hold the same (id, seed), e.g. when ``root`` spans two
     profiles: pass ``outputs/<profile>`` instead; :class:`RecordError` names an unreadable
@@ -33,6 +36,8 @@ def load_histories(root: Path | str, complete_only: bool = True) -> list[RunReco
     seen: dict[tuple[str, int], Path] = {}
     histories = []
     for files in find_runs(root):
+        if ids is not None and files.run_dir.parent.name not in ids:  # runs/<id>/seed<k>
+            continue
         history = read_record(files.history)
         if complete_only and history.status != "complete":
             continue

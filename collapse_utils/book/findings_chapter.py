@@ -95,8 +95,8 @@ class StudyRuns:
         self.families = load_families(params_dir)
         self.chosen = load_statistics_runs(params_dir)
         self.settings = run_settings(profile, params_dir)
-        report = set(report_ids(profile, params_dir))  # Study B has its own page
-        self.histories = [h for h in load_histories(self.output_root) if h.id in report]
+        # Study B has its own page: the report's chapters read the report's runs.
+        self.histories = load_histories(self.output_root, ids=set(report_ids(profile, params_dir)))
         self.trained = stat_tables.trained(self.histories)
         self.summary = run_summary(self.trained)
         self.means = run_means(self.summary) if not self.summary.empty else pd.DataFrame()
@@ -345,7 +345,7 @@ def matched_verdicts(profile: str, params_dir: Path | str = PARAMS_DIR) -> dict[
     families = load_families(params_dir)
     ids = {c.id for f in families.values() if f.study != REPORT_STUDY
            for c in load_family(profile, f.name, params_dir)}  # fmt: skip
-    runs = [h for h in load_histories(profile_output_root(profile, params_dir)) if h.id in ids]
+    runs = load_histories(profile_output_root(profile, params_dir), ids=ids)
     if not runs:
         return {}
     frame = study_b.grid_frame(run_summary(runs))

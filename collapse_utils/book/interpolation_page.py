@@ -257,7 +257,7 @@ def load_paths(
     from collapse_utils.training.interpolation import RunNotReadyError, measure_path
 
     ids = path_runs(profile, params_dir)
-    complete = [h for h in load_histories(profile_output_root(profile, params_dir)) if h.id in ids]
+    complete = load_histories(profile_output_root(profile, params_dir), ids=ids)
     missing = {i: "not complete" for i in ids if i not in {h.id for h in complete}}
     histories = sorted(complete, key=lambda h: (ids.index(h.id), h.seed))
     paths = []

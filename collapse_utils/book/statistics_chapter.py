@@ -120,8 +120,8 @@ class StatisticsChapter:
 
     def __init__(self, profile: str, params_dir: Path | str = PARAMS_DIR):
         self.output_root: Path = profile_output_root(profile, params_dir)
-        report = set(report_ids(profile, params_dir))  # Study B has its own page
-        self.histories = [h for h in load_histories(self.output_root) if h.id in report]
+        # Study B has its own page: the report's chapters read the report's runs.
+        self.histories = load_histories(self.output_root, ids=set(report_ids(profile, params_dir)))
         self.trained = tables.trained(self.histories)
         if not self.trained:
             raise RuntimeError(

@@ -29,9 +29,7 @@ def zeroshot_page(profile: str, params_dir: Path | str = PARAMS_DIR, show: bool 
         output_root = profile_output_root(profile, params_dir)
         page = Page(profile, output_root, show)
         report = set(report_ids(profile, params_dir))  # Study B has its own page
-        histories = [
-            h for h in load_histories(output_root) if h.method != "none" and h.id in report
-        ]
+        histories = [h for h in load_histories(output_root, ids=report) if h.method != "none"]
         if not histories:
             page.conclude("No fine-tuned run is complete yet.")
             return page
