@@ -462,7 +462,9 @@ def _check_seeds(path: Path, exp: dict[str, Any]) -> None:
     grid_seeds = isinstance(exp.get("grid"), dict) and "seed" in exp["grid"]
     if "seeds" in exp and ("seed" in exp or grid_seeds):
         raise ConfigError(f"{path}: give either 'seeds' or 'seed' (or a grid 'seed' axis)")
-    seeds = exp.get("seeds", exp["grid"]["seed"] if grid_seeds else [0])
+    if "seeds" not in exp and not grid_seeds:
+        return
+    seeds = exp["seeds"] if "seeds" in exp else exp["grid"]["seed"]
     if not isinstance(seeds, list) or not seeds or len(set(seeds)) < len(seeds):
         raise ConfigError(f"{path}: field 'seeds' must be a list of distinct integers")
     for seed in seeds:

@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -217,7 +218,8 @@ def build_plan(
     by_family = {f: [c for c in configs if c.family == f] for f in families}
     runs_root = profile_output_root(profile, paths.params)
     files = set(experiment_files(paths.params))
-    several = {c.id for c in configs if sum(o.id == c.id for o in configs) > 1}
+    runs_per_id = Counter(c.id for c in configs)
+    several = {i for i, n in runs_per_id.items() if n > 1}  # their pages are named <id>_s<seed>
 
     plan: list[Execution] = []
     for family, stem, axis in ((f.name, f.notebook, f.axis) for f in families.values()):
