@@ -464,12 +464,13 @@ def _check_seeds(path: Path, exp: dict[str, Any]) -> None:
         raise ConfigError(f"{path}: give either 'seeds' or 'seed' (or a grid 'seed' axis)")
     if "seeds" not in exp and not grid_seeds:
         return
+    name = "seeds" if "seeds" in exp else "grid.seed"  # the field as the file writes it
     seeds = exp["seeds"] if "seeds" in exp else exp["grid"]["seed"]
     if not isinstance(seeds, list) or not seeds or len(set(seeds)) < len(seeds):
-        raise ConfigError(f"{path}: field 'seeds' must be a list of distinct integers")
+        raise ConfigError(f"{path}: field {name!r} must be a list of distinct integers")
     for seed in seeds:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-            raise ConfigError(f"{path}: field 'seeds' has {seed!r}; seeds are integers >= 0")
+            raise ConfigError(f"{path}: field {name!r} has {seed!r}; seeds are integers >= 0")
 
 
 def _file_ids(stem: str, params_dir: Path | str) -> list[str]:

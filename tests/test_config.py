@@ -289,6 +289,7 @@ def test_loading_a_grid_file_id_names_its_points(tmp_path: Path):
         ("grid: {train.lr: [1.0e-5]}\ntrain: {lr: 1.0e-4}", "set both in 'grid' and in 'train'"),
         ("seeds: [1, 1]", "'seeds' must be a list of distinct integers"),
         ("seeds: [1, -2]", "'seeds' has -2"),
+        ("grid: {train.lr: [1.0e-5], seed: [1, 1]}", "'grid.seed' must be a list of distinct"),
         ("seeds: [1]\nseed: 3", "either 'seeds' or 'seed'"),
         ("grid: {train.method: [full, banana]}", "'train.method' is 'banana'"),
     ],
