@@ -510,20 +510,34 @@ def predictor_ranking(
     within: Sequence[str] | None = None,
     n_boot: int = 2000,
     seed: int = 0,
+    resample: Sequence[str] | None = None,
+    reference: str | None = None,
 ) -> pd.DataFrame:
     """How well each predictor column ranks ``target`` across the runs of ``frame``.
 
     Every predictor is scored on the same runs: the rows where all of them and ``target`` are
-    known. Indexed by predictor: ``rho``, ``p``, ``n`` (Spearman over those rows);
-    ``abs_rho_within``: mean |ρ| over the groups of ``within`` with at least 3 rows (confounds
-    such as dataset or method cannot carry it; NaN without ``within``); ``ci_low``/``ci_high``:
-    percentile bootstrap 95 % CI of |ρ| over rows resampled with replacement; ``gap``,
-    ``gap_low``, ``gap_high``: |ρ| of the best predictor minus this one's, with its CI from the
-    same resamples (paired; 0 for the best). Sorted by |ρ|, best first."""
-    data = frame[[*dict.fromkeys([*predictors, target, *(within or [])])]].dropna()
+    known. Indexed by predictor: ``rho``, ``p``, ``n`` (Spearman over those runs);
+    ``abs_rho_within`` and ``rho_within``: mean |ρ| and mean signed ρ over the groups of
+    ``within`` with at least 3 runs (confounds such as dataset or method cannot carry it; a
+    sign that flips between groups shows as a signed mean far below the absolute one; NaN
+    without ``within``).
+
+    The bootstrap unit: with ``resample=None`` the runs; with columns (e.g. dataset, method,
+    lr) the means of each cell of those columns, so that seeds of one configuration do not
+    count as independent evidence. ``unit_rho`` and ``n_units``: Spearman over the units;
+    ``ci_low``/``ci_high``: percentile bootstrap 95 % CI of |ρ| over units resampled with
+    replacement; ``gap``, ``gap_low``, ``gap_high``: |ρ| of ``reference`` (default: the best
+    predictor over the units) minus this one's, with its CI from the same resamples (paired; 0
+    for the reference itself). Sorted by |unit_rho|, best first."""
+    keys = [*dict.fromkeys([*predictors, target, *(within or []), *(resample or [])])]
+    data = frame[keys].dropna()
     overall = {name: dose_response(data, name, target) for name in predictors}
-    best = max(predictors, key=lambda name: abs(overall[name]["rho"]))
-    boot = _bootstrap_abs_rho(data, target, predictors, n_boot, np.random.default_rng(seed))
+    units = data
+    if resample:
+        units = data.groupby(list(resample))[[*predictors, target]].mean().reset_index(drop=True)
+    unit_rho = {name: dose_response(units, name, target)["rho"] for name in predictors}
+    best = reference or max(predictors, key=lambda n: np.nan_to_num(abs(unit_rho[n]), nan=-1.0))
+    boot = _bootstrap_abs_rho(units, target, predictors, n_boot, np.random.default_rng(seed))
     rows = {}
     for name in predictors:
         gap = boot[best] - boot[name]
@@ -531,14 +545,16 @@ def predictor_ranking(
             "rho": overall[name]["rho"],
             "p": overall[name]["p"],
             "n": int(overall[name]["n"]),
-            "abs_rho_within": _mean_abs_rho_within(data, name, target, within),
+            **_rho_within(data, name, target, within),
+            "unit_rho": unit_rho[name],
+            "n_units": len(units),
             **_percentiles(boot[name], "ci_low", "ci_high"),
-            "gap": abs(overall[best]["rho"]) - abs(overall[name]["rho"]),
+            "gap": abs(unit_rho[best]) - abs(unit_rho[name]),
             **_percentiles(gap, "gap_low", "gap_high"),
         }
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "predictor"
-    return table.reindex(table["rho"].abs().sort_values(ascending=False).index)
+    return table.reindex(table["unit_rho"].abs().sort_values(ascending=False).index)
 
 
 def _bootstrap_abs_rho(
@@ -567,11 +583,13 @@ def _percentiles(values: np.ndarray, low: str, high: str) -> dict[str, float]:
     return {low: float(lo), high: float(hi)}
 
 
-def _mean_abs_rho_within(
+def _rho_within(
     data: pd.DataFrame, name: str, target: str, within: Sequence[str] | None
-) -> float:
-    if not within:
-        return float("nan")
-    groups = [g for _, g in data.groupby(list(within)) if len(g) >= 3]
-    values = [abs(dose_response(g, name, target)["rho"]) for g in groups]
-    return float(np.nanmean(values)) if values and not np.all(np.isnan(values)) else float("nan")
+) -> dict[str, float]:
+    nan = float("nan")
+    groups = [g for _, g in data.groupby(list(within))] if within else []
+    rhos = np.array([dose_response(g, name, target)["rho"] for g in groups if len(g) >= 3])
+    rhos = rhos[np.isfinite(rhos)]
+    if not len(rhos):
+        return {"abs_rho_within": nan, "rho_within": nan}
+    return {"abs_rho_within": float(np.abs(rhos).mean()), "rho_within": float(rhos.mean())}

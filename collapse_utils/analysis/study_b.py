@@ -1,8 +1,19 @@
-"""Study B's analyses of a matched grid (methods × learning rates × seeds per dataset).
+"""Study B's analyses of a matched grid (methods × learning rates × seeds per dataset), one set
+of functions for our runs and for the authors' published ones.
 
-Every function takes the run-level frame: :func:`grid_frame` of ``results.run_summary`` (one
-row per (run, seed)), with ``dataset``, ``method``, ``lr``, ``log10_lr``, ``seed`` and the
-outcome and signal columns. Seeds are the replicates; a matched cell is (dataset, lr, seed).
+Every function takes a run-level frame, one row per (run, seed), in the run summary's column
+names: :func:`grid_frame` of ``results.run_summary`` (ours) or
+``published.load_study2`` (theirs), with ``dataset``, ``method``, ``lr``, ``seed``, the outcomes
+and the signals. Seeds are the replicates; a matched cell is (dataset, lr, seed); a cell of the
+grid is (dataset, method, lr).
+
+Signals and outcomes are read at one checkpoint, the *selected* one (suffix ``_sel``): the
+checkpoint whose zero-shot retention was scored (study2: the best-validation epoch). ``_e1``
+columns are the same signals after the first epoch. The ranking and the verdicts use the core
+methods (full FT and LoRA); linear probes, last-block and frozen-projection runs keep ~all of
+their zero-shot accuracy by construction and are shown as reference points only. A frame holds
+one backbone: split by ``model`` first (``published.primary``); a second backbone is analysed
+apart, never pooled.
 """
 
 from __future__ import annotations
@@ -11,24 +22,88 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 
-from collapse_utils.analysis.stats import dose_response, holm, paired_matched, predictor_ranking
+from collapse_utils.analysis import verdicts as rules
+from collapse_utils.analysis.stats import (
+    dose_response,
+    holm,
+    paired,
+    paired_matched,
+    predictor_ranking,
+)
+from collapse_utils.analysis.verdicts import Verdict
 
 CELL = ["dataset", "method", "lr"]
 MATCHED = ["lr", "seed"]  # within a dataset: the cell a full-FT run and a LoRA run share
-# Label-free signals that could predict forgetting: attention (the report's) and representation
-# (study2's); ``_e1`` versions are the same signals after the first epoch.
-ATTENTION_SIGNALS = ("d_entropy_pct", "d_gini_pct", "d_head_diversity_pct")
-REPRESENTATION_SIGNALS = ("cka_mean_f", "cka_last_f", "embedding_drift_f", "weight_drift_f")
-EARLY_SIGNALS = ("cka_mean_e1", "embedding_drift_e1", "weight_drift_e1")
+CORE_METHODS = ("full", "lora")
+TARGET = "retention_cifar100"  # the report's transfer set
+DAMAGED = 0.5
+"""A cell is *damaged* when its mean retention is below half the pre-trained zero-shot
+accuracy (study2's threshold, 50 %)."""
+SELECTION_MARGIN = 2.0
+"""Points of validation accuracy below the best run that still count as a candidate."""
+# Label-free signals ranked against forgetting, in study2's order; |Δ| of attention metrics.
+SIGNALS = (
+    "cka_mean_sel",
+    "embedding_drift_sel",
+    "weight_drift_sel",
+    "abs_d_gini_pct_sel",
+    "abs_d_entropy_pct_sel",
+    "abs_d_entropy_last_pct_sel",
+)
+# Reference rows: what a signal must beat (the learning-rate dial, the training loss), the signed
+# statistic the report used, and what needs labels (test accuracy, study2's labelled probe).
+REFERENCES = ("d_entropy_pct_sel", "log10_lr", "train_loss_f", "test_acc", "probe_retention_e1")
+EARLY = (
+    "cka_mean_e1",
+    "embedding_drift_e1",
+    "weight_drift_e1",
+    "abs_d_entropy_pct_e1",
+    "d_entropy_pct_e1",
+)
+# Signals for choosing among candidates, and which end means "changed least".
+LOW_IS_LESS_CHANGE = {
+    "abs_d_entropy_pct_sel": True,
+    "abs_d_entropy_last_pct_sel": True,
+    "abs_d_erf_pct_sel": True,
+    "abs_d_gini_pct_sel": True,
+    "embedding_drift_sel": True,
+    "weight_drift_sel": True,
+    "cka_mean_sel": False,
+}
+MIN_GROUP_RUNS = 6
+"""Runs a dataset × method group needs (and 3 learning rates) to have the power to show a
+within-group relation (RQ3)."""
+
+
+# --- the frame ---------------------------------------------------------------------------------
+
+
+def add_derived(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with ``log10_lr`` and, for every signed change ``d_<m>_pct_<when>``, its size
+    ``abs_d_<m>_pct_<when>`` (a copy)."""
+    frame = frame.copy()
+    frame["log10_lr"] = np.log10(frame["lr"].astype(float))
+    for column in [c for c in frame.columns if c.startswith("d_") and "_pct_" in c]:
+        frame[f"abs_{column}"] = frame[column].abs()
+    return frame
 
 
 def grid_frame(summary: pd.DataFrame) -> pd.DataFrame:
-    """``summary`` (one row per run and seed) with ``log10_lr``; runs without a learning rate
-    (a pre-trained baseline) are left out."""
-    frame = summary[summary["lr"].notna()].copy()
-    frame["log10_lr"] = np.log10(frame["lr"].astype(float))
-    return frame.reset_index(drop=True)
+    """Our ``summary`` (one row per run and seed) as a Study B frame (:func:`add_derived`);
+    runs without a learning rate (a pre-trained baseline) are left out."""
+    return add_derived(summary[summary["lr"].notna()]).reset_index(drop=True)
+
+
+def core(frame: pd.DataFrame) -> pd.DataFrame:
+    """The full-FT and LoRA runs of ``frame``."""
+    return frame[frame["method"].isin(CORE_METHODS)].reset_index(drop=True)
+
+
+def reference_points(frame: pd.DataFrame) -> pd.DataFrame:
+    """The other runs (linear probe, last block, frozen projection)."""
+    return frame[~frame["method"].isin(CORE_METHODS)].reset_index(drop=True)
 
 
 def present(frame: pd.DataFrame, columns: Sequence[str]) -> list[str]:
@@ -39,6 +114,9 @@ def present(frame: pd.DataFrame, columns: Sequence[str]) -> list[str]:
 def retention_columns(frame: pd.DataFrame) -> list[str]:
     """``retention_<d>`` columns of ``frame`` with values, sorted."""
     return present(frame, sorted(c for c in frame.columns if c.startswith("retention_")))
+
+
+# --- tables over cells -------------------------------------------------------------------------
 
 
 def cell_table(frame: pd.DataFrame, values: Sequence[str]) -> pd.DataFrame:
@@ -57,7 +135,7 @@ def paired_table(
 ) -> pd.DataFrame:
     """``a`` against ``b`` at matched (lr, seed) per dataset and outcome
     (``stats.paired_matched``), with Holm's correction of the paired-t p over the table's
-    tests (the family). Index (dataset, outcome)."""
+    tests (the family, as in study2). Index (dataset, outcome)."""
     rows = {}
     for dataset, runs in frame.groupby("dataset", sort=True):
         for outcome in outcomes:
@@ -87,17 +165,141 @@ def dose_table(frame: pd.DataFrame, outcomes: Sequence[str]) -> pd.DataFrame:
     return table
 
 
-def signal_ranking(
-    frame: pd.DataFrame, target: str, signals: Sequence[str], n_boot: int = 2000, seed: int = 0
+def within_groups(
+    frame: pd.DataFrame, signal: str, target: str = TARGET, by: Sequence[str] = ("dataset", "method")
 ) -> pd.DataFrame:
-    """``stats.predictor_ranking`` of ``signals`` for ``target`` over every run, with mean |ρ|
-    within dataset (``abs_rho_within``) and within dataset × method
-    (``abs_rho_within_method``): a signal that only tells datasets or methods apart ranks
-    high overall and low within."""
-    ranking = predictor_ranking(frame, target, signals, ["dataset"], n_boot, seed)
-    by_method = predictor_ranking(frame, target, signals, ["dataset", "method"], 0, seed)
+    """Spearman ρ of ``signal`` with ``target`` inside each group of ``by`` (n = runs): the
+    sign and strength per configuration that a pooled correlation hides. Index: the groups;
+    columns rho, p, n, lrs (learning rates in the group)."""
+    rows = {}
+    for key, runs in frame.groupby(list(by), sort=True):
+        rows[key] = dose_response(runs, signal, target).to_dict() | {"lrs": runs["lr"].nunique()}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index = pd.MultiIndex.from_tuples(table.index, names=list(by))
+    return table.astype({"n": int, "lrs": int})
+
+
+# --- which signal predicts forgetting ----------------------------------------------------------
+
+
+def signal_ranking(
+    frame: pd.DataFrame,
+    target: str = TARGET,
+    columns: Sequence[str] | None = None,
+    resample: Sequence[str] | None = tuple(CELL),
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """``stats.predictor_ranking`` of the signals and reference rows (``columns``; default
+    every one of :data:`SIGNALS` and :data:`REFERENCES` present) for ``target`` over the core
+    runs: ρ over runs, mean |ρ| and signed ρ within dataset (``abs_rho_within``,
+    ``rho_within``) and within dataset × method (``abs_rho_within_method``,
+    ``rho_within_method``), and the bootstrap over ``resample`` cells (None: over runs), with
+    each row's gap to the best label-free signal. Column ``kind``: signal or reference."""
+    runs = core(frame)
+    columns = list(columns or present(runs, [*SIGNALS, *REFERENCES]))
+    signals = [c for c in columns if c in SIGNALS] or columns
+    # Gaps are measured against the best label-free signal (study2: CKA), not a reference row.
+    best = predictor_ranking(runs, target, signals, None, 0, seed, resample).index[0]
+    ranking = predictor_ranking(
+        runs, target, columns, ["dataset"], n_boot, seed, resample, reference=best
+    )
+    by_method = predictor_ranking(runs, target, columns, ["dataset", "method"], 0, seed)
     ranking["abs_rho_within_method"] = by_method["abs_rho_within"]
+    ranking["rho_within_method"] = by_method["rho_within"]
+    ranking["kind"] = ["signal" if c in SIGNALS else "reference" for c in ranking.index]
     return ranking
+
+
+def separated(ranking: pd.DataFrame) -> list[str]:
+    """The rows of a ranking whose gap to the best has a 95 % CI above 0."""
+    return [name for name, row in ranking.iterrows() if row["gap_low"] > 0]
+
+
+def early_warning(frame: pd.DataFrame, target: str = TARGET) -> pd.DataFrame:
+    """Does the first epoch tell? Per epoch-1 signal: Spearman ρ with the final ``target`` over
+    the core runs (rho, p, n), and the cell-level AUC with which it separates damaged cells
+    (mean ``target`` < :data:`DAMAGED`) from the others (``auc``: oriented, 1 = perfect, 0.5 =
+    chance; ``damaged_low``: whether damaged cells score lower), over cell means
+    (``n_damaged``, ``n_healthy``)."""
+    runs = core(frame)
+    signals = present(runs, EARLY)
+    cells = runs.groupby(CELL)[[*signals, target]].mean()
+    damaged = cells[target] < DAMAGED
+    rows = {}
+    for signal in signals:
+        row = dose_response(runs, signal, target).to_dict()
+        row |= {"n_damaged": int(damaged.sum()), "n_healthy": int((~damaged).sum())}
+        row |= _auc(cells.loc[damaged, signal], cells.loc[~damaged, signal])
+        rows[signal] = row
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "predictor"
+    return table.astype({"n": int})
+
+
+def _auc(damaged: pd.Series, healthy: pd.Series) -> dict[str, float]:
+    """P(a damaged cell scores lower than a healthy one), ties half, oriented to ≥ 0.5."""
+    if damaged.empty or healthy.empty:
+        return {"auc": float("nan"), "damaged_low": float("nan")}
+    higher = scipy.stats.mannwhitneyu(damaged, healthy).statistic / (len(damaged) * len(healthy))
+    return {"auc": float(max(higher, 1 - higher)), "damaged_low": float(higher < 0.5)}
+
+
+def selection(
+    frame: pd.DataFrame, target: str = TARGET, margin: float = SELECTION_MARGIN
+) -> pd.DataFrame:
+    """Choosing a configuration by a signal, as a practitioner could: per dataset, the core runs
+    within ``margin`` points of the best validation accuracy are the candidates; each signal of
+    :data:`LOW_IS_LESS_CHANGE` picks the one it says changed least. Columns: ``picked`` (run
+    and seed), ``retention`` of the pick, ``regret`` (oracle − pick), ``range_fraction`` (where
+    the pick falls between the worst and the oracle, 0..1), and per dataset the band:
+    ``candidates``, ``cutoff`` (%), ``oracle``, ``random`` (mean: a random pick's expectation),
+    ``worst``. Index (dataset, predictor); datasets with fewer than 3 candidates are left out."""
+    rows = {}
+    for dataset, runs in core(frame).groupby("dataset", sort=True):
+        cutoff = 100 * runs["best_acc"].max() - margin
+        band = runs[100 * runs["best_acc"] >= cutoff - 1e-9]
+        if len(band) < 3:
+            continue
+        oracle, worst = band[target].max(), band[target].min()
+        common = {"candidates": len(band), "cutoff": cutoff, "oracle": oracle,
+                  "random": band[target].mean(), "worst": worst}  # fmt: skip
+        for signal in present(band, list(LOW_IS_LESS_CHANGE)):
+            low = LOW_IS_LESS_CHANGE[signal]
+            pick = band.loc[band[signal].idxmin() if low else band[signal].idxmax()]
+            rows[(dataset, signal)] = {
+                "picked": f"{pick['run']}/s{int(pick['seed'])}",
+                "retention": pick[target],
+                "regret": oracle - pick[target],
+                "range_fraction": (pick[target] - worst) / (oracle - worst)
+                if oracle > worst
+                else np.nan,
+                **common,
+            }
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    if not table.empty:
+        table.index = pd.MultiIndex.from_tuples(table.index, names=["dataset", "predictor"])
+    return table
+
+
+def frontier(frame: pd.DataFrame, target: str = TARGET, accuracy: str = "test_acc") -> pd.DataFrame:
+    """The accuracy / retention trade-off of every cell (all methods, reference points
+    included): seed means of ``accuracy`` and ``target`` per dataset × method × lr and
+    ``on_frontier``, true when no other cell of the dataset is at least as good on both and
+    better on one (Pareto)."""
+    cells = frame.groupby(CELL, sort=True)[[accuracy, target]].mean()
+    cells.insert(0, "seeds", frame.groupby(CELL, sort=True).size())
+    flags = []
+    for (dataset, *_), row in cells.iterrows():
+        others = cells.xs(dataset, level="dataset", drop_level=False)
+        dominated = (
+            (others[accuracy] >= row[accuracy])
+            & (others[target] >= row[target])
+            & ((others[accuracy] > row[accuracy]) | (others[target] > row[target]))
+        )
+        flags.append(not dominated.any())
+    cells["on_frontier"] = flags
+    return cells
 
 
 def operating_points(frame: pd.DataFrame, values: Sequence[str]) -> pd.DataFrame:
@@ -107,3 +309,41 @@ def operating_points(frame: pd.DataFrame, values: Sequence[str]) -> pd.DataFrame
     means = frame.groupby(CELL, sort=True)[["best_acc", *values]].mean().reset_index()
     picked = means.loc[means.groupby(["dataset", "method"])["best_acc"].idxmax()]
     return picked.set_index(["dataset", "method"])
+
+
+# --- verdicts ----------------------------------------------------------------------------------
+
+
+def verdicts(frame: pd.DataFrame, target: str = TARGET) -> dict[str, Verdict]:
+    """RQ2 and RQ3 on a matched grid, judged where the design lets them be judged:
+
+    - ``RQ2``: per dataset, LoRA's Δ entropy minus full FT's at matched (lr, seed), paired t,
+      Holm across datasets (:func:`~collapse_utils.analysis.verdicts.rq2_per_dataset`);
+    - ``RQ3``: Spearman ρ of Δ entropy with ``target`` within each dataset × method
+      (:func:`~collapse_utils.analysis.verdicts.rq3_within_groups`).
+
+    Core runs only, signals at the selected checkpoint."""
+    runs = core(frame)
+    entropy = "d_entropy_pct_sel"
+    per_dataset = {}
+    for dataset, block in runs.groupby("dataset", sort=True):
+        pairs = block.pivot_table(index=MATCHED, columns="method", values=entropy)
+        pairs = pairs.reindex(columns=list(CORE_METHODS)).dropna()
+        per_dataset[dataset] = _paired_row(pairs["lora"], pairs["full"])
+    groups = within_groups(runs, entropy, target) if target in runs else pd.DataFrame()
+    pooled = dose_response(runs, entropy, target) if target in runs else None
+    return {
+        "RQ2": rules.rq2_per_dataset(pd.DataFrame.from_dict(per_dataset, orient="index")),
+        "RQ3": rules.rq3_within_groups(groups, pooled),
+    }
+
+
+def _paired_row(lora: pd.Series, full: pd.Series) -> dict[str, float]:
+    """LoRA − full FT over matched pairs, signed and in size (|Δ| of each side)."""
+    row = {"pairs": len(lora), "diff": float("nan"), "p": float("nan"), "d_z": float("nan"),
+           "abs_diff": float("nan"), "abs_p": float("nan")}  # fmt: skip
+    if len(lora) >= rules.MIN_GROUP and np.any(lora.to_numpy() != full.to_numpy()):
+        signed, size = paired(lora, full), paired(lora.abs(), full.abs())
+        row |= {"diff": float((lora - full).mean()), "p": signed.p, "d_z": signed.d_z,
+                "abs_diff": float((lora.abs() - full.abs()).mean()), "abs_p": size.p}  # fmt: skip
+    return row

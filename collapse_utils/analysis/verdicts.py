@@ -32,7 +32,10 @@ from collapse_utils.analysis.stats import (
 SUPPORTED = "supported"
 CONTRADICTED = "contradicted"
 INCONCLUSIVE = "inconclusive at this n"
-VERDICTS = (SUPPORTED, CONTRADICTED, INCONCLUSIVE)
+UNSTABLE = "not stable across configurations"
+"""A matched-grid verdict whose groups (datasets, dataset × method) disagree: significant
+effects of both signs, or an effect in some groups and none in others."""
+VERDICTS = (SUPPORTED, CONTRADICTED, INCONCLUSIVE, UNSTABLE)
 
 ALPHA = 0.05
 """Two-sided significance level of every rule (after Holm where a rule tests several)."""
@@ -94,16 +97,23 @@ RULES = {
 }
 MATCHED_RULES = {
     "RQ2": (
-        "One value per matched pair of Study B (dataset, learning rate, seed): LoRA's Δ entropy "
-        f"(%) minus Full FT's. Supported if the mean difference is above 0 with paired t "
-        f"p < {ALPHA}, contradicted if below 0 with p < {ALPHA}, otherwise inconclusive (also "
-        f"with fewer than {MIN_GROUP} pairs). Matching removes learning rate and seed as "
-        "explanations of the difference."
+        "Per dataset, one value per matched pair of Study B (learning rate, seed): LoRA's Δ "
+        "entropy (%) minus Full FT's, both at the selected checkpoint; paired t, Holm across "
+        f"datasets. A dataset supports the claim if the mean difference is above 0 at Holm "
+        f"p < {ALPHA}, contradicts it if below 0 at Holm p < {ALPHA}, else is inconclusive "
+        f"(also with fewer than {MIN_GROUP} pairs). Supported or contradicted only if every "
+        "dataset says so; datasets that disagree make it not stable across configurations. "
+        "The difference in size, |Δ entropy|, is shown beside it."
     ),
     "RQ3": (
-        "One value per fine-tuned run of Study B: Δ entropy (%) and zero-shot retention "
-        "(accuracy over the pre-trained model's, CIFAR-100). The same Spearman rule as above: "
-        f"supported if ρ > 0 with p < {ALPHA}, contradicted if ρ < 0 with p < {ALPHA}."
+        "Within each dataset × method of Study B's full-FT and LoRA runs: Spearman ρ of Δ "
+        "entropy (%) with zero-shot retention (CIFAR-100), both at the selected checkpoint; Holm "
+        f"across the groups that have the power to show a relation (at least 6 runs at 3 "
+        f"learning rates). Supported if every such group has ρ > 0 at Holm p < {ALPHA} (runs "
+        "that lose more entropy keep less transfer), contradicted if every one has ρ < 0; "
+        "significant groups of both signs, or a relation in some groups and none in others, make "
+        "it not stable across configurations; no significant group: inconclusive. Pooling the "
+        "groups would let the dataset and the method carry the correlation."
     ),
 }
 """Rules of the matched-grid evidence (Study B) for the claims it can test."""
@@ -114,7 +124,8 @@ class Verdict:
     """A rule's answer. ``unit``: the unit of analysis; ``n``: how many units it used;
     ``numbers``: what the verdict rests on, by name (the page's evidence sentence reads them);
     ``reason``: why no test could run, when none could; ``focus``: the run the numbers
-    single out, where a rule tests several."""
+    single out, where a rule tests several; ``detail``: the answer of each group, where a rule
+    judges groups apart."""
 
     claim: str
     verdict: str
@@ -123,6 +134,7 @@ class Verdict:
     numbers: dict[str, float] = field(default_factory=dict)
     reason: str = ""
     focus: str = ""
+    detail: str = ""  # a matched-grid verdict's answer per group, in words
 
     @property
     def rule(self) -> str:
@@ -300,3 +312,86 @@ def rq5_layer_position_matters(p_values: pd.Series | Sequence[float]) -> Verdict
     numbers = {"min_p": float(p.min()), "min_p_holm": float(p_holm.min())}
     verdict = CONTRADICTED if (p_holm < ALPHA).any() else INCONCLUSIVE
     return Verdict("RQ5_layers", verdict, unit, len(p), numbers)
+
+
+# --- matched grids (Study B): judged per group ------------------------------------------------
+
+MIN_POWER_RUNS = 6
+MIN_POWER_LRS = 3
+
+
+def _per_group(significant_signs: Sequence[float], groups: int) -> str:
+    """The verdict of a rule that asks every group for the same significant sign."""
+    signs = set(np.sign(significant_signs))
+    if not significant_signs:
+        return INCONCLUSIVE
+    if signs == {1.0} and len(significant_signs) == groups:
+        return SUPPORTED
+    if signs == {-1.0} and len(significant_signs) == groups:
+        return CONTRADICTED
+    return UNSTABLE
+
+
+def rq2_per_dataset(table: pd.DataFrame) -> Verdict:
+    """RQ2 per dataset. ``table``: one row per dataset (index) with ``pairs``, ``diff`` (mean of
+    LoRA − Full FT Δ entropy, points), ``p`` (paired t), ``d_z``, and the same for the sizes
+    ``abs_diff`` and ``abs_p``."""
+    unit = "matched pair (lr, seed), per dataset"
+    tested = table.dropna(subset=["p"]) if not table.empty else table
+    if tested.empty:
+        reason = f"no dataset with {MIN_GROUP} matched pairs that differ"
+        return Verdict("RQ2", INCONCLUSIVE, unit, int(table.get("pairs", pd.Series()).sum()),
+                       {}, reason)  # fmt: skip
+    p_holm = pd.Series(holm(tested["p"]), index=tested.index)
+    significant = [row["diff"] for name, row in tested.iterrows() if p_holm[name] < ALPHA]
+    verdict = _per_group(significant, len(table))
+    parts = []
+    for name, row in table.iterrows():
+        if name not in p_holm:
+            parts.append(f"{name}: not tested ({row['pairs']:.0f} pairs)")
+            continue
+        parts.append(
+            f"{name}: LoRA − Full FT {row['diff']:+.2f} points (d_z {row['d_z']:+.2f}, Holm p "
+            f"{_p(p_holm[name])}; in size |Δ| {row['abs_diff']:+.2f}, p {_p(row['abs_p'])})"
+        )
+    numbers = {"datasets": len(table), "significant": len(significant),
+               "min_p_holm": float(p_holm.min())}  # fmt: skip
+    return Verdict("RQ2", verdict, unit, int(table["pairs"].sum()), numbers,
+                   detail="; ".join(parts))  # fmt: skip
+
+
+def rq3_within_groups(groups: pd.DataFrame, pooled: pd.Series | None = None) -> Verdict:
+    """RQ3 within groups. ``groups``: one row per dataset × method (index) with ``rho``, ``p``,
+    ``n`` (runs) and ``lrs`` (learning rates) of Δ entropy against retention; ``pooled``: the
+    same over all runs together (shown, never judged)."""
+    unit = "run, within dataset × method"
+    powered = groups[(groups["n"] >= MIN_POWER_RUNS) & (groups["lrs"] >= MIN_POWER_LRS)
+                     & groups["rho"].notna()] if not groups.empty else groups  # fmt: skip
+    if powered.empty:
+        reason = (f"no dataset × method group with {MIN_POWER_RUNS} runs at {MIN_POWER_LRS} "
+                  "learning rates and a defined ρ")  # fmt: skip
+        n = int(groups["n"].sum()) if not groups.empty else 0
+        return Verdict("RQ3", INCONCLUSIVE, unit, n, {}, reason)
+    p_holm = pd.Series(holm(powered["p"]), index=powered.index)
+    significant = [powered.loc[k, "rho"] for k in powered.index if p_holm[k] < ALPHA]
+    verdict = _per_group(significant, len(powered))
+    numbers = {
+        "groups": len(powered),
+        "positive": sum(1 for r in significant if r > 0),
+        "negative": sum(1 for r in significant if r < 0),
+        "mean_abs_rho": float(powered["rho"].abs().mean()),
+        "pooled_rho": float(pooled["rho"]) if pooled is not None else float("nan"),
+    }
+    parts = [
+        f"{' / '.join(map(str, key))}: ρ = {powered.loc[key, 'rho']:+.2f} (Holm p "
+        f"{_p(p_holm[key])}, n = {int(powered.loc[key, 'n'])})"
+        for key in powered.index
+    ]
+    return Verdict("RQ3", verdict, unit, int(powered["n"].sum()), numbers,
+                   detail="; ".join(parts))  # fmt: skip
+
+
+def _p(value: float) -> str:
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.1e}" if value < 0.001 else f"{value:.3f}"

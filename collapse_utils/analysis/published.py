@@ -1,0 +1,162 @@
+"""The report authors' published Study B runs (``params/report/study2/``) as reference data.
+
+:func:`load_study2` reads their run-level table into one row per run in the column names of our
+own run summary (:func:`collapse_utils.analysis.results.run_summary`), so that the functions of
+:mod:`collapse_utils.analysis.study_b` analyse their runs and ours alike; :func:`study2_summary`
+reads the numbers their own revised analysis concluded from. Each file is checked against the
+sha256 in ``provenance.yaml`` before a number is returned.
+
+Column mapping (theirs → ours; every other column is kept under its own name):
+
+=================================  ==============================  ===========================
+study2                             ours                            unit change
+=================================  ==============================  ===========================
+run_id                             run_id; ``run`` drops _seed<k>
+model_name                         model
+method full_ft / lora_r8 /         full / lora / lora_frozen_proj
+lora_r8_frozen_proj
+val_acc                            best_acc                        fraction (as theirs)
+test_acc                           test_acc                        fraction (as theirs)
+delta_{entropy,gini,erf95}_pct     d_{entropy,gini,erf}_pct_sel    % (as theirs)
+delta_entropy_last_layer_pct       d_entropy_last_pct_sel          %
+cka_mean, cka_last                 cka_mean_sel, cka_last_sel
+embedding_drift, weight_drift_rel  embedding_drift_sel,
+                                   weight_drift_sel
+epoch1_{cka_mean, embedding_drift, {cka_mean,embedding_drift,
+weight_drift_rel, delta_entropy_   weight_drift}_e1, d_entropy_pct_e1
+pct}
+train_loss_final                   train_loss_f
+epoch1_transfer_retention          probe_retention_e1              fraction (as theirs)
+<d>_acc, <d>_pretrained            zs_<d>, zs_<d>_pretrained       % → fraction
+<d>_retention                      retention_<d>                   % → fraction
+=================================  ==============================  ===========================
+
+``_sel`` is the selected checkpoint (study2: the best-validation epoch, where they measure every
+signal and the zero-shot transfer). Their ``abs_*`` and ``epoch1_*`` duplicates of mapped
+columns are dropped: :func:`collapse_utils.analysis.study_b.add_derived` recomputes |Δ| for both
+sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from collapse_utils.config import REPO_ROOT, read_params_yaml
+
+STUDY2_DIR = REPO_ROOT / "params" / "report" / "study2"
+PRIMARY_MODEL = "openai/clip-vit-base-patch32"
+METHODS = {"full_ft": "full", "lora_r8": "lora", "lora_r8_frozen_proj": "lora_frozen_proj"}
+COLUMNS = {
+    "model_name": "model",
+    "val_acc": "best_acc",
+    "delta_entropy_pct": "d_entropy_pct_sel",
+    "delta_gini_pct": "d_gini_pct_sel",
+    "delta_erf95_pct": "d_erf_pct_sel",
+    "delta_entropy_last_layer_pct": "d_entropy_last_pct_sel",
+    "cka_mean": "cka_mean_sel",
+    "cka_last": "cka_last_sel",
+    "embedding_drift": "embedding_drift_sel",
+    "weight_drift_rel": "weight_drift_sel",
+    "epoch1_cka_mean": "cka_mean_e1",
+    "epoch1_embedding_drift": "embedding_drift_e1",
+    "epoch1_weight_drift_rel": "weight_drift_e1",
+    "epoch1_delta_entropy_pct": "d_entropy_pct_e1",
+    "train_loss_final": "train_loss_f",
+    "epoch1_transfer_retention": "probe_retention_e1",
+}
+TRANSFER_SETS = ("cifar100", "cifar10")
+
+
+class PublishedDataError(ValueError):
+    """A published file is missing, changed since it was copied, or lacks a column."""
+
+
+def provenance(folder: Path | str = STUDY2_DIR) -> dict[str, Any]:
+    """``provenance.yaml`` of ``folder``: repository, commit and, per file, its path there,
+    sha256 and what it holds."""
+    return read_params_yaml(Path(folder) / "provenance.yaml")
+
+
+def verified_path(name: str, folder: Path | str = STUDY2_DIR) -> Path:
+    """``folder/name`` after checking its sha256 against ``provenance.yaml``."""
+    folder = Path(folder)
+    expected = provenance(folder)["files"].get(name, {}).get("sha256")
+    path = folder / name
+    if expected is None:
+        raise PublishedDataError(f"{folder / 'provenance.yaml'} lists no file {name!r}")
+    if not path.is_file():
+        raise PublishedDataError(f"{path} is missing: copy it from the commit in provenance.yaml")
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    if actual != expected:
+        raise PublishedDataError(
+            f"{path} differs from the published file (sha256 {actual[:12]}…, provenance.yaml "
+            f"says {expected[:12]}…): restore it from the commit in provenance.yaml"
+        )
+    return path
+
+
+def load_study2(path: Path | str | None = None, all_backbones: bool = False) -> pd.DataFrame:
+    """The authors' published runs, one row per run, in our run summary's column names (the
+    module docstring gives the mapping).
+
+    ``path``: a run-level CSV of theirs (default: ``run_level.csv``, the 66 ViT-B/32 runs, or
+    with ``all_backbones`` ``run_level_all_backbones.csv``, plus 18 ViT-B/16 runs); a file
+    listed in ``provenance.yaml`` is checked against its sha256 first. Accuracies and
+    retention are fractions, as ours; Δ columns in %. Rows in (model, dataset, method, lr,
+    seed) order."""
+    if path is None:
+        name = "run_level_all_backbones.csv" if all_backbones else "run_level.csv"
+        path = verified_path(name)
+    raw = pd.read_csv(path)
+    missing = [c for c in ("run_id", "dataset", "method", "lr", "seed") if c not in raw.columns]
+    if missing:
+        raise PublishedDataError(f"{path} lacks the column(s) {missing}: not a study2 run table")
+    return _to_our_columns(raw)
+
+
+def _to_our_columns(raw: pd.DataFrame) -> pd.DataFrame:
+    frame = raw.drop(columns=[c for c in raw.columns if _duplicate(c)]).rename(columns=COLUMNS)
+    frame["method"] = frame["method"].map(lambda m: METHODS.get(m, m))
+    frame.insert(0, "run", frame["run_id"].str.replace(r"_seed\d+$", "", regex=True))
+    frame["family"] = "study2"
+    frame["rank"] = pd.Series(np.where(frame["method"].str.startswith("lora"), 8, pd.NA),
+                              dtype="Int64")  # fmt: skip
+    for name in TRANSFER_SETS:
+        if f"{name}_retention" in frame:
+            frame[f"zs_{name}"] = frame.pop(f"{name}_acc") / 100
+            frame[f"zs_{name}_pretrained"] = frame.pop(f"{name}_pretrained") / 100
+            frame[f"retention_{name}"] = frame.pop(f"{name}_retention") / 100
+    frame["status"] = "complete"
+    order = ["model", "dataset", "method", "lr", "seed"]
+    return frame.sort_values(order, kind="stable").reset_index(drop=True)
+
+
+def _duplicate(column: str) -> bool:
+    """Their derived copies of columns we map or recompute: |Δ| columns, log10 lr, and the
+    ``epoch1_`` twins of final-only columns (``epoch1_log10_lr``, ``epoch1_epoch1_…``)."""
+    if column.startswith("abs_") or column == "log10_lr":
+        return True
+    if column.startswith("epoch1_"):
+        rest = column.removeprefix("epoch1_")
+        return rest not in ("cka_mean", "embedding_drift", "weight_drift_rel",
+                            "delta_entropy_pct", "transfer_retention")  # fmt: skip
+    return False
+
+
+def study2_summary(folder: Path | str = STUDY2_DIR) -> dict[str, Any]:
+    """``summary.json``: what the authors' revised analysis computed (checked sha256)."""
+    return json.loads(verified_path("summary.json", Path(folder)).read_text())
+
+
+def primary(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``frame`` on the primary backbone (ViT-B/32); every row where there is no
+    ``model`` column (our own runs name theirs in it)."""
+    if "model" not in frame:
+        return frame
+    return frame[frame["model"] == PRIMARY_MODEL].reset_index(drop=True)
