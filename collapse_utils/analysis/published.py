@@ -160,3 +160,86 @@ def primary(frame: pd.DataFrame) -> pd.DataFrame:
     if "model" not in frame:
         return frame
     return frame[frame["model"] == PRIMARY_MODEL].reset_index(drop=True)
+
+
+def our_column(theirs: str) -> str:
+    """Our name of a study2 column or predictor (``abs_delta_entropy_pct`` →
+    ``abs_d_entropy_pct_sel``); names without a mapping come back unchanged."""
+    if theirs.startswith("abs_"):
+        return "abs_" + our_column(theirs.removeprefix("abs_"))
+    extra = {"epoch1_transfer_retention_pct": "probe_retention_e1",
+             **{f"{d}_retention": f"retention_{d}" for d in TRANSFER_SETS}}  # fmt: skip
+    return {**COLUMNS, **extra}.get(theirs, theirs)
+
+
+# --- the authors' conclusions beside ours ------------------------------------------------------
+
+KEY_NUMBERS = {
+    "rho_entropy": "Δ entropy: Spearman ρ with retention over all core runs",
+    "within_entropy": "Δ entropy: mean |ρ| within dataset × method",
+    "within_lr": "log₁₀ lr: mean |ρ| within dataset × method",
+    "rho_cka": "CKA: ρ over all core runs",
+    "rho_embedding": "Embedding drift: ρ over all core runs",
+    "cell_rho_cka": "CKA: |ρ| over the 16 cell means",
+    "separated": "Rows whose gap to CKA excludes 0 (cell bootstrap)",
+    "p_entropy_eurosat": "Paired Δ entropy, Full FT vs LoRA, EuroSAT: p (t)",
+    "p_entropy_pets": "Paired Δ entropy, Full FT vs LoRA, Pets: p (t)",
+    "auc_embedding": "Epoch-1 embedding drift: cell-level AUC for damaged cells",
+    "auc_entropy": "Epoch-1 signed Δ entropy: cell-level AUC for damaged cells",
+}
+"""The quantities on which the authors' revised conclusions rest, by key: what the book sets
+beside the same numbers computed by our code."""
+
+
+def authors_key_numbers(summary: dict[str, Any] | None = None) -> pd.Series:
+    """:data:`KEY_NUMBERS` as ``summary.json`` gives them (``separated``: the count)."""
+    summary = summary if summary is not None else study2_summary()
+    final = {row["predictor"]: row for row in summary["predictor_ranking_final"]}
+    boot = {row["predictor"]: row for row in summary["bootstrap_predictor_gap"]}
+    paired = {(r["dataset"], r["metric"]): r for r in summary["paired_method_tests"]}
+    cells = summary["temporal_ordering"]["cell_level"]
+    return pd.Series({
+        "rho_entropy": final["delta_entropy_pct"]["spearman_overall"],
+        "within_entropy": final["delta_entropy_pct"]["abs_spearman_within_mean"],
+        "within_lr": final["log10_lr"]["abs_spearman_within_mean"],
+        "rho_cka": final["cka_mean"]["spearman_overall"],
+        "rho_embedding": final["embedding_drift"]["spearman_overall"],
+        "cell_rho_cka": boot["cka_mean"]["abs_rho"],
+        "separated": float(summary["bootstrap_n_gaps_excluding_zero"]),
+        "p_entropy_eurosat": paired[("eurosat", "delta_entropy_pct")]["t_p_value"],
+        "p_entropy_pets": paired[("pets", "delta_entropy_pct")]["t_p_value"],
+        "auc_embedding": cells["embedding_drift"]["auc_oriented"],
+        "auc_entropy": cells["delta_entropy_pct"]["auc_oriented"],
+    })  # fmt: skip
+
+
+def key_numbers(ranking: pd.DataFrame, paired: pd.DataFrame, early: pd.DataFrame) -> pd.Series:
+    """:data:`KEY_NUMBERS` from our tables: ``study_b.signal_ranking`` (cell bootstrap),
+    ``study_b.paired_table`` (with ``d_entropy_pct_sel``) and ``study_b.early_warning``."""
+    gaps = ranking.drop(index=ranking.index[ranking["gap"] == 0])
+    return pd.Series({
+        "rho_entropy": ranking.loc["d_entropy_pct_sel", "rho"],
+        "within_entropy": ranking.loc["d_entropy_pct_sel", "abs_rho_within_method"],
+        "within_lr": ranking.loc["log10_lr", "abs_rho_within_method"],
+        "rho_cka": ranking.loc["cka_mean_sel", "rho"],
+        "rho_embedding": ranking.loc["embedding_drift_sel", "rho"],
+        "cell_rho_cka": abs(ranking.loc["cka_mean_sel", "unit_rho"]),
+        "separated": float((gaps["gap_low"] > 0).sum()),
+        "p_entropy_eurosat": paired.loc[("eurosat", "d_entropy_pct_sel"), "p_t"],
+        "p_entropy_pets": paired.loc[("pets", "d_entropy_pct_sel"), "p_t"],
+        "auc_embedding": early.loc["embedding_drift_e1", "auc"],
+        "auc_entropy": early.loc["d_entropy_pct_e1", "auc"],
+    })  # fmt: skip
+
+
+def beside_authors(ours: pd.Series, theirs: pd.Series, tolerance: float = 0.005) -> pd.DataFrame:
+    """One row per key number: what it is, the authors' value, ours and whether they agree
+    (within ``tolerance`` in absolute value, relative for p-values below 0.01; counts
+    exactly)."""
+    rows = []
+    for key, what in KEY_NUMBERS.items():
+        a, b = float(theirs[key]), float(ours[key])
+        small_p = key.startswith("p_") and max(a, b) < 0.01
+        agree = np.isclose(a, b, rtol=0.05, atol=0) if small_p else abs(a - b) <= tolerance
+        rows.append({"quantity": what, "authors": a, "ours": b, "agree": bool(agree)})
+    return pd.DataFrame(rows, index=pd.Index(list(KEY_NUMBERS), name="key"))

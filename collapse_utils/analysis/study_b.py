@@ -166,7 +166,10 @@ def dose_table(frame: pd.DataFrame, outcomes: Sequence[str]) -> pd.DataFrame:
 
 
 def within_groups(
-    frame: pd.DataFrame, signal: str, target: str = TARGET, by: Sequence[str] = ("dataset", "method")
+    frame: pd.DataFrame,
+    signal: str,
+    target: str = TARGET,
+    by: Sequence[str] = ("dataset", "method"),
 ) -> pd.DataFrame:
     """Spearman ρ of ``signal`` with ``target`` inside each group of ``by`` (n = runs): the
     sign and strength per configuration that a pooled correlation hides. Index: the groups;
