@@ -368,3 +368,28 @@ def test_retention_is_zero_shot_over_pretrained_beside_the_zero_shot_columns(roo
     data = signal_history()
     data["zeroshot"]["cifar100"]["pretrained_accuracy"] = 0.0
     assert math.isnan(run_summary([RunRecord.from_dict(data)]).loc[0, "retention_cifar100"])
+
+
+def _best_at_epoch_one(history: dict, checkpoint: str) -> RunRecord:
+    """``history`` with its best validation accuracy at epoch 1 and zero-shot scored on
+    ``checkpoint`` (best or final)."""
+    history["epochs"][0]["val_acc"] = 0.99
+    history["config"]["eval"]["zeroshot_checkpoint"] = checkpoint
+    return RunRecord.from_dict(history)
+
+
+def test_selected_checkpoint_signals_are_read_where_the_zero_shot_was_scored():
+    best = run_summary([_best_at_epoch_one(signal_history(), "best")]).iloc[0]
+    first, then = np.mean(FULL_ENTROPY[0]), np.mean(FULL_ENTROPY[1])
+    assert best["selected_epoch"] == 1
+    assert best["d_entropy_pct_sel"] == pytest.approx(100 * (then - first) / first)
+    assert best["d_entropy_last_pct_sel"] == pytest.approx(
+        100 * (FULL_ENTROPY[1][-1] - FULL_ENTROPY[0][-1]) / FULL_ENTROPY[0][-1]
+    )
+    assert best["cka_mean_sel"] == pytest.approx(best["cka_mean_e1"])
+    assert best["d_entropy_pct_e1"] == best["d_entropy_pct_sel"]
+    final = run_summary([_best_at_epoch_one(signal_history(), "final")]).iloc[0]
+    assert final["selected_epoch"] == 2
+    assert final["d_entropy_pct_sel"] == pytest.approx(final["d_entropy_pct"])
+    assert final["weight_drift_sel"] == final["weight_drift_f"] == 0.02
+    assert final["train_loss_f"] == 0.3 and final["model"] == "openai/clip-vit-base-patch32"

@@ -74,7 +74,11 @@ def run_summary(histories: Iterable[RunRecord]) -> pd.DataFrame:
     at the final eval, ``cka_mean_f`` and ``cka_last_f`` (linear CKA of the [CLS] tokens, mean
     over layers and last layer), ``embedding_drift_f`` and ``weight_drift_f``, and the same at
     the end of the first epoch (the eval at epoch 1.0) with suffix ``_e1`` (NaN where not
-    measured); for each zero-shot dataset ``d``: ``zs_d``, ``zs_d_pretrained`` and
+    measured); ``d_entropy_pct_e1`` (Δ entropy after epoch 1); at the *selected* checkpoint,
+    the one the zero-shot scored (:func:`selected_epoch`), ``selected_epoch``, every
+    ``d_<m>_pct_sel``, ``d_entropy_last_pct_sel`` (last layer) and the representation signals
+    with suffix ``_sel``; ``train_loss_f`` (mean training loss of the last epoch); ``model``
+    (the hub name, or ``tiny``); for each zero-shot dataset ``d``: ``zs_d``, ``zs_d_pretrained`` and
     ``retention_d`` = zs_d / zs_d_pretrained (NaN when the pre-trained accuracy is 0); status.
     Accuracies are as stored in the history."""
     rows = [_summary_row(h) for h in histories]
@@ -107,6 +111,7 @@ def _summary_row(h: RunRecord) -> dict[str, Any]:
         "freeze_layers": train.get("freeze_layers", 0),
         "reg_kind": reg["kind"],
         "lam": reg["lam"],
+        "model": "tiny" if config["model"]["source"] == "tiny" else config["model"]["name"],
         "best_acc": h.best_val_acc,
         "final_acc": h.final_val_acc,
         "test_acc": h.test_acc,
@@ -120,6 +125,9 @@ def _summary_row(h: RunRecord) -> dict[str, Any]:
         row[f"d_{metric}_pct"] = pct_change(first, final)
     row |= representation_signals(evals[-1] if evals else None, "_f")
     row |= representation_signals(epoch_end(h, 1), "_e1")
+    row["d_entropy_pct_e1"] = _change_at(h, epoch_end(h, 1))
+    row |= _at_selected(h)
+    row["train_loss_f"] = h.epochs[-1].train_loss if h.epochs else math.nan
     for dataset, result in sorted(h.zeroshot.items()):
         row[f"zs_{dataset}"] = result.accuracy
         row[f"zs_{dataset}_pretrained"] = result.pretrained_accuracy
@@ -127,6 +135,43 @@ def _summary_row(h: RunRecord) -> dict[str, Any]:
         row[f"retention_{dataset}"] = result.accuracy / pretrained if pretrained else math.nan
     row["status"] = h.status
     return row
+
+
+def selected_epoch(history: RunRecord) -> int | None:
+    """The epoch whose weights the zero-shot transfer scored: the first epoch with the best
+    validation accuracy when ``eval.zeroshot_checkpoint`` is ``best`` (as the loop keeps it),
+    else the last epoch; None before any epoch ended."""
+    if not history.epochs:
+        return None
+    if history.config["eval"].get("zeroshot_checkpoint", "final") != "best":
+        return history.epochs[-1].epoch
+    return max(history.epochs, key=lambda e: (e.val_acc, -e.epoch)).epoch
+
+
+def _at_selected(history: RunRecord) -> dict[str, float]:
+    """The changes and representation signals at the selected checkpoint (suffix ``_sel``):
+    ``d_<metric>_pct_sel``, ``d_entropy_last_pct_sel`` (last layer), ``cka_mean_sel`` …, and
+    ``selected_epoch``; NaN where that eval is missing."""
+    epoch = selected_epoch(history)
+    record = epoch_end(history, epoch) if epoch is not None else None
+    row: dict[str, float] = {"selected_epoch": math.nan if epoch is None else epoch}
+    for metric in METRICS:
+        row[f"d_{metric}_pct_sel"] = _change_at(history, record, metric)
+    row["d_entropy_last_pct_sel"] = _change_at(history, record, "entropy", layer=-1)
+    return row | representation_signals(record, "_sel")
+
+
+def _change_at(
+    history: RunRecord, record: EvalRecord | None, metric: str = "entropy", layer: int | None = None
+) -> float:
+    """Change in % of ``metric`` (layer mean, or one ``layer``) from the first eval to
+    ``record``; NaN without it."""
+    if record is None or not history.evals:
+        return math.nan
+    first, then = history.evals[0].metrics[metric], record.metrics[metric]
+    if layer is not None:
+        return pct_change(float(first[layer]), float(then[layer]))
+    return pct_change(float(np.mean(first)), float(np.mean(then)))
 
 
 def epoch_end(history: RunRecord, epoch: int) -> EvalRecord | None:
