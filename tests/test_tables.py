@@ -151,7 +151,18 @@ def test_study_b_columns_read_as_words_with_unsigned_sds():
     )
     shown = format_table(frame)
     assert list(shown.columns) == [
-        "Δ Entropy (%), mean", "Δ Entropy (%), SD", "Zero-shot retention CIFAR-10",
-        "Zero-shot retention CIFAR-100, mean",
+        "Δ Entropy (%), mean", "Δ Entropy (%), SD", "Zero-shot retention CIFAR-10 (%)",
+        "Zero-shot retention CIFAR-100 (%), mean",
     ]  # fmt: skip
-    assert shown.iloc[0].tolist() == ["-3.46", "0.40", "0.900", "0.800"]
+    assert shown.iloc[0].tolist() == ["-3.46", "0.40", "90.00", "80.00"]
+
+
+def test_selected_and_epoch_one_changes_and_their_sizes_are_named():
+    frame = pd.DataFrame({"d_entropy_pct_sel": [-1.5], "abs_d_gini_pct_sel": [2.25],
+                          "d_entropy_pct_e1": [0.5], "abs_d_entropy_pct_e1": [0.5]})  # fmt: skip
+    shown = format_table(frame)
+    assert list(shown.columns) == [
+        "Δ Entropy (%)", "|Δ Gini| (%)", "Δ Entropy after epoch 1 (%)",
+        "|Δ Entropy| after epoch 1 (%)",
+    ]  # fmt: skip
+    assert shown.iloc[0].tolist() == ["-1.50", "2.25", "+0.50", "0.50"]

@@ -237,7 +237,7 @@ def early_warning(frame: pd.DataFrame, target: str = TARGET) -> pd.DataFrame:
         rows[signal] = row
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "predictor"
-    return table.astype({"n": int})
+    return table.astype({"n": int}) if rows else table
 
 
 def _auc(damaged: pd.Series, healthy: pd.Series) -> dict[str, float]:

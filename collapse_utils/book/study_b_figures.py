@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from collapse_utils.analysis.study_b import CORE_METHODS
 from collapse_utils.book.figures import MAX_WIDTH_IN, empty_panel, legend_below, new_figure
 from collapse_utils.book.style import DATASET_NAMES, METHOD_COLORS, METHOD_NAMES
 from collapse_utils.book.tables import column_spec
@@ -41,45 +42,77 @@ def dose_response(frame: pd.DataFrame, outcomes: Sequence[str]) -> Figure:
     return fig
 
 
-def retention_vs_entropy(frame: pd.DataFrame, retention: str) -> Figure:
-    """Every run's zero-shot retention against its Δentropy, coloured by method, one panel per
-    dataset: whether collapse and forgetting go together within a method."""
-    datasets = sorted(frame["dataset"].unique())
+def retention_vs_entropy(frame: pd.DataFrame, retention: str, signal: str) -> Figure:
+    """Zero-shot retention against ``signal`` (Δ entropy) for every full-FT and LoRA run,
+    coloured by method, one panel per dataset: whether collapse and forgetting go together
+    within a method, and whether the slope keeps its sign across methods."""
+    runs = frame[frame["method"].isin(CORE_METHODS)]
+    datasets = sorted(runs["dataset"].unique()) or ["none"]
     width = min(MAX_WIDTH_IN / len(datasets), 4.4)
     fig, axes = new_figure(len(datasets), width=width, height=3.2)
     for col, dataset in enumerate(datasets):
         ax = axes[0, col]
-        runs = frame[frame["dataset"] == dataset]
-        for method, points in runs.groupby("method", sort=False):
-            ax.scatter(points["d_entropy_pct"], points[retention], s=16,
+        for method, points in runs[runs["dataset"] == dataset].groupby("method", sort=False):
+            ax.scatter(points[signal], points[retention], s=16,
                        color=METHOD_COLORS.get(method, "tab:gray"),
                        label=METHOD_NAMES.get(method, method))  # fmt: skip
-        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-        ax.set(title=DATASET_NAMES.get(dataset, dataset), xlabel=column_spec("d_entropy_pct").label)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="_pre-trained")
+        ax.axvline(0.0, color="gray", linewidth=0.6, linestyle=":", label="_no change")
+        ax.set(title=DATASET_NAMES.get(dataset, dataset), xlabel=column_spec(signal).label)
         ax.set_ylabel(column_spec(retention).label if col == 0 else "")
     legend_below(fig, *_unique_handles(axes))
     return fig
 
 
 def signal_ranking(ranking: pd.DataFrame) -> Figure:
-    """|ρ| of each signal with retention over every run (bar, 95 % bootstrap CI) beside its
-    mean |ρ| within dataset and within dataset × method (markers), best signal on top."""
+    """|ρ| of each signal with retention over the bootstrap units (bar, 95 % CI) beside its
+    mean |ρ| within dataset and within dataset × method (markers), best on top; reference rows
+    (what needs labels, the learning-rate dial, the signed statistic) hatched and in italics."""
     fig, axes = new_figure(width=6.8, height=0.45 * len(ranking) + 1.4)
     ax = axes[0, 0]
     if ranking.empty:
         empty_panel(ax, "no signal measured on enough runs")
         return fig
     y = np.arange(len(ranking))[::-1]
-    overall = ranking["rho"].abs()
+    overall = ranking["unit_rho"].abs()
     err = np.vstack([overall - ranking["ci_low"], ranking["ci_high"] - overall]).clip(min=0)
-    ax.barh(y, overall, xerr=err, color="tab:gray", alpha=0.6, label="|ρ| over all runs")
-    ax.scatter(ranking["abs_rho_within"], y, marker="D", color="tab:blue", zorder=3,
+    reference = (ranking.get("kind", pd.Series("signal", ranking.index)) == "reference").to_numpy()
+    units = "cell means" if (ranking["n_units"] < ranking["n"]).any() else "runs"
+    ax.barh(y[~reference], overall[~reference], xerr=err[:, ~reference], color="tab:gray",
+            alpha=0.6, label=f"|ρ| over the {units} (95 % CI)")  # fmt: skip
+    if reference.any():
+        ax.barh(y[reference], overall[reference], xerr=err[:, reference], color="white",
+                edgecolor="tab:gray", hatch="//", label="reference row")  # fmt: skip
+    ax.scatter(ranking["abs_rho_within"], y, marker="D", color="tab:purple", zorder=3,
                label="mean |ρ| within dataset")  # fmt: skip
-    ax.scatter(ranking["abs_rho_within_method"], y, marker="o", color="tab:red", zorder=3,
+    ax.scatter(ranking["abs_rho_within_method"], y, marker="o", color="black", zorder=3,
                label="mean |ρ| within dataset × method")  # fmt: skip
     ax.set_yticks(y, [column_spec(name).label for name in ranking.index])
+    for label, is_reference in zip(ax.get_yticklabels(), reference, strict=True):
+        label.set_fontstyle("italic" if is_reference else "normal")
     ax.set(xlim=(0, 1.05), xlabel="|Spearman ρ| with zero-shot retention")
     legend_below(fig, *ax.get_legend_handles_labels())
+    return fig
+
+
+def frontier(cells: pd.DataFrame, retention: str, accuracy: str = "test_acc") -> Figure:
+    """Per dataset, each cell's seed-mean ``accuracy`` (%) against its ``retention`` (%),
+    coloured by method, with the Pareto frontier (``cells["on_frontier"]``) as a line."""
+    datasets = sorted(cells.index.get_level_values("dataset").unique())
+    width = min(MAX_WIDTH_IN / len(datasets), 4.4)
+    fig, axes = new_figure(len(datasets), width=width, height=3.4)
+    for col, dataset in enumerate(datasets):
+        ax, block = axes[0, col], cells.xs(dataset, level="dataset")
+        for method, points in block.groupby(level="method", sort=False):
+            ax.scatter(100 * points[retention], 100 * points[accuracy], s=24,
+                       color=METHOD_COLORS.get(method, "tab:gray"),
+                       label=METHOD_NAMES.get(method, method))  # fmt: skip
+        edge = block[block["on_frontier"]].sort_values(retention)
+        ax.plot(100 * edge[retention], 100 * edge[accuracy], color="black", linewidth=0.8,
+                linestyle="--", label="frontier", zorder=0)  # fmt: skip
+        ax.set(title=DATASET_NAMES.get(dataset, dataset), xlabel=column_spec(retention).label)
+        ax.set_ylabel(column_spec(accuracy).label if col == 0 else "")
+    legend_below(fig, *_unique_handles(axes))
     return fig
 
 

@@ -1,9 +1,11 @@
-"""The Study B comparison page: the summary phase of ``13_study_b`` (family ``study_b``).
+"""How a Study B page shows its analyses, one section per question, for our runs (the summary
+phase of ``13_study_b``) and for the authors' published ones (``14_study_b_published``).
 
-It answers RQ2/RQ3 on a matched grid: the cell table over seeds, full FT against LoRA at
-matched (dataset, lr, seed), each method's dose-response in learning rate, which label-free
-signal predicts zero-shot retention best, and the operating point each method picks by
-validation accuracy. The analyses are :mod:`collapse_utils.analysis.study_b`.
+Each section takes a :class:`~collapse_utils.book.page.Page` and a Study B frame
+(:mod:`collapse_utils.analysis.study_b`: one row per run, signals at the selected checkpoint),
+records and shows its table and figure, and returns the sentence it adds to the page's findings
+(empty when it has nothing to say). :func:`study_b_page` runs them all on our runs; the
+published chapter calls them one by one between its own text.
 """
 
 from __future__ import annotations
@@ -17,29 +19,84 @@ from collapse_utils.analysis.results import run_summary
 from collapse_utils.book import study_b_figures
 from collapse_utils.book.page import Page
 from collapse_utils.book.style import DATASET_NAMES, METHOD_NAMES
-from collapse_utils.book.tables import column_spec, format_p, format_value
+from collapse_utils.book.tables import column_spec, format_lr, format_p
 
 if TYPE_CHECKING:
     from collapse_utils.book.family_pages import FamilyRuns
 
 N_BOOT = 2000
+ENTROPY = "d_entropy_pct_sel"
 
 
 def study_b_page(page: Page, runs: FamilyRuns) -> None:
     """The Study B comparison of the complete runs of ``runs`` (any subset renders)."""
     frame = study_b.grid_frame(run_summary(runs.histories))
+    target = transfer_target(frame)
+    sentences = [
+        cells(page, frame, target),
+        paired(page, frame, target),
+        dose(page, frame, target),
+        verdicts(page, frame, target),
+        ranking(page, frame, target),
+        early_warning(page, frame, target),
+        selection(page, frame, target),
+        operating_points(page, frame, target),
+        frontier(page, frame, target),
+    ]
+    page.conclude(" ".join(s for s in sentences if s))
+
+
+def transfer_target(frame: pd.DataFrame) -> str:
+    """CIFAR-100 retention (the report's transfer set), else the first retention measured;
+    empty when none is."""
     retention = study_b.retention_columns(frame)
-    # CIFAR-100 is the report's transfer set; another retention only when it is missing.
-    target = (
-        "retention_cifar100" if "retention_cifar100" in retention else next(iter(retention), "")
-    )
-    effects = study_b.present(frame, ["d_entropy_pct", *retention])  # what training changes
-    outcomes = study_b.present(frame, ["best_acc", *effects])
-    page.table(
-        "cells", study_b.cell_table(frame, study_b.present(frame, [*outcomes, "embedding_drift_f"]))
-    )
-    paired = study_b.paired_table(_accuracy_in_points(frame), outcomes)
-    page.table("paired", paired)
+    return study_b.TARGET if study_b.TARGET in retention else next(iter(retention), "")
+
+
+def _in_points(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with accuracies and retention (stored as fractions) in %: a table whose rows
+    are outcomes of different units shows each in the unit of its label."""
+    scaled = frame.copy()
+    for column in ("best_acc", "final_acc", "test_acc", *study_b.retention_columns(frame)):
+        if column in scaled:
+            scaled[column] = 100 * scaled[column].astype(float)
+    return scaled
+
+
+# --- the sections ------------------------------------------------------------------------------
+
+
+def cells(page: Page, frame: pd.DataFrame, target: str) -> str:
+    """Mean and SD over seeds per dataset × method × lr."""
+    values = study_b.present(frame, ["test_acc", "best_acc", ENTROPY, target,
+                                     *study_b.retention_columns(frame)[:2],
+                                     "embedding_drift_sel", "cka_mean_sel"])  # fmt: skip
+    table = study_b.cell_table(frame, list(dict.fromkeys(values)))
+    page.table("cells", table)
+    seeds = int(table["seeds"].max()) if not table.empty else 0
+    return f"The grid has {len(table)} cells of up to {seeds} seeds."
+
+
+def paired(page: Page, frame: pd.DataFrame, target: str) -> str:
+    """Full FT against LoRA at matched (dataset, lr, seed); accuracies in points."""
+    outcomes = study_b.present(frame, [ENTROPY, f"abs_{ENTROPY}", target, "test_acc"])
+    table = study_b.paired_table(_in_points(study_b.core(frame)), outcomes)
+    page.table("paired", table)
+    parts = []
+    for (dataset, outcome), row in table.iterrows():
+        if outcome in (ENTROPY, target) and row["n"] > 0:
+            parts.append(
+                f"{column_spec(outcome).label} on {DATASET_NAMES.get(dataset, dataset)} "
+                f"{row['diff']:+.2f} ({int(row['n'])} pairs, Holm p {_p(row['p_t_holm'])})"
+            )
+    if not parts:
+        return "No full-FT run has a LoRA twin at the same learning rate and seed yet."
+    return "Full FT minus LoRA at matched learning rate and seed: " + "; ".join(parts) + "."
+
+
+def dose(page: Page, frame: pd.DataFrame, target: str) -> str:
+    """Each outcome against the learning rate, per dataset and method."""
+    effects = study_b.present(frame, [ENTROPY, target, "test_acc"])
     page.table("dose_response", study_b.dose_table(frame, effects))
     page.figure(
         "study_b_dose_response",
@@ -47,96 +104,142 @@ def study_b_page(page: Page, runs: FamilyRuns) -> None:
         "Each outcome against the learning rate, one dot per seed and the seed mean as a line "
         "per method: compare the lines at the same learning rate, not the methods' defaults.",
     )
-    sentences = [_paired_sentence(paired, dataset) for dataset in sorted(frame["dataset"].unique())]
-    if target:
-        sentences.append(_signal_ranking(page, frame, target))
-    points = study_b.operating_points(frame, study_b.present(frame, ["test_acc", *effects]))
-    page.table("operating_points", points)
-    sentences.append(_operating_sentence(points, target))
-    page.conclude(" ".join(s for s in sentences if s))
+    return ""
 
 
-def _signal_ranking(page: Page, frame: pd.DataFrame, target: str) -> str:
-    """Retention against Δ entropy, and every measured signal ranked by how well it predicts
-    ``target``; returns the finding's sentence."""
+def verdicts(page: Page, frame: pd.DataFrame, target: str) -> str:
+    """RQ2 per dataset and RQ3 within dataset × method, with the per-group table of RQ3."""
+    if not target:
+        return ""
+    found = study_b.verdicts(frame, target)
+    groups = study_b.within_groups(study_b.core(frame), ENTROPY, target)
+    page.table("entropy_within_groups", groups)
     page.figure(
         "study_b_retention_vs_entropy",
-        study_b_figures.retention_vs_entropy(frame, target),
-        f"{column_spec(target).label} against Δ entropy for every run, coloured by method: "
-        "if collapse drove forgetting, the points of each colour would fall along a line.",
+        study_b_figures.retention_vs_entropy(frame, target, ENTROPY),
+        f"{column_spec(target).label} against Δ entropy for every full-FT and LoRA run, one "
+        "panel per dataset: within a colour the points follow a line whose slope can change "
+        "sign between methods and datasets.",
     )
-    signals = [*study_b.ATTENTION_SIGNALS, *study_b.REPRESENTATION_SIGNALS, *study_b.EARLY_SIGNALS]
-    ranking = study_b.signal_ranking(frame, target, study_b.present(frame, signals), N_BOOT)
-    page.table("signal_ranking", ranking)
-    page.figure(
-        "study_b_signal_ranking",
-        study_b_figures.signal_ranking(ranking),
-        "How well each label-free signal ranks the runs' zero-shot retention: the bar over "
-        "all runs (with its 95 % bootstrap CI), the markers within a dataset and within a "
-        "dataset and method, where the method cannot carry the correlation.",
-    )
-    return _ranking_sentence(ranking, target)
-
-
-def _accuracy_in_points(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with accuracies (stored as fractions) in %: a table whose rows are outcomes
-    of different units shows each in the unit of its label."""
-    scaled = frame.copy()
-    for column in ("best_acc", "final_acc", "test_acc"):
-        if column in scaled:
-            scaled[column] = 100 * scaled[column].astype(float)
-    return scaled
-
-
-def _paired_sentence(paired: pd.DataFrame, dataset: str) -> str:
-    """Full FT − LoRA at matched (lr, seed) on one dataset, per outcome with Holm's p."""
-    rows = paired.loc[dataset] if dataset in paired.index.get_level_values(0) else pd.DataFrame()
-    rows = rows[rows["n"] > 0] if not rows.empty else rows
-    if rows.empty:
-        return f"On {DATASET_NAMES.get(dataset, dataset)} no full-FT run has a LoRA twin yet."
-    parts = [
-        f"{column_spec(outcome).label} {row['diff']:+.3f} "
-        f"(d_z {_num(row['d_z'])}, Holm p {_p(row['p_t_holm'])})"
-        for outcome, row in rows.iterrows()
-    ]
-    n = int(rows["n"].max())
-    return (
-        f"On {DATASET_NAMES.get(dataset, dataset)}, full FT minus LoRA at matched learning rate "
-        f"and seed ({n} pairs): {'; '.join(parts)}."
-    )
-
-
-def _ranking_sentence(ranking: pd.DataFrame, target: str) -> str:
-    best, label = ranking.index[0], column_spec(target).label
-    row = ranking.loc[best]
-    text = (
-        f"The signal that ranks {label} best over all {int(row['n'])} runs is "
-        f"{column_spec(best).label} (ρ = {row['rho']:.2f}, |ρ| 95 % CI {row['ci_low']:.2f} to "
-        f"{row['ci_high']:.2f}; mean |ρ| {_num(row['abs_rho_within_method'])} within dataset "
-        "and method)."
-    )
-    if "d_entropy_pct" in ranking.index and best != "d_entropy_pct":
-        entropy = ranking.loc["d_entropy_pct"]
+    rq3, rq2 = found["RQ3"], found["RQ2"]
+    text = f"RQ3, judged within dataset × method: **{rq3.verdict}**"
+    text += f" ({rq3.detail or rq3.reason})." if (rq3.detail or rq3.reason) else "."
+    if "pooled_rho" in rq3.numbers:
         text += (
-            f" Δ entropy reaches |ρ| = {abs(entropy['rho']):.2f}; its gap to the best is "
-            f"{entropy['gap']:.2f} (95 % CI {entropy['gap_low']:.2f} to {entropy['gap_high']:.2f})."
+            f" Pooled over every run the same correlation is ρ = {rq3.numbers['pooled_rho']:+.2f}"
+            f", against a mean |ρ| of {rq3.numbers['mean_abs_rho']:.2f} within the groups."
         )
+    text += f" RQ2, judged per dataset: **{rq2.verdict}** ({rq2.detail or rq2.reason})."
     return text
 
 
-def _operating_sentence(points: pd.DataFrame, target: str) -> str:
+def ranking(page: Page, frame: pd.DataFrame, target: str) -> str:
+    """Every signal and reference row ranked against ``target`` over full FT and LoRA, the
+    bootstrap over cells; the other methods appear only as reference points."""
+    if not target:
+        return ""
+    table = study_b.signal_ranking(frame, target, n_boot=N_BOOT)
+    page.table("signal_ranking", table)
+    page.figure(
+        "study_b_signal_ranking",
+        study_b_figures.signal_ranking(table),
+        "How well each label-free signal (and, in grey italics, each reference row) ranks "
+        "zero-shot retention over the full-FT and LoRA runs: the bar over the cell means with its "
+        "95 % CI from resampled cells, the markers within a dataset and within a dataset and "
+        "method.",
+    )
+    best = table[table["kind"] == "signal"].index[0] if (table["kind"] == "signal").any() else ""
+    if not best:
+        return ""
+    row = table.loc[best]
+    split = study_b.separated(table)
+    text = (
+        f"Over the cell means the label-free signal that ranks {column_spec(target).label} best "
+        f"is {column_spec(best).label} (|ρ| = {abs(row['unit_rho']):.2f}, 95 % CI "
+        f"{row['ci_low']:.2f} to {row['ci_high']:.2f}, {int(row['n_units'])} cells)."
+    )
+    text += (
+        " Resampling cells, the gap to it excludes 0 only for "
+        + ", ".join(column_spec(name).label for name in split)
+        + f"; the other {len(table) - 1 - len(split)} rows are within resampling noise of it."
+        if split
+        else " Resampling cells, no other row's gap to it excludes 0."
+    )
+    return text
+
+
+def early_warning(page: Page, frame: pd.DataFrame, target: str) -> str:
+    """Epoch-1 signals against the final retention, and their cell-level AUC for damage."""
+    table = study_b.early_warning(frame, target) if target else pd.DataFrame()
+    if table.empty:
+        return ""
+    page.table("early_warning", table)
+    best = table["auc"].idxmax()
+    row = table.loc[best]
+    if row["n_damaged"] == 0 or row["n_healthy"] == 0:
+        return "No cell is damaged (retention below 50 %), so no early warning can be scored."
+    return (
+        f"After one epoch, {column_spec(best).label} separates the {int(row['n_damaged'])} "
+        f"damaged cells (retention below 50 %) from the {int(row['n_healthy'])} others with a "
+        f"cell-level AUC of {row['auc']:.2f}."
+    )
+
+
+def selection(page: Page, frame: pd.DataFrame, target: str) -> str:
+    """Choosing among runs of near-best validation accuracy by one signal."""
+    table = study_b.selection(frame, target) if target else pd.DataFrame()
+    if table.empty:
+        return ""
+    page.table("selection", table)
+    parts = []
+    for dataset, block in table.groupby(level="dataset"):
+        first = block.iloc[0]
+        best = block["regret"].idxmin()[1]
+        parts.append(
+            f"on {DATASET_NAMES.get(dataset, dataset)} ({int(first['candidates'])} candidates, "
+            f"retention {100 * first['worst']:.1f}–{100 * first['oracle']:.1f} %, a random pick "
+            f"{100 * first['random']:.1f} %) {column_spec(best).label} picks "
+            f"{100 * block.loc[(dataset, best), 'retention']:.1f} %"
+        )
+    return (
+        "Choosing by a signal among the runs within 2 points of the best validation accuracy: "
+        + ("; ".join(parts) + ".")
+    )
+
+
+def frontier(page: Page, frame: pd.DataFrame, target: str) -> str:
+    """The accuracy / retention trade-off of every cell, reference points included."""
+    if not target or "test_acc" not in study_b.present(frame, ["test_acc"]):
+        return ""
+    cells = study_b.frontier(frame, target)
+    page.table("frontier", cells)
+    page.figure(
+        "study_b_frontier",
+        study_b_figures.frontier(cells, target),
+        "Test accuracy against zero-shot retention per cell (seed means), every method: the "
+        "cells on the line are those no other cell beats on both.",
+    )
+    parts = []
+    for dataset, on in cells[cells["on_frontier"]].reset_index().groupby("dataset"):
+        names = [f"{METHOD_NAMES.get(m, m)} at {format_lr(lr)}"
+                 for m, lr in zip(on["method"], on["lr"], strict=True)]  # fmt: skip
+        parts.append(f"on {DATASET_NAMES.get(dataset, dataset)} {', '.join(names)}")
+    return f"On the accuracy / retention frontier: {'; '.join(parts)}."
+
+
+def operating_points(page: Page, frame: pd.DataFrame, target: str) -> str:
+    """The learning rate each method picks by mean validation accuracy, and what it costs."""
+    values = study_b.present(frame, ["test_acc", ENTROPY, target])
+    points = study_b.operating_points(frame, values)
+    page.table("operating_points", points)
     parts = []
     for (dataset, method), row in points.iterrows():
-        text = f"{METHOD_NAMES.get(method, method)} on {DATASET_NAMES.get(dataset, dataset)} "
-        text += f"lr {format_value(row['lr'], column_spec('lr'))}"
+        text = (f"{METHOD_NAMES.get(method, method)} on {DATASET_NAMES.get(dataset, dataset)} "
+                f"lr {format_lr(row['lr'])}")  # fmt: skip
         if target and pd.notna(row.get(target)):
-            text += f" (retention {row[target]:.3f})"
+            text += f" (retention {100 * row[target]:.1f} %)"
         parts.append(text)
     return "Picked by validation accuracy, the operating points are: " + "; ".join(parts) + "."
-
-
-def _num(value: float) -> str:
-    return "n/a" if pd.isna(value) else f"{value:.2f}"
 
 
 def _p(value: float) -> str:

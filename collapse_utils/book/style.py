@@ -21,6 +21,7 @@ METHOD_NAMES = {
     "none": "pre-trained",
     "linear_probe": "linear probe",
     "last_block": "last block",
+    "lora_frozen_proj": "LoRA, frozen projection",
 }
 METHOD_COLORS = {
     "full": "tab:red",
@@ -28,6 +29,7 @@ METHOD_COLORS = {
     "none": "tab:gray",
     "linear_probe": "tab:green",
     "last_block": "tab:orange",
+    "lora_frozen_proj": "tab:cyan",
 }
 REGULARIZER_NAMES = {"none": "none", "apr": "APR", "entropy_floor": "entropy floor"}
 # Settings a family varies (families.yaml ``axis``), as axis labels.
