@@ -14,6 +14,7 @@ import yaml
 from collapse_utils.analysis import reproduction as rp
 from collapse_utils.analysis.stats import compare_groups
 from collapse_utils.analysis.verdicts import INCONCLUSIVE, SUPPORTED
+from collapse_utils.book.findings_chapter import run_settings
 from collapse_utils.book.reproduction_chapter import ReproductionChapter
 from collapse_utils.config import REPO_ROOT, ConfigError, available_experiments
 from tests.fake_records import FULL_CHANGE, START, histories, write_study
@@ -149,10 +150,21 @@ def test_the_verdict_rules_on_the_reports_own_numbers():
     assert found["RQ2"].verdict == INCONCLUSIVE  # one value per run: 2 vs 4 runs
     assert found["RQ2"].numbers["welch_p"] == pytest.approx(0.339, abs=0.001)
     assert found["RQ3"].verdict == SUPPORTED
+    assert found["RQ3"].n == 5 and "E4, E5, E6" in found["RQ3"].detail  # LoRA rows: artefacts
+    assert found["RQ3"].numbers["rho"] == pytest.approx(1.0)
     assert found["RQ4"].verdict == INCONCLUSIVE and found["RQ4"].focus == "R2_entfloor0.1"
     assert found["RQ5_lr"].verdict == SUPPORTED
     assert found["RQ5_lr"].numbers["p"] == pytest.approx(2 / 120)
     assert found["RQ5_layers"].verdict == INCONCLUSIVE
+    assert "2 runs with layer groups (E2, E5)" in found["RQ5_layers"].reason
+
+
+def test_rq1_on_the_reports_numbers_names_the_runs_that_repeat_one_configuration():
+    settings = run_settings("full")
+    found = rp.report_verdicts(NUMBERS, "E2", ["E2", "E5"], settings)
+    detail = found["RQ1"].detail
+    assert "E2, A3_freeze3, A3_freeze6, A3_freeze9, R3_wd0.0, R3_wd0.1 share eurosat" in detail
+    assert "6 of the 11 values" in detail
 
 
 # --- the comparison --------------------------------------------------------------------------

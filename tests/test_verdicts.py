@@ -14,7 +14,6 @@ from collapse_utils.analysis.verdicts import (
     SUPPORTED,
     rq1_fine_tuning_lowers_entropy,
     rq2_lora_preserves_better,
-    rq2_matched_lora_preserves_better,
     rq3_collapse_tracks_zeroshot_loss,
     rq4_regularizer_limits_change,
     rq5_layer_position_matters,
@@ -166,27 +165,25 @@ def test_no_order_in_learning_rate_is_inconclusive_and_two_rates_cannot_be_teste
     assert flat.verdict == INCONCLUSIVE and "same at every" in flat.reason
 
 
-def test_a_layer_position_effect_contradicts_rq5b_and_none_is_never_called_supported():
-    found = rq5_layer_position_matters(pd.Series([0.001, 0.5], index=["E2", "E5"]))
-    assert found.verdict == CONTRADICTED and found.numbers["min_p_holm"] == pytest.approx(0.002)
-    nothing = rq5_layer_position_matters([0.755, 0.99])
-    assert nothing.verdict == INCONCLUSIVE
-    assert rq5_layer_position_matters([]).reason == "no run with a layer ANOVA"
+def _groups(rows: list[tuple[float, float, float]]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=["early_mean", "middle_mean", "late_mean"])
+    frame.index = [f"R{i}" for i in range(len(rows))]
+    return frame
 
 
-def test_matched_pairs_where_lora_keeps_more_entropy_support_rq2():
-    v = rq2_matched_lora_preserves_better([-3.0, -2.0, -4.0, -1.0], [-1.0, -0.5, -1.5, 0.0])
-    assert v.verdict == SUPPORTED and v.n == 4 and v.numbers["diff"] == pytest.approx(1.75)
-    assert v.unit == "matched pair (dataset, lr, seed)"
+def test_a_layer_position_effect_over_runs_contradicts_rq5b_and_none_is_never_supported():
+    late = _groups([(0.1 * i, 0.2 * i, -1.0 - 0.1 * i) for i in range(6)])  # late always lowest
+    found = rq5_layer_position_matters(late)
+    assert found.verdict == CONTRADICTED and found.n == 6 and found.numbers["p"] < 0.05
+    assert found.unit.startswith("run")
+    mixed = _groups([(0.0, 0.1, -0.1), (0.1, -0.1, 0.0), (-0.1, 0.0, 0.1), (0.2, 0.0, -0.2),
+                     (0.0, -0.2, 0.2), (-0.2, 0.2, 0.0)])  # fmt: skip
+    assert rq5_layer_position_matters(mixed).verdict == INCONCLUSIVE
 
 
-def test_matched_pairs_with_noise_only_are_inconclusive_and_missing_pairs_drop():
-    v = rq2_matched_lora_preserves_better([-1.0, -2.0, -1.5, np.nan], [-1.2, -1.8, -1.5, 0.0])
-    assert v.verdict == INCONCLUSIVE and v.n == 3
-    assert rq2_matched_lora_preserves_better([-1.0], [0.0]).reason == "1 matched pairs"
-    assert rq2_matched_lora_preserves_better([1.0, 2.0], [1.0, 2.0]).reason == "every pair is equal"
-    lower = rq2_matched_lora_preserves_better([0.0, 0.1, 0.2, 0.0], [-2.0, -1.9, -2.1, -2.2])
-    assert lower.verdict == CONTRADICTED
+def test_rq5b_with_too_few_runs_names_them():
+    two = rq5_layer_position_matters(_groups([(0.1, 0.2, -0.3), (0.0, 1.1, 0.6)]))
+    assert two.verdict == INCONCLUSIVE and "2 runs with layer groups (R0, R1)" in two.reason
 
 
 def test_findings_add_the_matched_grid_evidence_for_rq2_and_rq3(tmp_path):
@@ -196,6 +193,9 @@ def test_findings_add_the_matched_grid_evidence_for_rq2_and_rq3(tmp_path):
     assert chapter.matched["RQ3"].n == 32
     text = chapter.claim_markdown("RQ2")
     assert "Study B, matched grid" in text and verdicts.MATCHED_RULES["RQ2"] in text
+    assert "the authors' published runs" in text  # the real-model verdict beside ours
+    assert chapter.published["RQ3"].verdict == verdicts.UNSTABLE
+    assert "not stable across configurations" in chapter.overview_markdown()
     assert "13_study_b/summary" in text
     assert chapter.build["RQ2"].numbers["n_full"] == 2  # the report's design is unchanged
     assert "Study B" not in chapter.claim_markdown("RQ1")
@@ -203,7 +203,7 @@ def test_findings_add_the_matched_grid_evidence_for_rq2_and_rq3(tmp_path):
 
 def test_every_rule_is_stated_for_every_claim():
     assert set(verdicts.RULES) == set(verdicts.CLAIMS) == set(verdicts.QUESTIONS)
-    assert rq5_layer_position_matters([0.5]).rule == verdicts.RULES["RQ5_layers"]
+    assert rq5_layer_position_matters(_groups([])).rule == verdicts.RULES["RQ5_layers"]
 
 
 # --- the findings chapter on fake studies -----------------------------------------------------

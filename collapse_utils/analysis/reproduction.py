@@ -15,6 +15,7 @@ what the report's own numbers say about its claims.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -792,16 +793,23 @@ def check_printed_changes(numbers: ReportNumbers) -> ReportCheck:
 
 
 def report_verdicts(
-    numbers: ReportNumbers, reference: str, anova_runs: list[str]
+    numbers: ReportNumbers,
+    reference: str,
+    anova_runs: list[str],
+    settings: pd.DataFrame | None = None,
 ) -> dict[str, verdicts.Verdict]:
     """Each verdict rule applied to the report's published numbers. ``reference``: the
     unregularized run the regularizers are compared with; ``anova_runs``: the runs of the layer
-    ANOVA (both from ``params/families.yaml``)."""
+    ANOVA (both from ``params/families.yaml``); ``settings``: dataset and lr per run id (from
+    the experiment files), to name the runs that repeat one configuration.
+
+    Where the report's design asks for it: RQ1 names its near-duplicate runs, RQ3 leaves out
+    the LoRA rows (the report's code scored them without their adapters), RQ5b takes runs, not
+    layers, as the unit."""
     runs = numbers.tables["appendix_runs"].frame()
     changes = runs["d_entropy_pct"]
     plain = changes.reindex(numbers.runs_with("full", "none")).dropna()
     grand = numbers.tables["grand_comparison"].frame()["d_entropy_pct"]
-    zs = numbers.tables["zeroshot"].frame().drop(index="pretrained")
     regs = numbers.tables["regularizers"].frame()
     acc = runs["best_acc"]
     reg_tests = pd.DataFrame(
@@ -819,17 +827,57 @@ def report_verdicts(
         index=regs.index,
     )
     sweep = numbers.tables["lr_sweep"].frame()
-    anova = numbers.tables["layer_anova"].frame()["p"].reindex(anova_runs)
+    anova = numbers.tables["layer_anova"].frame().reindex(anova_runs)
+    rq1 = verdicts.rq1_fine_tuning_lowers_entropy(plain)
     return {
-        "RQ1": verdicts.rq1_fine_tuning_lowers_entropy(plain),
+        "RQ1": dataclasses.replace(rq1, detail=near_duplicates(list(plain.index), settings)),
         "RQ2": verdicts.rq2_lora_preserves_better(
             grand.reindex(numbers.runs_with("full")).dropna(),
             grand.reindex(numbers.runs_with("lora")).dropna(),
         ),
-        "RQ3": verdicts.rq3_collapse_tracks_zeroshot_loss(
-            changes.reindex(zs.index), zs["zs_cifar100_change_pct"]
-        ),
+        "RQ3": _report_zeroshot_verdict(numbers, changes),
         "RQ4": verdicts.rq4_regularizer_limits_change(reg_tests),
         "RQ5_lr": verdicts.rq5_learning_rate_drives_collapse(sweep["lr"], sweep["d_entropy_pct"]),
         "RQ5_layers": verdicts.rq5_layer_position_matters(anova),
     }
+
+
+def _report_zeroshot_verdict(numbers: ReportNumbers, changes: pd.Series) -> verdicts.Verdict:
+    """RQ3 on the report's §6.3 rows without its LoRA rows: the report's code loaded only the
+    vision tower's base weights into a fresh CLIP, dropping the adapters, so every LoRA row
+    repeats the pre-trained accuracy and carries no evidence."""
+    zs = numbers.tables["zeroshot"].frame().drop(index="pretrained")
+    lora = [r for r in zs.index if r in numbers.runs_with("lora")]
+    kept = zs.drop(index=lora)
+    verdict = verdicts.rq3_collapse_tracks_zeroshot_loss(
+        changes.reindex(kept.index), kept["zs_cifar100_change_pct"]
+    )
+    if not lora:
+        return verdict
+    detail = (
+        f"left out: {', '.join(lora)} (LoRA, scored by the report's code without their "
+        "adapters, so their zero-shot equals the pre-trained model's)"
+    )
+    return dataclasses.replace(verdict, detail=detail)
+
+
+def near_duplicates(runs: list[str], settings: pd.DataFrame | None) -> str:
+    """A sentence naming the ``runs`` that share a dataset and learning rate (they differ only
+    in weight decay or frozen layers, so they repeat one configuration); empty when none do or
+    ``settings`` (index: run; dataset, lr) is not given."""
+    if settings is None or settings.empty:
+        return ""
+    known = settings.reindex([r for r in runs if r in settings.index])
+    groups = [g for _, g in known.groupby(["dataset", "lr"], sort=True) if len(g) > 1]
+    parts = [
+        f"{', '.join(g.index)} share {g['dataset'].iloc[0]} at lr {g['lr'].iloc[0]:g}"
+        for g in groups
+    ]
+    if not parts:
+        return ""
+    repeated = sum(len(g) for g in groups)
+    return (
+        f"near-duplicates: {'; '.join(parts)} ({repeated} of the {len(runs)} values repeat one "
+        "configuration varied only in weight decay or frozen layers, so they are not "
+        "independent replicates)"
+    )

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 
 from collapse_utils.analysis import stat_tables
 from collapse_utils.analysis.stats import (
@@ -26,7 +27,6 @@ from collapse_utils.analysis.stats import (
     compare_groups,
     correlation,
     holm,
-    paired,
 )
 
 SUPPORTED = "supported"
@@ -43,6 +43,7 @@ ACCURACY_COST = 1.0
 """Largest loss of best task accuracy, in points, that RQ4 still calls "without costing"."""
 MIN_GROUP = 2
 MIN_CORRELATION = 3
+MIN_FRIEDMAN_RUNS = 5
 
 CLAIMS = ("RQ1", "RQ2", "RQ3", "RQ4", "RQ5_lr", "RQ5_layers")
 LABELS = {"RQ5_lr": "RQ5a", "RQ5_layers": "RQ5b"}
@@ -89,10 +90,13 @@ RULES = {
         "direction of the effect, not that it is the strongest knob."
     ),
     "RQ5_layers": (
-        "One-way ANOVA of each listed run's per-layer Δ entropy between early, middle and late "
-        f"layers, Holm over the runs. Contradicted if a run's Holm p < {ALPHA} (a positional "
-        "preference); otherwise inconclusive: a non-significant test with a third of the layers "
-        "per group cannot show that there is none, so this rule never says supported."
+        "One value per run and layer position: the run's mean Δ entropy (%) in its early, middle "
+        "and late thirds of layers; Friedman's test of the three positions with runs as the unit "
+        f"(at least {MIN_FRIEDMAN_RUNS} runs). Contradicted if p < {ALPHA} (a positional "
+        "preference across runs); otherwise inconclusive: a non-significant test cannot show "
+        "that there is none, so this rule never says supported. The layers of one run are not "
+        "replicates: an ANOVA over them (the statistics chapter, the report's §3.8) tests a "
+        "shape within that run only."
     ),
 }
 MATCHED_RULES = {
@@ -208,21 +212,6 @@ def _complete_pairs(
     return a[keep], b[keep]
 
 
-def rq2_matched_lora_preserves_better(full: Sequence[float], lora: Sequence[float]) -> Verdict:
-    """RQ2 from matched pairs: ``full[i]`` and ``lora[i]`` are the Δ entropy (%) of a Full FT
-    and a LoRA run with the same dataset, learning rate and seed. A pair missing either value
-    is left out."""
-    a, b = _complete_pairs(full, lora, "one LoRA value per Full FT value")
-    unit = "matched pair (dataset, lr, seed)"
-    numbers = {"pairs": len(a), "mean_full": _mean(a), "mean_lora": _mean(b)}
-    if len(a) < MIN_GROUP or np.all(a == b):
-        reason = f"{len(a)} matched pairs" if len(a) < MIN_GROUP else "every pair is equal"
-        return Verdict("RQ2", INCONCLUSIVE, unit, len(a), numbers, reason)
-    test = paired(b, a)
-    numbers.update(diff=float((b - a).mean()), d_z=test.d_z, p=test.p)
-    return _signed("RQ2", unit, len(a), numbers["diff"], test.p, numbers, want=1)
-
-
 def rq3_collapse_tracks_zeroshot_loss(
     d_entropy: Sequence[float], zeroshot_change: Sequence[float]
 ) -> Verdict:
@@ -302,16 +291,24 @@ def rq5_learning_rate_drives_collapse(lr: Sequence[float], d_entropy: Sequence[f
     return _signed("RQ5_lr", unit, len(points), rho, p_holm, numbers, want=-1)
 
 
-def rq5_layer_position_matters(p_values: pd.Series | Sequence[float]) -> Verdict:
-    """RQ5 (layer position) from the ANOVA p of each run tested (index: run, if a Series)."""
-    p = pd.Series(p_values, dtype=float).dropna()
-    unit = "run (its layers in 3 groups)"
-    if p.empty:
-        return Verdict("RQ5_layers", INCONCLUSIVE, unit, 0, {}, "no run with a layer ANOVA")
-    p_holm = pd.Series(holm(p), index=p.index)
-    numbers = {"min_p": float(p.min()), "min_p_holm": float(p_holm.min())}
-    verdict = CONTRADICTED if (p_holm < ALPHA).any() else INCONCLUSIVE
-    return Verdict("RQ5_layers", verdict, unit, len(p), numbers)
+def rq5_layer_position_matters(group_means: pd.DataFrame) -> Verdict:
+    """RQ5 (layer position) with runs as the unit: one row per run (index) with its mean Δ
+    entropy (%) in the early, middle and late layers (``early_mean``, ``middle_mean``,
+    ``late_mean``); Friedman's test of the three positions over the runs."""
+    columns = ["early_mean", "middle_mean", "late_mean"]
+    rows = group_means.reindex(columns=columns).dropna() if len(group_means) else group_means
+    unit = "run (its mean Δ entropy in early, middle and late layers)"
+    if len(rows) < MIN_FRIEDMAN_RUNS:
+        runs = ", ".join(map(str, rows.index)) or "none"
+        reason = (f"{len(rows)} runs with layer groups ({runs}); a test with runs as the unit "
+                  f"needs {MIN_FRIEDMAN_RUNS}")  # fmt: skip
+        return Verdict("RQ5_layers", INCONCLUSIVE, unit, len(rows), {}, reason)
+    test = scipy.stats.friedmanchisquare(*(rows[c] for c in columns))
+    means = rows.mean()
+    numbers = {"chi2": float(test.statistic), "p": float(test.pvalue),
+               **{c: float(means[c]) for c in columns}}  # fmt: skip
+    verdict = CONTRADICTED if test.pvalue < ALPHA else INCONCLUSIVE
+    return Verdict("RQ5_layers", verdict, unit, len(rows), numbers)
 
 
 # --- matched grids (Study B): judged per group ------------------------------------------------

@@ -12,7 +12,6 @@ missing is *inconclusive at this n* with the reason.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import Counter
 from pathlib import Path
@@ -21,7 +20,7 @@ import pandas as pd
 from IPython.display import Markdown
 from myst_nb import glue
 
-from collapse_utils.analysis import stat_tables, study_b, verdicts
+from collapse_utils.analysis import published, stat_tables, study_b, verdicts
 from collapse_utils.analysis.reproduction import (
     ReportNumbers,
     load_report_numbers,
@@ -57,6 +56,8 @@ from collapse_utils.families import (
 EXECUTED = "/book/executed"
 """Where the runner writes executed pages (``runner.BookPaths.executed``), as a docname root."""
 STATISTICS = ("08_statistics", "Statistics")
+PUBLISHED = ("14_study_b_published", "Study B on the authors' published runs")
+PUBLISHED_LINK = f"{{doc}}`the authors' published runs <{EXECUTED}/{PUBLISHED[0]}>`"
 ZERO_SHOT = ("07_zero_shot", "Zero-shot transfer")
 REPRODUCTION = ("12_reproduction_check", "Reproduction check")
 
@@ -68,7 +69,7 @@ def doc_link(stem: str, title: str) -> str:
 
 def run_settings(profile: str, params_dir: Path | str = PARAMS_DIR) -> pd.DataFrame:
     """What each configuration of ``params_dir`` is (index: id): method, reg_kind, family,
-    dataset; from the experiment files, whether or not the run exists."""
+    dataset, lr; from the experiment files, whether or not the run exists."""
     rows = {}
     for run in available_experiments(Path(params_dir)):
         config = load_config(profile, run, params_dir)
@@ -77,9 +78,10 @@ def run_settings(profile: str, params_dir: Path | str = PARAMS_DIR) -> pd.DataFr
             "reg_kind": config.reg.kind,
             "family": config.family,
             "dataset": config.data.dataset,
+            "lr": config.train.lr,
         }
     return pd.DataFrame.from_dict(
-        rows, orient="index", columns=["method", "reg_kind", "family", "dataset"]
+        rows, orient="index", columns=["method", "reg_kind", "family", "dataset", "lr"]
     )
 
 
@@ -128,10 +130,11 @@ class FindingsChapter:
             self.numbers: ReportNumbers = load_report_numbers()
             self.study = study = StudyRuns(profile, params_dir)
             self.report = report_verdicts(
-                self.numbers, study.reference, list(study.chosen.layer_anova)
+                self.numbers, study.reference, list(study.chosen.layer_anova), study.settings
             )
             self.build = self._build_verdicts()
             self.matched = matched_verdicts(profile, params_dir)
+            self.published = published_verdicts()
             self._glue()
 
     # --- the build's evidence -----------------------------------------------------------------
@@ -157,7 +160,7 @@ class FindingsChapter:
             "RQ3": self._zeroshot_verdict(),
             "RQ4": verdicts.rq4_regularizer_limits_change(self.regularizer_tests()),
             "RQ5_lr": self._lr_verdict(),
-            "RQ5_layers": verdicts.rq5_layer_position_matters(self.layer_anova()["p"]),
+            "RQ5_layers": verdicts.rq5_layer_position_matters(self.layer_groups()),
         }
 
     def _zeroshot_verdict(self) -> Verdict:
@@ -189,6 +192,15 @@ class FindingsChapter:
         )
         return verdicts.rq5_learning_rate_drives_collapse(points["lr"], points["d_entropy_pct"])
 
+    def layer_groups(self) -> pd.DataFrame:
+        """Mean Δ entropy in the early, middle and late layers of every trained run (seeds
+        averaged): RQ5b's runs."""
+        study = self.study
+        if study.delta.empty:
+            return pd.DataFrame(columns=["early_mean", "middle_mean", "late_mean"])
+        runs = list(dict.fromkeys(study.delta.index.get_level_values(0)))
+        return stat_tables.layer_anova_table(study.delta, runs)
+
     def layer_anova(self) -> pd.DataFrame:
         study = self.study
         if study.delta.empty:
@@ -219,7 +231,8 @@ class FindingsChapter:
             for f in family_pages
             if f in present
         ]
-        return links + [doc_link(*page) for page in study.get(claim, [STATISTICS])]
+        published_page = [doc_link(*PUBLISHED)] if claim in self.published else []
+        return links + published_page + [doc_link(*p) for p in study.get(claim, [STATISTICS])]
 
     def claim_markdown(self, claim: str) -> str:
         """One research question: the report's answer, the verdict on the report's numbers and
@@ -232,11 +245,14 @@ class FindingsChapter:
         matched = self.matched.get(claim)
         if matched is not None:
             rows.append((f"Study B, matched grid (`{self.profile}`)", matched))
+        theirs = self.published.get(claim)
+        if theirs is not None:
+            rows.append((f"Study B, {PUBLISHED_LINK}", theirs))
         table = "\n".join(
             f"| {who} | **{v.verdict}** | {evidence(v)} | {v.unit}, n = {v.n} |" for who, v in rows
         )
         rule = f"*Rule.* {verdicts.RULES[claim]}"
-        if matched is not None:
+        if claim in verdicts.MATCHED_RULES and (matched is not None or theirs is not None):
             rule += f"\n\n*Rule (Study B).* {verdicts.MATCHED_RULES[claim]}"
         return (
             f"**The report** ({section}): “{text}”\n\n"
@@ -247,14 +263,17 @@ class FindingsChapter:
 
     def overview_markdown(self) -> str:
         lines = [
-            "| Question | The report's own numbers | This build | Detail |",
-            "| --- | --- | --- | --- |",
+            "| Question | The report's own numbers | This build | Study B, the authors' published "
+            "runs (real ViT-B/32) | Detail |",
+            "| --- | --- | --- | --- | --- |",
         ]
         for claim in verdicts.CLAIMS:
             question = f"**{verdicts.LABELS.get(claim, claim)}** {verdicts.QUESTIONS[claim]}"
+            theirs = self.published.get(claim)
+            published_cell = theirs.verdict if theirs else "not tested by Study B"
             lines.append(
                 f"| {question} | {self.report[claim].verdict} | {self.build[claim].verdict} | "
-                f"{self.links(claim)[0]} |"
+                f"{published_cell} | {self.links(claim)[0]} |"
             )
         return "\n".join(lines)
 
@@ -340,25 +359,21 @@ def _signed(value: float, unit: str = "%") -> str:
 
 
 def matched_verdicts(profile: str, params_dir: Path | str = PARAMS_DIR) -> dict[str, Verdict]:
-    """RQ2 and RQ3 on the matched grid of Study B (families whose ``study`` is not the
-    report's): {} when none of its runs is complete."""
+    """RQ2 and RQ3 on this build's matched grid of Study B (families whose ``study`` is not the
+    report's), judged per group (``study_b.verdicts``): {} when none of its runs is
+    complete."""
     families = load_families(params_dir)
     ids = {c.id for f in families.values() if f.study != REPORT_STUDY
            for c in load_family(profile, f.name, params_dir)}  # fmt: skip
     runs = load_histories(profile_output_root(profile, params_dir), ids=ids)
     if not runs:
         return {}
-    frame = study_b.grid_frame(run_summary(runs))
-    pairs = frame[frame["method"].isin(["full", "lora"])].pivot_table(
-        index=["dataset", "lr", "seed"], columns="method", values="d_entropy_pct"
-    )
-    pairs = pairs.reindex(columns=["full", "lora"])
-    retention = frame.get("retention_cifar100", pd.Series(float("nan"), index=frame.index))
-    rq3 = verdicts.rq3_collapse_tracks_zeroshot_loss(frame["d_entropy_pct"], retention - 1)
-    return {
-        "RQ2": verdicts.rq2_matched_lora_preserves_better(pairs["full"], pairs["lora"]),
-        "RQ3": dataclasses.replace(rq3, unit="Study B run (dataset, method, lr, seed)"),
-    }
+    return study_b.verdicts(study_b.grid_frame(run_summary(runs)))
+
+
+def published_verdicts() -> dict[str, Verdict]:
+    """RQ2 and RQ3 on the authors' published Study B runs (ViT-B/32), by the same rules."""
+    return study_b.verdicts(study_b.add_derived(published.primary(published.load_study2())))
 
 
 def evidence(v: Verdict) -> str:
@@ -366,6 +381,16 @@ def evidence(v: Verdict) -> str:
     x = v.numbers
     if v.reason:
         return f"not tested: {v.reason}"
+    if "groups" in x or "datasets" in x:  # a matched-grid verdict: its answer per group
+        pooled = x.get("pooled_rho", math.nan)
+        tail = f"; pooled over every run ρ = {pooled:+.2f} (not judged)" if pooled == pooled else ""
+        return v.detail + tail
+    text = _evidence(v)
+    return f"{text}; {v.detail}" if v.detail else text
+
+
+def _evidence(v: Verdict) -> str:
+    x = v.numbers
     if v.claim == "RQ2" and "pairs" in x:
         return (
             f"LoRA minus Full FT Δ entropy {_signed(x['diff'], 'points')} over {x['pairs']:.0f} "
@@ -399,4 +424,8 @@ def evidence(v: Verdict) -> str:
             f"Spearman ρ = {x['rho']:+.2f}, {kind} p = {format_p(x['p'])} (Holm "
             f"{format_p(x['p_holm'])}); Pearson r = {x['pearson_r']:+.2f}"
         )
-    return f"smallest ANOVA p = {format_p(x['min_p'])} (Holm {format_p(x['min_p_holm'])})"
+    return (
+        f"Friedman χ² = {x['chi2']:.2f}, p = {format_p(x['p'])}; mean Δ entropy early "
+        f"{_signed(x['early_mean'])}, middle {_signed(x['middle_mean'])}, late "
+        f"{_signed(x['late_mean'])}"
+    )
