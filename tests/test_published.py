@@ -145,3 +145,23 @@ def test_verdicts_on_their_runs_say_the_relation_is_not_stable(runs):
     assert (
         "eurosat: LoRA − Full FT +0.41" in rq2.detail and "pets: LoRA − Full FT +1.63" in rq2.detail
     )
+
+
+def test_the_published_page_states_the_authors_revised_answers(runs):
+    from collapse_utils.book import study_b_page as sections
+
+    page = sections.published_page("smoke", show=False)
+    for section in (sections.paired, sections.verdicts, sections.ranking, sections.early_warning):
+        page.finding(section(page, runs, "retention_cifar100"))
+    page.finding(sections.authors_section(page, runs))
+    page.conclude()
+    text = page.findings
+    assert "not a meter of the damage" in text  # a dose meter, not a damage meter
+    assert "CKA to pre-trained, layer mean (ρ = +0.96), Embedding drift (ρ = -0.92)" in text
+    assert "the gap to it excludes 0 only for |Δ Entropy|, last layer (%)" in text
+    assert "All 11 numbers" in text
+    assert "3529817" in page.source and "smoke" in page.source  # says where, not "smoke numbers"
+    assert set(page.figures) == {
+        "study2_study_b_retention_vs_entropy",
+        "study2_study_b_signal_ranking",
+    }

@@ -154,6 +154,23 @@ def study2_summary(folder: Path | str = STUDY2_DIR) -> dict[str, Any]:
     return json.loads(verified_path("summary.json", Path(folder)).read_text())
 
 
+def run_counts(frame: pd.DataFrame) -> pd.DataFrame:
+    """What a published table holds: per backbone, dataset and method the runs, learning rates
+    and seeds."""
+    groups = frame.groupby(["model", "dataset", "method"], sort=True)
+    return pd.DataFrame({
+        "n": groups.size(),
+        "lrs": groups["lr"].nunique(),
+        "seeds": groups["seed"].nunique(),
+    })  # fmt: skip
+
+
+def others(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The rows of every backbone but the primary one, by model name (analysed apart)."""
+    rest = frame[frame["model"] != PRIMARY_MODEL]
+    return {model: rows.reset_index(drop=True) for model, rows in rest.groupby("model")}
+
+
 def primary(frame: pd.DataFrame) -> pd.DataFrame:
     """The rows of ``frame`` on the primary backbone (ViT-B/32); every row where there is no
     ``model`` column (our own runs name theirs in it)."""

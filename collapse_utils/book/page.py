@@ -33,9 +33,11 @@ def profile_note(profile: str) -> str:
     return note + ("\n\n" + SMOKE_NOTE if profile == "smoke" else "")
 
 
-def glue_findings(profile: str, text: str) -> None:
-    """Glue ``findings`` (Markdown), after the profile note."""
-    glue("findings", Markdown(profile_note(profile) + "\n\n" + text), display=False)
+def glue_findings(profile: str, text: str, source: str = "") -> None:
+    """Glue ``findings`` (Markdown), after the profile note (or ``source``, the note of a page
+    that shows no number of the profile's runs)."""
+    note = source or profile_note(profile)
+    glue("findings", Markdown(note + "\n\n" + text), display=False)
 
 
 @contextmanager
@@ -55,7 +57,11 @@ class Page:
     the one formatter, :mod:`~collapse_utils.book.tables`; figures saved under
     ``<output_root>/figures/`` first, then shown numbered with their caption) and
     :meth:`conclude` glues the findings; without it the page is only recorded (tests read the
-    raw ``tables``, ``figures`` and ``captions``, ``notes``, ``findings``)."""
+    raw ``tables``, ``figures`` and ``captions``, ``notes``, ``findings``).
+
+    ``prefix`` goes before every table and figure name (two analyses on one page, or two pages
+    writing figures into one folder, keep theirs apart); ``source`` replaces the profile note
+    on a page whose numbers come from elsewhere (published data)."""
 
     profile: str
     output_root: Path
@@ -65,10 +71,13 @@ class Page:
     captions: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     findings: str = ""
+    prefix: str = ""
+    source: str = ""
+    sentences: list[str] = field(default_factory=list)
 
     def table(self, name: str, frame: pd.DataFrame) -> pd.DataFrame:
         """Record ``frame`` (raw column names and numbers) and show it formatted."""
-        self.tables[name] = frame
+        self.tables[self.prefix + name] = frame
         if self.show:
             show_table(frame)
         return frame
@@ -76,6 +85,7 @@ class Page:
     def figure(self, name: str, fig: Figure, caption: str) -> None:
         """``name`` is also the file name under ``figures/`` (the report's figure index) and the
         figure's label; ``caption`` is one sentence saying what to look at."""
+        name = self.prefix + name
         self.figures[name] = fig
         self.captions[name] = caption
         if self.show:
@@ -86,7 +96,17 @@ class Page:
         if self.show:
             display(Markdown(text))
 
-    def conclude(self, findings: str) -> None:
-        self.findings = findings
+    def finding(self, text: str) -> str:
+        """Show one step's conclusion under its evidence and keep it for the page's findings
+        (:meth:`conclude` with no text joins them); empty text shows nothing."""
+        if text:
+            self.sentences.append(text)
+            if self.show:
+                display(Markdown(f"**Finding.** {text}"))
+        return text
+
+    def conclude(self, findings: str | None = None) -> None:
+        """Glue ``findings`` (default: every :meth:`finding` of the page, in order)."""
+        self.findings = findings if findings is not None else " ".join(self.sentences)
         if self.show:
-            glue_findings(self.profile, findings)
+            glue_findings(self.profile, self.findings, self.source)

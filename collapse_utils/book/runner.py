@@ -75,6 +75,7 @@ PHASES = ("config", "summary", "profile")
 # cross-study notebooks (parameter ``profile`` only) → toc title, in book order
 PROFILE_NOTEBOOKS = {
     "00_findings": "Findings",
+    "14_study_b_published": "Study B on the authors' published runs",
     "07_zero_shot": "Zero-shot transfer",
     "11_interpolation": "Interpolation (WiSE-FT)",
     "08_statistics": "Statistics",
@@ -84,7 +85,7 @@ PROFILE_NOTEBOOKS = {
 }
 # Cross-study notebooks listed in the toc's first part, right after the method page (the answers
 # to the research questions); the others make the last part, "Across the study".
-AFTER_METHOD = ("00_findings",)
+AFTER_METHOD = ("00_findings", "14_study_b_published")
 # html.announcement per profile: shown at the top of every page of the built book.
 BANNERS = {
     "smoke": (

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from collapse_utils.analysis import study_b
+from collapse_utils.analysis import published, study_b
 from collapse_utils.analysis.results import run_summary
 from collapse_utils.book import study_b_figures
 from collapse_utils.book.page import Page
 from collapse_utils.book.style import DATASET_NAMES, METHOD_NAMES
 from collapse_utils.book.tables import column_spec, format_lr, format_p
+from collapse_utils.config import profile_output_root
 
 if TYPE_CHECKING:
     from collapse_utils.book.family_pages import FamilyRuns
@@ -44,6 +45,77 @@ def study_b_page(page: Page, runs: FamilyRuns) -> None:
         frontier(page, frame, target),
     ]
     page.conclude(" ".join(s for s in sentences if s))
+
+
+def published_page(profile: str, prefix: str = "study2_", show: bool = True) -> Page:
+    """A page of the authors' published runs: its tables and figures named with ``prefix``
+    (figures share the profile's folder with our own Study B page), and a note saying where
+    its numbers come from instead of the profile's."""
+    about = published.provenance()
+    source = (
+        "*Real-model data: the report authors' published Study B runs "
+        f"([{about['repository'].removeprefix('https://github.com/')}]({about['repository']}), "
+        f"commit `{about['commit'][:7]}`, copied to `params/report/study2/`), analysed by this "
+        f"book's code. No number on this page comes from the `{profile}` profile's runs.*"
+    )
+    output_root = profile_output_root(profile)
+    return Page(profile, output_root, show, prefix=prefix, source=source)
+
+
+def runs_section(page: Page, frame: pd.DataFrame) -> str:
+    """What the published table holds, per backbone, dataset and method."""
+    counts = published.run_counts(frame)
+    page.table("runs", counts)
+    models = counts.groupby(level="model")["n"].sum()
+    return (
+        "The published tables hold "
+        + ", ".join(f"{n} runs of `{model}`" for model, n in models.items())
+        + "."
+    )
+
+
+def authors_section(page: Page, frame: pd.DataFrame) -> str:
+    """The numbers the authors' revised conclusions rest on, theirs (``summary.json``) beside
+    ours computed from their run table by this book's code."""
+    ours = published.key_numbers(
+        study_b.signal_ranking(frame, n_boot=N_BOOT),
+        study_b.paired_table(frame, [ENTROPY]),
+        study_b.early_warning(frame),
+    )
+    table = published.beside_authors(ours, published.authors_key_numbers())
+    page.table("beside_authors", table)
+    differ = table[~table["agree"]]
+    if differ.empty:
+        return (
+            f"All {len(table)} numbers on which the authors' revised conclusions rest come out "
+            "the same from our code (bootstrap quantities within resampling noise)."
+        )
+    return "Our code differs from the authors' summary on: " + "; ".join(differ["quantity"]) + "."
+
+
+def polarity_section(page: Page, frames: dict[str, pd.DataFrame], target: str) -> str:
+    """The sign of each signal's relation to ``target`` within dataset × method, per backbone
+    (``frames``: model → its runs, EuroSAT only so the backbones share their datasets)."""
+    signals = [ENTROPY, "cka_mean_sel", "weight_drift_sel", "embedding_drift_sel"]
+    table = pd.concat(
+        {model: study_b.polarity(runs, signals, target) for model, runs in frames.items()},
+        names=["model"],
+    )
+    page.table("polarity", table)
+    flips = [
+        f"`{model}`" for model, block in table.groupby(level="model")
+        if (block[ENTROPY] > 0).any() and (block[ENTROPY] < 0).any()
+    ]  # fmt: skip
+    steady = [column_spec(s).label for s in signals[1:]
+              if s in table and ((table[s] > 0).all() or (table[s] < 0).all())]  # fmt: skip
+    text = (
+        f"Within the EuroSAT runs, Δ entropy's relation to retention changes sign between full FT "
+        f"and LoRA on {' and '.join(flips)}"
+        if flips
+        else "Δ entropy keeps one sign across the methods of each backbone"
+    )
+    keep = f"; {', '.join(steady)} keep one sign in every group" if steady else ""
+    return f"{text}{keep}."
 
 
 def transfer_target(frame: pd.DataFrame) -> str:
@@ -124,13 +196,29 @@ def verdicts(page: Page, frame: pd.DataFrame, target: str) -> str:
     rq3, rq2 = found["RQ3"], found["RQ2"]
     text = f"RQ3, judged within dataset × method: **{rq3.verdict}**"
     text += f" ({rq3.detail or rq3.reason})." if (rq3.detail or rq3.reason) else "."
-    if "pooled_rho" in rq3.numbers:
-        text += (
-            f" Pooled over every run the same correlation is ρ = {rq3.numbers['pooled_rho']:+.2f}"
-            f", against a mean |ρ| of {rq3.numbers['mean_abs_rho']:.2f} within the groups."
-        )
+    text += _dose_meter(rq3)
     text += f" RQ2, judged per dataset: **{rq2.verdict}** ({rq2.detail or rq2.reason})."
     return text
+
+
+def _dose_meter(rq3) -> str:
+    """What the within-group and pooled correlations of RQ3 say together, in words."""
+    x = rq3.numbers
+    if "pooled_rho" not in x:
+        return ""
+    text = (
+        f" Pooled over every run the same correlation is ρ = {x['pooled_rho']:+.2f}, against a "
+        f"mean |ρ| of {x['mean_abs_rho']:.2f} within the groups"
+    )
+    if rq3.verdict == "not stable across configurations" and x["mean_abs_rho"] > abs(
+        x["pooled_rho"]
+    ):
+        text += (
+            ": within one configuration Δ entropy measures the dose of fine-tuning, but neither "
+            "its strength nor its sign carries across configurations, so it is not a meter of "
+            "the damage to transfer"
+        )
+    return text + "."
 
 
 def ranking(page: Page, frame: pd.DataFrame, target: str) -> str:
@@ -148,15 +236,18 @@ def ranking(page: Page, frame: pd.DataFrame, target: str) -> str:
         "95 % CI from resampled cells, the markers within a dataset and within a dataset and "
         "method.",
     )
-    best = table[table["kind"] == "signal"].index[0] if (table["kind"] == "signal").any() else ""
-    if not best:
+    signals = table[table["kind"] == "signal"]
+    if signals.empty:
         return ""
-    row = table.loc[best]
+    best, row = signals.index[0], signals.iloc[0]
+    by_runs = signals.reindex(signals["rho"].abs().sort_values(ascending=False).index)
+    leaders = ", ".join(f"{column_spec(n).label} (ρ = {r:+.2f})" for n, r in
+                        by_runs["rho"].head(2).items())  # fmt: skip
     split = study_b.separated(table)
     text = (
-        f"Over the cell means the label-free signal that ranks {column_spec(target).label} best "
-        f"is {column_spec(best).label} (|ρ| = {abs(row['unit_rho']):.2f}, 95 % CI "
-        f"{row['ci_low']:.2f} to {row['ci_high']:.2f}, {int(row['n_units'])} cells)."
+        f"Over the {int(row['n'])} runs the leading label-free signals are {leaders}. Over the "
+        f"cell means the best is {column_spec(best).label} (|ρ| = {abs(row['unit_rho']):.2f}, "
+        f"95 % CI {row['ci_low']:.2f} to {row['ci_high']:.2f}, {int(row['n_units'])} cells)."
     )
     text += (
         " Resampling cells, the gap to it excludes 0 only for "
@@ -174,15 +265,18 @@ def early_warning(page: Page, frame: pd.DataFrame, target: str) -> str:
     if table.empty:
         return ""
     page.table("early_warning", table)
-    best = table["auc"].idxmax()
-    row = table.loc[best]
+    row = table.iloc[0]
     if row["n_damaged"] == 0 or row["n_healthy"] == 0:
         return "No cell is damaged (retention below 50 %), so no early warning can be scored."
-    return (
+    best = table["auc"].idxmax()
+    text = (
         f"After one epoch, {column_spec(best).label} separates the {int(row['n_damaged'])} "
         f"damaged cells (retention below 50 %) from the {int(row['n_healthy'])} others with a "
-        f"cell-level AUC of {row['auc']:.2f}."
+        f"cell-level AUC of {table.loc[best, 'auc']:.2f}"
     )
+    if "d_entropy_pct_e1" in table.index and best != "d_entropy_pct_e1":
+        text += f"; signed Δ entropy reaches {table.loc['d_entropy_pct_e1', 'auc']:.2f}"
+    return text + "."
 
 
 def selection(page: Page, frame: pd.DataFrame, target: str) -> str:
@@ -193,17 +287,23 @@ def selection(page: Page, frame: pd.DataFrame, target: str) -> str:
     page.table("selection", table)
     parts = []
     for dataset, block in table.groupby(level="dataset"):
-        first = block.iloc[0]
-        best = block["regret"].idxmin()[1]
-        parts.append(
+        picks = block.droplevel("dataset")
+        first, best = picks.iloc[0], picks["regret"].idxmin()
+        text = (
             f"on {DATASET_NAMES.get(dataset, dataset)} ({int(first['candidates'])} candidates, "
             f"retention {100 * first['worst']:.1f}–{100 * first['oracle']:.1f} %, a random pick "
             f"{100 * first['random']:.1f} %) {column_spec(best).label} picks "
-            f"{100 * block.loc[(dataset, best), 'retention']:.1f} %"
+            f"{100 * picks.loc[best, 'retention']:.1f} %"
         )
+        entropy = f"abs_{ENTROPY}"
+        if entropy in picks.index and entropy != best:
+            text += (
+                f" and {column_spec(entropy).label} {100 * picks.loc[entropy, 'retention']:.1f} %"
+            )
+        parts.append(text)
     return (
-        "Choosing by a signal among the runs within 2 points of the best validation accuracy: "
-        + ("; ".join(parts) + ".")
+        "Choosing among the runs within 2 points of the best validation accuracy by the signal "
+        "that says least changed: " + "; ".join(parts) + "."
     )
 
 
