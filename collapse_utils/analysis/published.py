@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from collapse_utils.analysis.verdicts import UNSTABLE
 from collapse_utils.config import REPO_ROOT, read_params_yaml
 
 STUDY2_DIR = REPO_ROOT / "params" / "report" / "study2"
@@ -260,3 +261,38 @@ def beside_authors(ours: pd.Series, theirs: pd.Series, tolerance: float = 0.005)
         agree = np.isclose(a, b, rtol=0.05, atol=0) if small_p else abs(a - b) <= tolerance
         rows.append({"quantity": what, "authors": a, "ours": b, "agree": bool(agree)})
     return pd.DataFrame(rows, index=pd.Index(list(KEY_NUMBERS), name="key"))
+
+
+AUTHORS_CONCLUSIONS = {
+    "RQ2": (
+        "LoRA keeps far more zero-shot transfer than full fine-tuning at the same learning rate "
+        "and seed on both datasets, but the two methods' Δ entropy differs on Pets and not on "
+        "EuroSAT (study2/analysis/paper_numbers.md, rows 31–41)",
+        UNSTABLE,
+    ),
+    "RQ3": (
+        "Attention entropy is a dose meter, not a damage meter: within a dataset and method its "
+        "change tracks forgetting, across configurations neither its strength nor its sign is "
+        "stable (paper_numbers.md, rows 1–2 and 73–82)",
+        UNSTABLE,
+    ),
+}
+"""What the authors' revised analysis concluded on the questions our matched-grid rules judge,
+in words, and the verdict of our rules that says the same thing."""
+
+
+def against_authors(found: dict[str, Any]) -> pd.DataFrame:
+    """Our matched-grid verdicts (claim → ``Verdict``) beside the authors' conclusions: one row
+    per claim with ``verdict``, ``authors`` (their conclusion in words) and ``agree``."""
+    rows = {
+        claim: {
+            "verdict": found[claim].verdict,
+            "authors": text,
+            "agree": found[claim].verdict == same,
+        }
+        for claim, (text, same) in AUTHORS_CONCLUSIONS.items()
+        if claim in found
+    }
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=["verdict", "authors", "agree"])
+    table.index.name = "claim"
+    return table

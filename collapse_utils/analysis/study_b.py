@@ -185,9 +185,9 @@ def within_groups(
 def polarity(frame: pd.DataFrame, signals: Sequence[str], target: str = TARGET) -> pd.DataFrame:
     """Signed Spearman ρ of each of ``signals`` with ``target`` within each dataset × method of
     the core runs: whether a signal keeps its sign across configurations (and backbones).
-    Index (dataset, method); one column per signal, and ``n`` (runs)."""
+    Index (dataset, method); one column ``rho_<signal>`` per signal, and ``n`` (runs)."""
     runs = core(frame)
-    columns = {s: within_groups(runs, s, target)["rho"] for s in present(runs, signals)}
+    columns = {f"rho_{s}": within_groups(runs, s, target)["rho"] for s in present(runs, signals)}
     table = pd.DataFrame(columns)
     table["n"] = runs.groupby(["dataset", "method"]).size()
     return table

@@ -83,7 +83,7 @@ def authors_section(page: Page, frame: pd.DataFrame) -> str:
         study_b.early_warning(frame),
     )
     table = published.beside_authors(ours, published.authors_key_numbers())
-    page.table("beside_authors", table)
+    page.table("beside_authors", table.reset_index(drop=True))
     differ = table[~table["agree"]]
     if differ.empty:
         return (
@@ -91,6 +91,28 @@ def authors_section(page: Page, frame: pd.DataFrame) -> str:
             "the same from our code (bootstrap quantities within resampling noise)."
         )
     return "Our code differs from the authors' summary on: " + "; ".join(differ["quantity"]) + "."
+
+
+def conclusions_section(page: Page, frame: pd.DataFrame, target: str) -> str:
+    """Our verdict rules on the authors' runs beside what the authors concluded."""
+    table = published.against_authors(study_b.verdicts(frame, target))
+    page.table("against_authors", table.rename(columns={"authors": "conclusion"}))
+    differ = table[~table["agree"]]
+    if differ.empty:
+        return (
+            f"On {' and '.join(table.index)} our rules, applied to the authors' runs, say what "
+            "the authors' revised analysis concluded."
+        )
+    return (
+        "Our rules part from the authors' conclusion on "
+        + "; ".join(
+            f"{claim} (ours: {row['verdict']}; the rule asks for the same significant sign in "
+            "every dataset × method group, or dataset, with the power to show one, where the "
+            "authors read the pooled and within-group correlations together)"
+            for claim, row in differ.iterrows()
+        )
+        + "."
+    )
 
 
 def polarity_section(page: Page, frames: dict[str, pd.DataFrame], target: str) -> str:
@@ -104,10 +126,10 @@ def polarity_section(page: Page, frames: dict[str, pd.DataFrame], target: str) -
     page.table("polarity", table)
     flips = [
         f"`{model}`" for model, block in table.groupby(level="model")
-        if (block[ENTROPY] > 0).any() and (block[ENTROPY] < 0).any()
+        if (block[f"rho_{ENTROPY}"] > 0).any() and (block[f"rho_{ENTROPY}"] < 0).any()
     ]  # fmt: skip
-    steady = [column_spec(s).label for s in signals[1:]
-              if s in table and ((table[s] > 0).all() or (table[s] < 0).all())]  # fmt: skip
+    steady = [column_spec(s).label for s in signals[1:] if f"rho_{s}" in table
+              and ((table[f"rho_{s}"] > 0).all() or (table[f"rho_{s}"] < 0).all())]  # fmt: skip
     text = (
         f"Within the EuroSAT runs, Δ entropy's relation to retention changes sign between full FT "
         f"and LoRA on {' and '.join(flips)}"
