@@ -21,9 +21,10 @@ def test_the_page_names_the_baselines_that_have_not_run(page):
 def test_cell_table_has_one_row_per_dataset_method_lr_with_two_seeds(page):
     cells = page.tables["cells"]
     assert len(cells) == 16 and set(cells["seeds"]) == {2}
-    assert {"retention_cifar100_mean", "retention_cifar10_sd", "d_entropy_pct_sel_mean"} <= set(
+    assert {"retention_cifar100_mean", "retention_cifar100_sd", "d_entropy_pct_sel_sd"} <= set(
         cells.columns
     )
+    assert "Zero-shot retention CIFAR-100 runs from" in page.findings
 
 
 def test_paired_tests_find_full_ft_forgets_more_at_matched_lr_and_seed(page):

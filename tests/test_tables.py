@@ -166,3 +166,8 @@ def test_selected_and_epoch_one_changes_and_their_sizes_are_named():
         "|Δ Entropy| after epoch 1 (%)",
     ]  # fmt: skip
     assert shown.iloc[0].tolist() == ["-1.50", "2.25", "+0.50", "0.50"]
+
+
+def test_a_change_that_rounds_to_zero_has_no_sign():
+    shown = format_table(pd.DataFrame({"d_entropy_pct": [-0.004, 0.003, -0.006]}))
+    assert shown.iloc[:, 0].tolist() == ["0.00", "0.00", "-0.01"]

@@ -166,6 +166,14 @@ def run_counts(frame: pd.DataFrame) -> pd.DataFrame:
     })  # fmt: skip
 
 
+def short_name(model: str) -> str:
+    """``openai/clip-vit-base-patch32`` → ``ViT-B/32``; other names as they are."""
+    tail = model.rsplit("/", 1)[-1]
+    if tail.startswith("clip-vit-base-patch"):
+        return "ViT-B/" + tail.removeprefix("clip-vit-base-patch")
+    return tail
+
+
 def others(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """The rows of every backbone but the primary one, by model name (analysed apart)."""
     rest = frame[frame["model"] != PRIMARY_MODEL]

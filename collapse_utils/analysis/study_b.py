@@ -119,14 +119,18 @@ def retention_columns(frame: pd.DataFrame) -> list[str]:
 # --- tables over cells -------------------------------------------------------------------------
 
 
-def cell_table(frame: pd.DataFrame, values: Sequence[str]) -> pd.DataFrame:
-    """Mean and SD over seeds of each of ``values`` per dataset × method × lr: columns
-    ``seeds``, ``<v>_mean``, ``<v>_sd`` (SD blank with one seed)."""
+def cell_table(
+    frame: pd.DataFrame, values: Sequence[str], sd: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Mean over seeds of each of ``values`` per dataset × method × lr, and the SD of those in
+    ``sd`` (default: all): columns ``seeds``, ``<v>_mean``, ``<v>_sd`` (SD blank with one
+    seed)."""
     groups = frame.groupby(CELL, sort=True)
     table = pd.DataFrame({"seeds": groups.size()})
     for value in values:
         table[f"{value}_mean"] = groups[value].mean()
-        table[f"{value}_sd"] = groups[value].std(ddof=1)
+        if sd is None or value in sd:
+            table[f"{value}_sd"] = groups[value].std(ddof=1)
     return table
 
 

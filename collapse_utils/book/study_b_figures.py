@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from collapse_utils.analysis.study_b import CORE_METHODS
 from collapse_utils.book.figures import MAX_WIDTH_IN, empty_panel, legend_below, new_figure
 from collapse_utils.book.style import DATASET_NAMES, METHOD_COLORS, METHOD_NAMES
-from collapse_utils.book.tables import column_spec
+from collapse_utils.book.tables import ACC, column_spec
 
 
 def dose_response(frame: pd.DataFrame, outcomes: Sequence[str]) -> Figure:
@@ -30,8 +30,9 @@ def dose_response(frame: pd.DataFrame, outcomes: Sequence[str]) -> Figure:
             runs = frame[frame["dataset"] == dataset]
             for method, points in runs.groupby("method", sort=False):
                 color = METHOD_COLORS.get(method, "tab:gray")
-                ax.scatter(points["lr"], points[outcome], color=color, s=12, alpha=0.5)
-                means = points.groupby("lr")[outcome].mean()
+                values = shown(points, outcome)
+                ax.scatter(points["lr"], values, color=color, s=12, alpha=0.5)
+                means = values.groupby(points["lr"]).mean()
                 ax.plot(means.index, means.values, color=color, marker="o", markersize=4,
                         label=METHOD_NAMES.get(method, method))  # fmt: skip
             ax.set_xscale("log")
@@ -53,10 +54,10 @@ def retention_vs_entropy(frame: pd.DataFrame, retention: str, signal: str) -> Fi
     for col, dataset in enumerate(datasets):
         ax = axes[0, col]
         for method, points in runs[runs["dataset"] == dataset].groupby("method", sort=False):
-            ax.scatter(points[signal], points[retention], s=16,
+            ax.scatter(points[signal], shown(points, retention), s=16,
                        color=METHOD_COLORS.get(method, "tab:gray"),
                        label=METHOD_NAMES.get(method, method))  # fmt: skip
-        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="_pre-trained")
+        ax.axhline(100.0, color="black", linewidth=0.8, linestyle="--", label="_pre-trained")
         ax.axvline(0.0, color="gray", linewidth=0.6, linestyle=":", label="_no change")
         ax.set(title=DATASET_NAMES.get(dataset, dataset), xlabel=column_spec(signal).label)
         ax.set_ylabel(column_spec(retention).label if col == 0 else "")
@@ -114,6 +115,13 @@ def frontier(cells: pd.DataFrame, retention: str, accuracy: str = "test_acc") ->
         ax.set_ylabel(column_spec(accuracy).label if col == 0 else "")
     legend_below(fig, *_unique_handles(axes))
     return fig
+
+
+def shown(frame: pd.DataFrame, column: str) -> pd.Series:
+    """``column`` in the unit of its label: accuracies and retention (stored as fractions) in
+    %, everything else as stored."""
+    values = frame[column].astype(float)
+    return 100 * values if column_spec(column).kind == ACC else values
 
 
 def _unique_handles(axes) -> tuple[list, list[str]]:

@@ -10,6 +10,7 @@ published chapter calls them one by one between its own text.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -47,10 +48,13 @@ def study_b_page(page: Page, runs: FamilyRuns) -> None:
     page.conclude(" ".join(s for s in sentences if s))
 
 
-def published_page(profile: str, prefix: str = "study2_", show: bool = True) -> Page:
-    """A page of the authors' published runs: its tables and figures named with ``prefix``
-    (figures share the profile's folder with our own Study B page), and a note saying where
-    its numbers come from instead of the profile's."""
+def published_page(profile: str, model: str = "", show: bool = True) -> Page:
+    """A page of the authors' published runs (of one backbone ``model``, when given): its
+    tables and figures named ``study2_[<model>_]…`` (figures share the profile's folder with
+    our own Study B page), and a note saying where its numbers come from instead of the
+    profile's."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "", published.short_name(model)) if model else ""
+    prefix = f"study2_{slug}_" if slug else "study2_"
     about = published.provenance()
     source = (
         "*Real-model data: the report authors' published Study B runs "
@@ -124,20 +128,22 @@ def polarity_section(page: Page, frames: dict[str, pd.DataFrame], target: str) -
         names=["model"],
     )
     page.table("polarity", table)
-    flips = [
-        f"`{model}`" for model, block in table.groupby(level="model")
-        if (block[f"rho_{ENTROPY}"] > 0).any() and (block[f"rho_{ENTROPY}"] < 0).any()
-    ]  # fmt: skip
+    rho = table[f"rho_{ENTROPY}"].dropna()
+    groups = {"positive": [], "negative": [], "null": []}
+    for (model, _, method), value in rho.items():
+        kind = "null" if abs(value) < 0.005 else ("positive" if value > 0 else "negative")
+        where = f"{METHOD_NAMES.get(method, method)} on {published.short_name(model)}"
+        groups[kind].append(f"{where} ({value:+.2f})")
+    parts = [f"{kind} for {', '.join(found)}" for kind, found in groups.items() if found]
     steady = [column_spec(s).label for s in signals[1:] if f"rho_{s}" in table
               and ((table[f"rho_{s}"] > 0).all() or (table[f"rho_{s}"] < 0).all())]  # fmt: skip
-    text = (
-        f"Within the EuroSAT runs, Δ entropy's relation to retention changes sign between full FT "
-        f"and LoRA on {' and '.join(flips)}"
-        if flips
-        else "Δ entropy keeps one sign across the methods of each backbone"
-    )
     keep = f"; {', '.join(steady)} keep one sign in every group" if steady else ""
-    return f"{text}{keep}."
+    return (
+        "Within the EuroSAT runs, Δ entropy's correlation with retention is "
+        + "; ".join(parts)
+        + keep
+        + "."
+    )
 
 
 def transfer_target(frame: pd.DataFrame) -> str:
@@ -161,21 +167,33 @@ def _in_points(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def cells(page: Page, frame: pd.DataFrame, target: str) -> str:
-    """Mean and SD over seeds per dataset × method × lr."""
-    values = study_b.present(frame, ["test_acc", "best_acc", ENTROPY, target,
-                                     *study_b.retention_columns(frame)[:2],
-                                     "embedding_drift_sel", "cka_mean_sel"])  # fmt: skip
-    table = study_b.cell_table(frame, list(dict.fromkeys(values)))
+    """Mean over seeds per dataset × method × lr (SD of Δ entropy and retention)."""
+    accuracy = next(iter(study_b.present(frame, ["test_acc", "best_acc"])), "")
+    values = study_b.present(frame, [accuracy, ENTROPY, target, "cka_mean_sel"])
+    table = study_b.cell_table(frame, values, sd=[ENTROPY, target])
     page.table("cells", table)
-    seeds = int(table["seeds"].max()) if not table.empty else 0
-    return f"The grid has {len(table)} cells of up to {seeds} seeds."
+    mean = f"{target}_mean"
+    if mean not in table or table[mean].isna().all():
+        return f"The grid has {len(table)} cells of up to {int(table['seeds'].max())} seeds."
+    low, high = table[mean].idxmin(), table[mean].idxmax()
+    return (
+        f"Over the {len(table)} cells, {column_spec(target).label.removesuffix(' (%)')} runs "
+        f"from {100 * table.loc[low, mean]:.1f} % ({_cell(low)}) to "
+        f"{100 * table.loc[high, mean]:.1f} % ({_cell(high)})."
+    )
+
+
+def _cell(key: tuple) -> str:
+    dataset, method, lr = key
+    name, where = METHOD_NAMES.get(method, method), DATASET_NAMES.get(dataset, dataset)
+    return f"{name} on {where}, lr {format_lr(lr)}"
 
 
 def paired(page: Page, frame: pd.DataFrame, target: str) -> str:
     """Full FT against LoRA at matched (dataset, lr, seed); accuracies in points."""
     outcomes = study_b.present(frame, [ENTROPY, f"abs_{ENTROPY}", target, "test_acc"])
     table = study_b.paired_table(_in_points(study_b.core(frame)), outcomes)
-    page.table("paired", table)
+    page.table("paired", _key_first(table, ["n", "diff", "p_t_holm", "d_z"]))
     parts = []
     for (dataset, outcome), row in table.iterrows():
         if outcome in (ENTROPY, target) and row["n"] > 0:
@@ -249,7 +267,8 @@ def ranking(page: Page, frame: pd.DataFrame, target: str) -> str:
     if not target:
         return ""
     table = study_b.signal_ranking(frame, target, n_boot=N_BOOT)
-    page.table("signal_ranking", table)
+    page.table("signal_ranking", _key_first(table, ["kind", "unit_rho", "ci_low", "ci_high",
+                                                     "gap", "gap_low", "gap_high"]))  # fmt: skip
     page.figure(
         "study_b_signal_ranking",
         study_b_figures.signal_ranking(table),
@@ -286,7 +305,7 @@ def early_warning(page: Page, frame: pd.DataFrame, target: str) -> str:
     table = study_b.early_warning(frame, target) if target else pd.DataFrame()
     if table.empty:
         return ""
-    page.table("early_warning", table)
+    page.table("early_warning", _key_first(table, ["auc", "damaged_low", "rho", "p"]))
     row = table.iloc[0]
     if row["n_damaged"] == 0 or row["n_healthy"] == 0:
         return "No cell is damaged (retention below 50 %), so no early warning can be scored."
@@ -306,7 +325,7 @@ def selection(page: Page, frame: pd.DataFrame, target: str) -> str:
     table = study_b.selection(frame, target) if target else pd.DataFrame()
     if table.empty:
         return ""
-    page.table("selection", table)
+    page.table("selection", _key_first(table, ["picked", "retention", "regret"]))
     parts = []
     for dataset, block in table.groupby(level="dataset"):
         picks = block.droplevel("dataset")
@@ -362,6 +381,11 @@ def operating_points(page: Page, frame: pd.DataFrame, target: str) -> str:
             text += f" (retention {100 * row[target]:.1f} %)"
         parts.append(text)
     return "Picked by validation accuracy, the operating points are: " + "; ".join(parts) + "."
+
+
+def _key_first(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """``table`` with ``columns`` first: what a reader needs must not hide behind a scroll."""
+    return table[[*columns, *(c for c in table.columns if c not in columns)]]
 
 
 def _p(value: float) -> str:

@@ -6,7 +6,8 @@ Each column's label and kind come from :data:`COLUMNS`, then from a name pattern
 ``<m>_0``/``<m>_f``, ``zs_<d>…``, ``…_holm``), else from the name and the values. Cells:
 
 - accuracy (stored as a fraction): in %, two decimals — 0.8731 → ``87.31``;
-- change in % or in points: sign and two decimals — ``+1.23``, ``-0.40``;
+- change in % or in points: sign and two decimals — ``+1.23``, ``-0.40``; ``0.00`` when it
+  rounds to zero (never ``-0.00``);
 - p-value: three decimals, scientific below 0.001 — ``0.012``, ``2.0e-21``;
 - learning rate: ``1e-5``, ``2.5e-4``;
 - counts, ranks, layers: ints — 4.0 → ``4``;
@@ -28,6 +29,7 @@ from typing import Any
 import pandas as pd
 from IPython.display import HTML, display
 
+from collapse_utils.analysis.published import short_name
 from collapse_utils.analysis.stat_tables import UNIT_TITLES
 from collapse_utils.book.style import (
     DATASET_NAMES,
@@ -152,7 +154,7 @@ COLUMNS: dict[str, Column] = {
     "train_loss_f": Column("Final training loss", NUMBER),
     "probe_retention_e1": Column("Labelled-probe retention after epoch 1 (%)", ACC),
     "selected_epoch": Column("Selected epoch", INT),
-    "model": Column("Backbone"),
+    "model": Column("Backbone", values=short_name),
     "unit_rho": Column("Spearman ρ over the bootstrap units", NUMBER, 2),
     "n_units": Column("Bootstrap units", INT),
     "kind": Column("Kind"),
@@ -334,7 +336,8 @@ def format_value(value: Any, spec: Column) -> str:
     if kind == ACC:
         return f"{100 * value:.2f}"
     if kind == CHANGE:
-        return f"{value:+.2f}"
+        text = f"{value:+.2f}"
+        return "0.00" if text in ("+0.00", "-0.00") else text  # no sign on what rounds to 0
     if kind == P:
         return format_p(value)
     if kind == LR:
