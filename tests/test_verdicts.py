@@ -3,6 +3,8 @@ findings chapter on fake studies: complete, partial and empty."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -194,6 +196,9 @@ def test_findings_add_the_matched_grid_evidence_for_rq2_and_rq3(tmp_path):
     text = chapter.claim_markdown("RQ2")
     assert "Study B, matched grid" in text and verdicts.MATCHED_RULES["RQ2"] in text
     assert "the authors' published runs" in text  # the real-model verdict beside ours
+    rows = [line for line in text.splitlines() if line.startswith("| Study B")]
+    assert len(rows) == 2  # our grid and theirs, each one row of four cells ("|" escaped)
+    assert all(len(re.findall(r"(?<!\\)\|", row)) == 5 for row in rows), rows
     assert chapter.published["RQ3"].verdict == verdicts.UNSTABLE
     assert "not stable across configurations" in chapter.overview_markdown()
     assert "13_study_b/summary" in text

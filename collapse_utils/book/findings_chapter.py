@@ -249,7 +249,8 @@ class FindingsChapter:
         if theirs is not None:
             rows.append((f"Study B, {PUBLISHED_LINK}", theirs))
         table = "\n".join(
-            f"| {who} | **{v.verdict}** | {evidence(v)} | {v.unit}, n = {v.n} |" for who, v in rows
+            f"| {who} | **{v.verdict}** | {_cell(evidence(v))} | {v.unit}, n = {v.n} |"
+            for who, v in rows
         )
         rule = f"*Rule.* {verdicts.RULES[claim]}"
         if claim in verdicts.MATCHED_RULES and (matched is not None or theirs is not None):
@@ -348,6 +349,11 @@ KNOB_COLUMNS = {
     "build_runs": Column("Runs in this build", INT),
     "build_range": Column("Range of Δ Entropy in this build (points)", CHANGE),
 }
+
+
+def _cell(text: str) -> str:
+    """``text`` safe inside a Markdown table cell (a ``|`` would end the cell)."""
+    return text.replace("|", "\\|")
 
 
 def _spread(values: pd.Series) -> float:
