@@ -149,11 +149,12 @@ def test_verdicts_on_their_runs_say_the_relation_is_not_stable(runs):
 
 def test_the_published_page_states_the_authors_revised_answers(runs):
     from collapse_utils.book import study_b_page as sections
+    from collapse_utils.book import study_b_published as chapter
 
-    page = sections.published_page("smoke", show=False)
+    page = chapter.published_page("smoke", show=False)
     for section in (sections.paired, sections.verdicts, sections.ranking, sections.early_warning):
         page.finding(section(page, runs, "retention_cifar100"))
-    page.finding(sections.authors_section(page, runs))
+    page.finding(chapter.authors_section(page, runs))
     page.conclude()
     text = page.findings
     assert "not a meter of the damage" in text  # a dose meter, not a damage meter

@@ -72,9 +72,6 @@ LOW_IS_LESS_CHANGE = {
     "weight_drift_sel": True,
     "cka_mean_sel": False,
 }
-MIN_GROUP_RUNS = 6
-"""Runs a dataset × method group needs (and 3 learning rates) to have the power to show a
-within-group relation (RQ3)."""
 
 
 # --- the frame ---------------------------------------------------------------------------------

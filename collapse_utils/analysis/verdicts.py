@@ -44,6 +44,10 @@ ACCURACY_COST = 1.0
 MIN_GROUP = 2
 MIN_CORRELATION = 3
 MIN_FRIEDMAN_RUNS = 5
+MIN_POWER_RUNS = 6
+MIN_POWER_LRS = 3
+"""A Study B group (dataset × method) has the power to show a relation with this many runs at
+this many learning rates."""
 
 CLAIMS = ("RQ1", "RQ2", "RQ3", "RQ4", "RQ5_lr", "RQ5_layers")
 LABELS = {"RQ5_lr": "RQ5a", "RQ5_layers": "RQ5b"}
@@ -112,12 +116,13 @@ MATCHED_RULES = {
     "RQ3": (
         "Within each dataset × method of Study B's full-FT and LoRA runs: Spearman ρ of Δ "
         "entropy (%) with zero-shot retention (CIFAR-100), both at the selected checkpoint; Holm "
-        f"across the groups that have the power to show a relation (at least 6 runs at 3 "
-        f"learning rates). Supported if every such group has ρ > 0 at Holm p < {ALPHA} (runs "
-        "that lose more entropy keep less transfer), contradicted if every one has ρ < 0; "
-        "significant groups of both signs, or a relation in some groups and none in others, make "
-        "it not stable across configurations; no significant group: inconclusive. Pooling the "
-        "groups would let the dataset and the method carry the correlation."
+        f"across the groups that have the power to show a relation (at least {MIN_POWER_RUNS} "
+        f"runs at {MIN_POWER_LRS} learning rates). Supported if every such group has ρ > 0 at "
+        f"Holm p < {ALPHA} (runs that lose more entropy keep less transfer), contradicted if "
+        "every one has ρ < 0; significant groups of both signs, or a relation in some groups "
+        "and none in others, make it not stable across configurations; no significant group: "
+        "inconclusive. Pooling the groups would let the dataset and the method carry the "
+        "correlation."
     ),
 }
 """Rules of the matched-grid evidence (Study B) for the claims it can test."""
@@ -312,9 +317,6 @@ def rq5_layer_position_matters(group_means: pd.DataFrame) -> Verdict:
 
 
 # --- matched grids (Study B): judged per group ------------------------------------------------
-
-MIN_POWER_RUNS = 6
-MIN_POWER_LRS = 3
 
 
 def _per_group(significant_signs: Sequence[float], groups: int) -> str:
