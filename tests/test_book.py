@@ -66,7 +66,7 @@ def test_study_b_pages_of_a_tiny_grid_fold_under_their_analysis(book):
     )
     html = paths.root / "_build" / "html" / "book" / "executed" / "13_study_b"
     summary = (html / "summary.html").read_text()
-    for text in ("Study B", "full FT minus LoRA at matched learning rate", "operating points"):
+    for text in ("Study B", "Full FT minus LoRA at matched learning rate", "operating points"):
         assert text in summary, text
     assert "CKA to pre-trained" in summary and "Zero-shot retention CIFAR-10" in summary
     toc = (paths.root / "_toc.yml").read_text()

@@ -239,3 +239,15 @@ def test_rq2_is_judged_per_dataset_with_holm_and_shows_the_size_of_the_change():
     mixed = study_b.verdicts(frame)["RQ2"]
     assert mixed.verdict == "not stable across configurations"
     assert mixed.numbers["significant"] == 1
+
+
+def test_analyses_of_a_grid_without_core_runs_or_with_two_runs_are_empty_not_errors():
+    frame = grid()
+    probes = frame[frame["method"] == "linear_probe"]
+    assert (study_b.paired_table(probes, ["d_entropy_pct_sel"])["n"] == 0).all()  # no pairs
+    assert study_b.signal_ranking(probes).empty
+    assert study_b.selection(probes).empty
+    assert study_b.verdicts(probes)["RQ3"].verdict == "inconclusive at this n"
+    two = frame[frame["method"] == "full"].head(2)
+    ranking = study_b.signal_ranking(two, columns=["embedding_drift_sel"], n_boot=50)
+    assert ranking["n_units"].iloc[0] == 1 and np.isnan(ranking["ci_low"].iloc[0])

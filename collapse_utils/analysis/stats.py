@@ -537,6 +537,7 @@ def predictor_ranking(
         units = data.groupby(list(resample))[[*predictors, target]].mean().reset_index(drop=True)
     unit_rho = {name: dose_response(units, name, target)["rho"] for name in predictors}
     best = reference or max(predictors, key=lambda n: np.nan_to_num(abs(unit_rho[n]), nan=-1.0))
+    n_boot = n_boot if len(units) >= 3 else 0  # fewer units: no ρ to resample
     boot = _bootstrap_abs_rho(units, target, predictors, n_boot, np.random.default_rng(seed))
     rows = {}
     for name in predictors:

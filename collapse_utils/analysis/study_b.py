@@ -35,6 +35,7 @@ from collapse_utils.analysis.stats import (
 from collapse_utils.analysis.verdicts import Verdict
 
 CELL = ["dataset", "method", "lr"]
+PAIRED_COLUMNS = ["n", "mean_a", "mean_b", "diff", "d_z", "p_t", "p_wilcoxon"]
 MATCHED = ["lr", "seed"]  # within a dataset: the cell a full-FT run and a LoRA run share
 CORE_METHODS = ("full", "lora")
 TARGET = "retention_cifar100"  # the report's transfer set
@@ -141,6 +142,8 @@ def paired_table(
     for dataset, runs in frame.groupby("dataset", sort=True):
         for outcome in outcomes:
             rows[(dataset, outcome)] = paired_matched(runs, MATCHED, "method", a, b, outcome)
+    if not rows:  # no full-FT or LoRA run
+        return pd.DataFrame(columns=[*PAIRED_COLUMNS, "p_t_holm"])
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index = pd.MultiIndex.from_tuples(table.index, names=["dataset", "outcome"])
     tested = table["p_t"].notna()
@@ -178,6 +181,8 @@ def within_groups(
     rows = {}
     for key, runs in frame.groupby(list(by), sort=True):
         rows[key] = dose_response(runs, signal, target).to_dict() | {"lrs": runs["lr"].nunique()}
+    if not rows:
+        return pd.DataFrame(columns=["rho", "p", "n", "lrs"])
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index = pd.MultiIndex.from_tuples(table.index, names=list(by))
     return table.astype({"n": int, "lrs": int})
@@ -213,6 +218,8 @@ def signal_ranking(
     each row's gap to the best label-free signal. Column ``kind``: signal or reference."""
     runs = core(frame)
     columns = list(columns or present(runs, [*SIGNALS, *REFERENCES]))
+    if runs.empty or not columns or target not in runs:
+        return pd.DataFrame(columns=["rho", "p", "n", "unit_rho", "kind"])
     signals = [c for c in columns if c in SIGNALS] or columns
     # Gaps are measured against the best label-free signal (study2: CKA), not a reference row.
     best = predictor_ranking(runs, target, signals, None, 0, seed, resample).index[0]

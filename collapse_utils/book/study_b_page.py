@@ -168,6 +168,8 @@ def ranking(page: Page, frame: pd.DataFrame, target: str) -> str:
     if not target:
         return ""
     table = study_b.signal_ranking(frame, target, n_boot=N_BOOT)
+    if table.empty:
+        return ""
     page.table("signal_ranking", _key_first(table, ["kind", "unit_rho", "ci_low", "ci_high",
                                                      "gap", "gap_low", "gap_high"]))  # fmt: skip
     page.figure(
