@@ -42,7 +42,11 @@ METHODS = ("none", "full", "lora", "linear_probe", "last_block")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 REGULARIZERS = ("none", "apr", "entropy_floor")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-TEMPLATE_SETS = ("single", "ensemble")
+TEMPLATE_SETS = ("original", "single", "ensemble")
+# Which weights zero-shot scores: merged = the fine-tuned vision tower and projection (LoRA
+# merged); vision_base = the report's code: only the vision tower's base weights loaded into the
+# pre-trained CLIP (its projection stays pre-trained, LoRA adapters are dropped).
+ZEROSHOT_WEIGHTS = ("merged", "vision_base")
 DATA_SOURCES = ("torchvision", "hf")
 SPLITS = ("heldout", "original")
 INTERPOLATIONS = ("bicubic", "bilinear")
@@ -153,6 +157,10 @@ class EvalSpec:
     templates: str = "ensemble"
     zeroshot_max_images: int | None = None
     zeroshot_checkpoint: str = "final"  # weights zero-shot is measured on: final or best epoch
+    zeroshot_weights: str = "merged"  # ZEROSHOT_WEIGHTS
+    # autocast: metrics, accuracies and regularizer references under the training precision;
+    # fp32: without autocast (the report's code), whatever the training precision.
+    precision: str = "autocast"
     map_images: int = 8  # metric-subset images whose full [CLS] maps are kept per eval
     # per_image: head diversity of each image's maps, averaged; batch_mean: of the maps
     # averaged over each metric batch (the original).
@@ -738,6 +746,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "eval.zeroshot_datasets": DATASETS,
     "eval.templates": TEMPLATE_SETS,
     "eval.zeroshot_checkpoint": ("final", "best"),
+    "eval.zeroshot_weights": ZEROSHOT_WEIGHTS,
+    "eval.precision": ("autocast", "fp32"),
     "eval.head_diversity": ("per_image", "batch_mean"),
 }
 # Numeric ranges: field → (low, high, low inclusive, high inclusive); None means unbounded.

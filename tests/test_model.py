@@ -16,6 +16,7 @@ from collapse_utils.training.model import (
     model_folder,
     prepare_for_training,
     vision_layers,
+    zeroshot_clip,
 )
 
 HIDDEN, LAYERS, CLASSES = 32, 3, 5
@@ -114,6 +115,33 @@ def test_merged_lora_clip_reproduces_the_adapted_features(tiny_clip, pixels):
         adapted = model.base_model.model.features(pixels)
     merged = image_features(merged_clip(model, tiny_clip), pixels)
     assert torch.allclose(merged, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_the_reports_zero_shot_path_drops_lora_and_keeps_the_pretrained_projection(
+    tiny_clip, pixels
+):
+    lora = make(tiny_clip, method="lora")
+    one_step(lora, pixels)  # adapters and projection move
+    before = {k: v.clone() for k, v in lora.state_dict().items()}
+    report = zeroshot_clip(lora, tiny_clip, "vision_base")
+    assert torch.equal(image_features(report, pixels), image_features(tiny_clip, pixels))
+    assert not torch.allclose(
+        image_features(zeroshot_clip(lora, tiny_clip, "merged"), pixels),
+        image_features(tiny_clip, pixels),
+    )
+    assert all(torch.equal(v, lora.state_dict()[k]) for k, v in before.items())  # untouched
+    full = make(tiny_clip, method="full")
+    one_step(full, pixels)
+    ours, theirs = (
+        zeroshot_clip(full, tiny_clip, "merged"),
+        zeroshot_clip(full, tiny_clip, "vision_base"),
+    )
+    assert torch.equal(theirs.visual_projection.weight, tiny_clip.visual_projection.weight)
+    assert torch.equal(ours.visual_projection.weight, full.visual_projection.weight)
+    for a, b in zip(theirs.vision_model.parameters(), full.vision_model.parameters(), strict=True):
+        assert torch.equal(a, b)  # the fine-tuned tower, in both paths
+    with pytest.raises(ValueError, match="merged or vision_base"):
+        zeroshot_clip(full, tiny_clip, "adapters")
 
 
 def test_missing_hub_model_offline_raises_a_clear_error(tmp_path, monkeypatch):

@@ -149,22 +149,41 @@ def test_entropy_floor_keeps_every_layer_near_the_pretrained_entropy(tmp_path):
     assert (np.array(floored.evals[-1].metrics["entropy"]) >= floor - tolerance).all()
 
 
-def test_zero_shot_uses_the_merged_fine_tuned_model(tmp_path, monkeypatch):
+def test_zero_shot_scores_the_weights_the_profile_names(tmp_path, monkeypatch):
     calls = []
-    real = evaluation.merged_clip
+    real = evaluation.zeroshot_clip
 
-    def spy(model, base):
-        calls.append(type(model).__name__)
-        return real(model, base)
+    def spy(model, base, weights):
+        calls.append((type(model).__name__, weights))
+        return real(model, base, weights)
 
-    monkeypatch.setattr(evaluation, "merged_clip", spy)
-    lora = run_experiment(small(tmp_path, "E5"), progress=False).history
-    assert calls == ["PeftModel"]
+    monkeypatch.setattr(evaluation, "zeroshot_clip", spy)
+    report = run_experiment(small(tmp_path, "E5"), progress=False).history  # smoke: the report's
+    zs = report.zeroshot["cifar100"]
+    assert zs.accuracy == zs.pretrained_accuracy  # adapters dropped: the pre-trained model
+    merged = small(tmp_path, "E5", eval={"zeroshot_weights": "merged"})
+    run_experiment(merged, progress=False)
+    assert calls == [("PeftModel", "vision_base"), ("PeftModel", "merged")]
     full = run_experiment(small(tmp_path, "E2", train={"lr": 1e-2}), progress=False).history
     assert full.zeroshot["cifar100"].accuracy != full.zeroshot["cifar100"].pretrained_accuracy
-    assert lora.zeroshot["cifar100"].pretrained_accuracy == (
-        full.zeroshot["cifar100"].pretrained_accuracy
-    )
+
+
+@pytest.mark.parametrize("precision, expected", [("fp32", None), ("autocast", torch.bfloat16)])
+def test_measurements_use_the_eval_precision_whatever_the_training_precision(
+    tmp_path, monkeypatch, precision, expected
+):
+    monkeypatch.setattr(train, "autocast_dtype", lambda *_: torch.bfloat16)  # bf16 training
+    seen = []
+    real = train.accuracy
+
+    def spy(model, images, labels, dtype=None):
+        seen.append(dtype)
+        return real(model, images, labels, dtype)
+
+    monkeypatch.setattr(train, "accuracy", spy)
+    config = small(tmp_path, "E2", train={"epochs": 1}, eval={"precision": precision})
+    history = run_experiment(config, progress=False).history
+    assert history.status == "complete" and seen and set(seen) == {expected}
 
 
 def test_non_finite_loss_stops_the_run_with_a_clear_failure(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from collapse_utils.run_record import ZeroShotRecord
 from collapse_utils.storage import cache_key, cached
 from collapse_utils.training.data import ImageSet, normalize
 from collapse_utils.training.environment import autocast
-from collapse_utils.training.model import merged_clip
+from collapse_utils.training.model import zeroshot_clip
 from collapse_utils.training.zeroshot import cached_text_classifier, zeroshot_accuracy
 
 EVAL_BATCH = 256
@@ -174,9 +174,10 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, dtype=None) -> fl
 def evaluate_zeroshot(
     model: nn.Module, base_clip, config: RunConfig, test_sets: dict[str, ImageSet]
 ) -> dict[str, ZeroShotRecord]:
-    """Zero-shot accuracy of the fine-tuned vision tower (LoRA merged) with the original text
-    tower, and of the pre-trained CLIP, per dataset."""
-    clip = merged_clip(model, base_clip)
+    """Zero-shot accuracy of the fine-tuned vision tower (``eval.zeroshot_weights``: LoRA
+    merged, or the report's vision-base-only path) with the original text tower, and of the
+    pre-trained CLIP, per dataset."""
+    clip = zeroshot_clip(model, base_clip, config.eval.zeroshot_weights)
     cache = Path(config.output_root) / "cache"
     results = {}
     for name, images in test_sets.items():

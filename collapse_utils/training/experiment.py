@@ -104,7 +104,8 @@ class Setup:
     config: RunConfig
     files: RunFiles
     device: torch.device
-    dtype: torch.dtype | None
+    dtype: torch.dtype | None  # autocast while training; None: fp32
+    eval_dtype: torch.dtype | None  # for metrics, accuracies, references (eval.precision)
     train: tuple[Tensor, Tensor]  # images (N, 3, S, S), labels (N,)
     val: tuple[Tensor, Tensor]
     test: tuple[Tensor, Tensor] | None  # scored once at the selected epoch ('heldout' split)
@@ -126,6 +127,7 @@ def load_setup(config: RunConfig) -> Setup:
     remove_stale_temp_files(files.run_dir)  # safe: this process holds the run's lock
     device = resolve_device(config.train.device)
     dtype = autocast_dtype(config.train.precision, device)
+    eval_dtype = None if config.eval.precision == "fp32" else dtype
     seed_everything(config.seed)
     splits = load_splits(config.data, config.seed)
     test_sets = {
@@ -140,7 +142,7 @@ def load_setup(config: RunConfig) -> Setup:
     classifier = CLIPClassifier(base_clip, len(splits.train.class_names), seed=config.seed)
     model = prepare_for_training(classifier, config.train, config.lora).to(device)
     return Setup(
-        config, files, device, dtype,
+        config, files, device, dtype, eval_dtype,
         train=(splits.train.images.to(device), splits.train.labels.to(device)),
         val=(splits.val.images.to(device), splits.val.labels.to(device)),
         test=None if splits.test is None else (splits.test.images.to(device),
@@ -226,13 +228,15 @@ def _train(config: RunConfig, progress: bool) -> RunResult:
     started = time.perf_counter()
     setup = load_setup(config)
     # 2. references, before any resume so they are never the trained model's
-    reference = Reference.of(setup.model, setup.metric_images, setup.dtype,
+    reference = Reference.of(setup.model, setup.metric_images, setup.eval_dtype,
                              config.eval.representation)  # fmt: skip
     first = _snapshot(setup, reference)
     if config.train.method == "none":
         return _evaluate_baseline(setup, first, started)
     floor = torch.tensor(first.metrics["entropy"], device=setup.device)
-    reg = RegularizerInputs.prepare(config.reg, setup.model, floor, setup.train[0], setup.dtype)
+    reg = RegularizerInputs.prepare(
+        config.reg, setup.model, floor, setup.train[0], setup.eval_dtype
+    )
     opt = Optimization.of(setup.model, config.train, setup.plan.total_steps, setup.dtype)
     # 3. resume or start
     record, maps, start_epoch = _resume(setup, opt, progress)
@@ -261,7 +265,7 @@ def final_evaluation(setup: Setup) -> tuple[dict[str, ZeroShotRecord], float | N
         zeroshot = evaluate_zeroshot(setup.model, setup.base_clip, config, setup.test_sets)
     if zeroshot is None or setup.test is not None:
         load_weights(setup.files.best, setup)
-    test_acc = None if setup.test is None else accuracy(setup.model, *setup.test, setup.dtype)
+    test_acc = None if setup.test is None else accuracy(setup.model, *setup.test, setup.eval_dtype)
     if zeroshot is None:
         zeroshot = evaluate_zeroshot(setup.model, setup.base_clip, config, setup.test_sets)
     return zeroshot, test_acc
@@ -270,7 +274,7 @@ def final_evaluation(setup: Setup) -> tuple[dict[str, ZeroShotRecord], float | N
 def _snapshot(setup: Setup, reference: Reference) -> Snapshot:
     spec = setup.config.eval
     return snapshot(setup.model, setup.metric_images, reference, spec.map_images,
-                    setup.dtype, spec)  # fmt: skip
+                    setup.eval_dtype, spec)  # fmt: skip
 
 
 def _evaluate_baseline(setup: Setup, first: Snapshot, started: float) -> RunResult:
@@ -357,7 +361,7 @@ class _Loop:
 
     def _end_epoch(self, epoch: int, stats: _Window, started: float) -> float:
         setup, record = self.setup, self.record
-        val_acc = accuracy(setup.model, *setup.val, setup.dtype)
+        val_acc = accuracy(setup.model, *setup.val, setup.eval_dtype)
         samples_per_s = stats.seen / stats.seconds
         record.epochs.append(EpochRecord(epoch + 1, self.step, stats.mean_loss, val_acc,
                                          samples_per_s))  # fmt: skip

@@ -120,7 +120,7 @@ def load_endpoints(config: RunConfig, checkpoint: str = "best") -> tuple[Endpoin
     if completed_record(config) is None:
         raise _not_ready(config)
     setup = load_setup(config)
-    initial = cls_attention(setup.model, setup.metric_images, setup.dtype)
+    initial = cls_attention(setup.model, setup.metric_images, setup.eval_dtype)
     load_weights(getattr(setup.files, checkpoint), setup)
     trained = trainable_state(setup.model, config.train.method)
     # Every trained tensor but the adapters (scaled instead) and the head, classifier names.
@@ -291,7 +291,7 @@ def _measure(config, alphas, checkpoint, progress) -> InterpolationRecord:
     for alpha in alphas:
         started = time.perf_counter()
         model = ends.at(alpha)
-        snap = snapshot(model, setup.metric_images, initial, 0, setup.dtype, config.eval)
+        snap = snapshot(model, setup.metric_images, initial, 0, setup.eval_dtype, config.eval)
         zeroshot = {n: r.accuracy for n, r in evaluate_zeroshot(model, setup.base_clip,
                                                                 config, sets).items()}  # fmt: skip
         points.append(
@@ -299,7 +299,7 @@ def _measure(config, alphas, checkpoint, progress) -> InterpolationRecord:
                 alpha=alpha,
                 metrics=snap.metrics,
                 kl_to_initial=snap.kl_to_initial,
-                task_acc=accuracy(model, *setup.val, setup.dtype),
+                task_acc=accuracy(model, *setup.val, setup.eval_dtype),
                 task_acc_zeroshot_head=zeroshot.pop(TASK),
                 zeroshot=zeroshot,
                 seconds=time.perf_counter() - started,

@@ -265,5 +265,20 @@ def merged_clip(model: nn.Module, base_clip: CLIPModel) -> CLIPModel:
     return clip.eval()
 
 
+def zeroshot_clip(model: nn.Module, base_clip: CLIPModel, weights: str = "merged") -> CLIPModel:
+    """The CLIP that zero-shot scores (``eval.zeroshot_weights``): ``merged`` is
+    :func:`merged_clip`; ``vision_base`` is what the report's code scored, the vision tower's
+    base weights (LoRA adapters dropped, not merged) in a copy of ``base_clip`` whose visual
+    projection stays pre-trained. ``model`` and ``base_clip`` are not modified."""
+    if weights == "merged":
+        return merged_clip(model, base_clip)
+    if weights != "vision_base":
+        raise ValueError(f"zero-shot weights must be merged or vision_base, got {weights!r}")
+    classifier = copy.deepcopy(model).unload() if isinstance(model, PeftModel) else model
+    clip = copy.deepcopy(base_clip)
+    clip.vision_model.load_state_dict(classifier.vision_model.state_dict())
+    return clip.eval()
+
+
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

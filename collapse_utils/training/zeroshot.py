@@ -22,6 +22,7 @@ from collapse_utils.training.data import ImageSet, normalize
 from collapse_utils.training.model import TINY_VOCAB_SIZE
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
+    "original": ("a photo of a {}",),  # the report's code: no period
     "single": ("a photo of a {}.",),
     # CLIP's seven best general-purpose ImageNet templates plus the plain one.
     "ensemble": (
