@@ -161,6 +161,9 @@ class EvalSpec:
     # autocast: metrics, accuracies and regularizer references under the training precision;
     # fp32: without autocast (the report's code), whatever the training precision.
     precision: str = "autocast"
+    # §6.4 C: the regularizer tests pair layers of Δ entropy in % (delta_pct) or of final
+    # entropy in nats (final_nats, the report's code).
+    c_statistic: str = "delta_pct"
     map_images: int = 8  # metric-subset images whose full [CLS] maps are kept per eval
     # per_image: head diversity of each image's maps, averaged; batch_mean: of the maps
     # averaged over each metric batch (the original).
@@ -748,6 +751,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "eval.zeroshot_checkpoint": ("final", "best"),
     "eval.zeroshot_weights": ZEROSHOT_WEIGHTS,
     "eval.precision": ("autocast", "fp32"),
+    "eval.c_statistic": ("delta_pct", "final_nats"),
     "eval.head_diversity": ("per_image", "batch_mean"),
 }
 # Numeric ranges: field → (low, high, low inclusive, high inclusive); None means unbounded.

@@ -7,7 +7,12 @@ import pandas as pd
 import pytest
 
 from collapse_utils.analysis import stat_tables as tables
-from collapse_utils.analysis.results import histories_of, per_layer_delta, run_summary
+from collapse_utils.analysis.results import (
+    histories_of,
+    per_layer_delta,
+    per_layer_final,
+    run_summary,
+)
 from collapse_utils.analysis.stats import holm, metric_correlations
 from tests.fake_records import (
     FULL_CHANGE,
@@ -110,6 +115,20 @@ def test_regularizer_tests_pair_layers_with_the_reference(runs):
     assert "pairs layer l" in tables.paired_supports(runs["summary"], runs["delta"], "E2").lower()
     no_reference = runs["delta"].drop("E2", level="run")
     assert tables.regularizer_tests(runs["summary"], no_reference, "E2").empty
+
+
+def test_regularizer_tests_on_final_entropy_pair_nats_as_the_report_did(runs):
+    final = per_layer_final(runs["trained"])
+    assert final.loc[("E2", 42)].tolist() == pytest.approx(
+        [s * (1 + c) for s, c in zip(START, FULL_CHANGE, strict=True)]
+    )
+    table = tables.regularizer_tests(runs["summary"], final, "E2")
+    apr = table.loc["R1_apr0.1"]  # every layer's change is 0.01 above E2's
+    assert apr["mean_diff"] == pytest.approx(0.01 * np.mean(START))
+    assert (
+        apr["p"]
+        != tables.regularizer_tests(runs["summary"], runs["delta"], "E2").loc["R1_apr0.1", "p"]
+    )  # a different statistic, as the reproduction check must know
 
 
 def test_layer_anova_table_has_group_means_and_skips_missing_runs(runs):

@@ -35,6 +35,11 @@ def test_every_section_runs_on_a_partial_study(page):
     assert page.lr_sweep().empty  # one learning rate only: the section says so instead
     table_c = page.regularizers()
     assert list(table_c.index) == ["R2_entfloor0.1"]
+    # smoke follows the report's code: §6.4 C pairs final per-layer entropy in nats
+    assert page.c_nats
+    layers = page.c_layers.groupby(level="run").mean()
+    expected = (layers.loc["R2_entfloor0.1"] - layers.loc["E2"]).mean()
+    assert table_c.loc["R2_entfloor0.1", "mean_diff"] == pytest.approx(expected)
     assert page.layer_position().index.tolist() == ["E2", "E5"]
     assert len(page.correlations()) == 10  # pairs of the 5 summary columns
     assert {run for run, _ in page.dynamics().index} >= {"E2", "E5"}

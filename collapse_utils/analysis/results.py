@@ -229,6 +229,19 @@ def histories_of(histories: Iterable[RunRecord], runs: Iterable[str]) -> list[Ru
     return [h for run in dict.fromkeys(runs) for h in by_seed if h.id == run]
 
 
+def per_layer_final(histories: Iterable[RunRecord], metric: str = "entropy") -> pd.DataFrame:
+    """The final eval's value per layer (entropy in nats), as :func:`per_layer_delta` lays it
+    out: index (run, seed), columns ``layer`` 1..L; a history without evals gives NaN."""
+    rows = {}
+    for h in histories:
+        values = list(map(float, h.evals[-1].metrics[metric])) if h.evals else []
+        rows[(h.id, h.seed)] = pd.Series(values, index=range(1, len(values) + 1))
+    index = pd.MultiIndex.from_tuples(list(rows), names=["run", "seed"])
+    frame = pd.DataFrame(list(rows.values()), index=index)
+    frame.columns.name = "layer"
+    return frame
+
+
 def per_layer_delta(histories: Iterable[RunRecord], metric: str = "entropy") -> pd.DataFrame:
     """Change in % from first to final eval, per layer.
 

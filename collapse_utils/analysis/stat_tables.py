@@ -221,17 +221,19 @@ def lr_correlations(points: pd.DataFrame) -> pd.DataFrame:
 # --- §6.4 C: regularizers ----------------------------------------------------------------------
 
 
-def regularizer_tests(summary: pd.DataFrame, delta: pd.DataFrame, reference: str) -> pd.DataFrame:
-    """Each run with an attention regularizer vs ``reference``: paired t over layers of the
-    per-layer Δentropy (seeds averaged per layer), signed d_av and d_z (positive: the
-    regularized run's entropy change is higher). Index: run."""
+def regularizer_tests(summary: pd.DataFrame, layers: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """Each run with an attention regularizer vs ``reference``: paired t over layers of
+    ``layers`` (seeds averaged per layer), signed d_av and d_z (positive: the regularized run's
+    value is higher). ``layers``: per-layer Δ entropy in % (``results.per_layer_delta``, this
+    project's statistic) or final entropy in nats (``results.per_layer_final``, the report's);
+    ``mean_diff`` is in that unit. Index: run."""
     regs = summary[summary["reg_kind"] != "none"]
-    ref = delta_rows(delta, [reference])
+    ref = delta_rows(layers, [reference])
     if regs.empty or ref.empty:
         return pd.DataFrame()
     rows = []
     for run, setting in run_means(regs).iterrows():
-        result = paired_layer_test(delta_rows(delta, [run]), ref).result
+        result = paired_layer_test(delta_rows(layers, [run]), ref).result
         rows.append(
             {
                 "run": run,

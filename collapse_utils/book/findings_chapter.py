@@ -29,6 +29,7 @@ from collapse_utils.analysis.reproduction import (
 from collapse_utils.analysis.results import (
     load_histories,
     per_layer_delta,
+    per_layer_final,
     run_means,
     run_summary,
     zeroshot_change,
@@ -87,7 +88,7 @@ def run_settings(profile: str, params_dir: Path | str = PARAMS_DIR) -> pd.DataFr
 
 class StudyRuns:
     """What both chapters read: the complete runs of ``profile`` as tables (``summary`` of the
-    trained runs, seed ``means``, per-layer ``delta``), what each configuration is
+    trained runs, seed ``means``, per-layer ``delta`` and ``final``), what each configuration is
     (``settings``), the families and the runs the statistics single out."""
 
     def __init__(self, profile: str, params_dir: Path | str = PARAMS_DIR):
@@ -103,6 +104,8 @@ class StudyRuns:
         self.summary = run_summary(self.trained)
         self.means = run_means(self.summary) if not self.summary.empty else pd.DataFrame()
         self.delta = per_layer_delta(self.trained) if self.trained else pd.DataFrame()
+        # Final per-layer entropy (nats): the report's §6.4 C pairs these, not the changes.
+        self.final = per_layer_final(self.trained) if self.trained else pd.DataFrame()
         self.reference = self.families[self.chosen.regularizers].reference
         # Families of other designs (Study B), whose pages the matched evidence links to.
         self.separate = [n for n, f in self.families.items() if f.study != REPORT_STUDY]

@@ -157,8 +157,9 @@ class ReproductionChapter:
         frames["layer_anova"] = rp.layer_anova_frame(
             stat_tables.layer_anova_table(study.delta, list(study.chosen.layer_anova))
         )
+        # Like with like: the report's §6.4 C paired final per-layer entropy in nats.
         frames["regularizers"] = stat_tables.regularizer_tests(
-            study.summary, study.delta, study.reference
+            study.summary, study.final, study.reference
         )
         points = stat_tables.lr_sweep_points(
             study.summary, study.family_runs(study.chosen.lr_sweep)

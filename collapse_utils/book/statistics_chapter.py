@@ -22,13 +22,14 @@ from collapse_utils.analysis.results import (
     histories_of,
     load_histories,
     per_layer_delta,
+    per_layer_final,
     run_summary,
 )
 from collapse_utils.analysis.stats import EXACT_MAX_N, metric_correlations
 from collapse_utils.book import stat_figures
 from collapse_utils.book.figures import show_figure
 from collapse_utils.book.style import DATASET_NAMES
-from collapse_utils.book.tables import show_table
+from collapse_utils.book.tables import NUMBER, Column, show_table
 from collapse_utils.config import PARAMS_DIR, load_config, profile_output_root
 from collapse_utils.families import (
     comparison_ids,
@@ -138,6 +139,10 @@ class StatisticsChapter:
         self.summary = run_summary(self.histories)
         self.trained_summary = run_summary(self.trained)
         self.delta = per_layer_delta(self.trained)
+        # §6.4 C's unit (eval.c_statistic): layers of Δ entropy in %, or final entropy in nats.
+        reference = load_config(profile, self.reg_reference, params_dir)
+        self.c_nats = reference.eval.c_statistic == "final_nats"
+        self.c_layers = per_layer_final(self.trained) if self.c_nats else self.delta
         self.lr_points = tables.lr_sweep_points(self.summary, self.lr_runs)
         self.comparisons: dict = {}
         self.table_b = self.table_c = pd.DataFrame()
@@ -196,13 +201,17 @@ class StatisticsChapter:
         """§6.4 C: each regularizer against the regularization family's reference, paired over
         layers."""
         reference = self.reg_reference
-        self.table_c = table = tables.regularizer_tests(self.summary, self.delta, reference)
+        self.table_c = table = tables.regularizer_tests(self.summary, self.c_layers, reference)
         glue("c_reference", reference, display=False)
+        glue("c_unit", "nats" if self.c_nats else "percentage points", display=False)
+        quantity = "the final entropy in nats" if self.c_nats else "the change of entropy in %"
+        glue("c_quantity", quantity, display=False)
         if table.empty:
             note([f"Regularizer tests not run: no regularized run or no complete {reference}."])
         else:
-            show_table(table)
-            display(Markdown(tables.paired_supports(self.summary, self.delta, reference)))
+            unit = "nats" if self.c_nats else "points"
+            show_table(table, {"mean_diff": Column(f"Mean layer difference ({unit})", NUMBER, 4)})
+            display(Markdown(tables.paired_supports(self.summary, self.c_layers, reference)))
         glue("c_n", len(table), display=False)
         top = table["d_z"].abs().idxmax() if not table.empty else None
         glue("c_top_run", str(top), display=False)
