@@ -115,7 +115,7 @@ def study_workload(profile: str = "full") -> dict[str, Any]:
         )
         work["trained_runs"] += 1
         train[kind] += plan.epochs * n_train
-        work["snapshots"] += plan.epochs * len(plan.eval_points)
+        work["snapshots"] += plan.n_evals
         work["eval_images"] += plan.epochs * n_val
         if c.reg.kind == "apr" and c.reg.reference == "cache":
             work["reference_images"] += n_train

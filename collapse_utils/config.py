@@ -119,6 +119,9 @@ class TrainSpec:
     precision: str = "auto"
     freeze_layers: int = 0
     evals_per_epoch: int = 5
+    # epoch: tracking points at round(k·S/n) of every epoch; global: every floor(S/n) steps of
+    # the run (the report's code). S: steps per epoch, n: evals_per_epoch.
+    eval_cadence: str = "epoch"
     # With freeze_layers > 0: also freeze the patch/position embeddings and the pre-LayerNorm.
     freeze_embeddings: bool = True
     compile: bool = False
@@ -741,6 +744,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.interpolation": INTERPOLATIONS,
     "train.method": METHODS,
     "train.precision": PRECISIONS,
+    "train.eval_cadence": ("epoch", "global"),
     "lora.targets": LORA_TARGETS,
     "reg.kind": REGULARIZERS,
     "reg.reference": ("cache", "frozen"),

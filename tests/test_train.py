@@ -16,12 +16,13 @@ from safetensors.torch import load_file
 import collapse_utils.training.evaluation as evaluation
 import collapse_utils.training.experiment as train
 import collapse_utils.training.step as step_module
-from collapse_utils.config import load_config
+from collapse_utils.config import TrainSpec, load_config
 from collapse_utils.measurement.metrics import cls_to_patch
 from collapse_utils.run_record import Failure, read_record
 from collapse_utils.training.data import DatasetUnavailableError
 from collapse_utils.training.experiment import TrainingFailedError, run_experiment
 from collapse_utils.training.model import load_clip
+from collapse_utils.training.step import StepPlan
 
 SMALL = {
     "model": {"vision_layers": 3, "tiny_hidden": 32},
@@ -48,7 +49,11 @@ def test_full_and_lora_runs_finish_with_complete_histories(tmp_path, experiment)
     result = run_experiment(small(tmp_path, experiment), progress=False)
     history = result.history
     assert history.status == "complete" and history.failure is None
-    assert len(history.evals) == 1 + 2 * 2  # step 0 + evals_per_epoch × epochs
+    # smoke tracks as the report's code: every floor(S / 2) steps (S = 3 here) and the last
+    interval = max(1, history.steps_per_epoch // 2)
+    steps = [e.step for e in history.evals]
+    assert steps == [0, *(g for g in range(1, history.total_steps + 1)
+                         if (g - 1) % interval == 0 or g == history.total_steps)]  # fmt: skip
     assert [e.epoch for e in history.epochs] == [1, 2]
     assert history.evals[-1].fraction == 1.0
     for record in history.evals:
@@ -64,7 +69,7 @@ def test_full_and_lora_runs_finish_with_complete_histories(tmp_path, experiment)
     assert {"attention_maps.safetensors", "tensorboard"} <= files
     assert not list(result.run_dir.glob("*.tmp"))
     maps = load_file(result.files.maps)
-    assert maps["maps"].shape == (5, 2, 3, 4, 50) and maps["steps"].tolist()[0] == 0
+    assert maps["maps"].shape == (len(steps), 2, 3, 4, 50) and maps["steps"].tolist() == steps
 
 
 @pytest.mark.parametrize("projection", [False, True])
@@ -149,6 +154,17 @@ def test_entropy_floor_keeps_every_layer_near_the_pretrained_entropy(tmp_path):
     assert (np.array(floored.evals[-1].metrics["entropy"]) >= floor - tolerance).all()
 
 
+@pytest.mark.parametrize(
+    "cadence, steps",
+    [("epoch", [2, 5, 7, 10]), ("global", [1, 3, 5, 7, 9, 10])],  # 5 steps per epoch, 2 evals
+)
+def test_tracking_points_follow_the_eval_cadence(cadence, steps):
+    spec = TrainSpec(epochs=2, batch_size=10, evals_per_epoch=2, eval_cadence=cadence)
+    plan = StepPlan.of(50, spec)
+    assert [g for g in range(1, plan.total_steps + 1) if plan.tracks(g)] == steps
+    assert plan.n_evals == len(steps)
+
+
 def test_zero_shot_scores_the_weights_the_profile_names(tmp_path, monkeypatch):
     calls = []
     real = evaluation.zeroshot_clip
@@ -228,7 +244,7 @@ def test_missing_dataset_fails_before_training(tmp_path):
 
 KILL_SCRIPT = """
 import json, sys
-from collapse_utils.config import load_config
+from collapse_utils.config import TrainSpec, load_config
 from collapse_utils.training.experiment import run_experiment
 changes = json.loads(sys.argv[1])
 run_experiment(load_config("smoke", "E5").with_overrides(**changes), progress=False)

@@ -331,7 +331,7 @@ class _Loop:
             window.add(loss_value, correct, len(index))
             epoch_stats.add(loss_value, correct, len(index))
             self._log_step(loss_value, penalty)
-            if local in plan.eval_points:
+            if plan.tracks(self.step):
                 self._track(window)
                 window = _Window()
         return self._end_epoch(epoch, epoch_stats, started)

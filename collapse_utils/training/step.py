@@ -22,22 +22,43 @@ from collapse_utils.training.evaluation import cls_attention
 
 @dataclass(frozen=True)
 class StepPlan:
-    """How many optimizer steps a run takes and after which ones it tracks attention."""
+    """How many optimizer steps a run takes and after which ones it tracks attention.
+
+    ``train.eval_cadence``: ``epoch`` tracks after the in-epoch steps round(k·S/n), k = 1..n
+    (n = ``evals_per_epoch``, S steps per epoch: the last is every epoch's end); ``global``
+    is the report's code: after global step g (1-based) when (g − 1) is a multiple of
+    floor(S / n), and after the last step, not aligned to epochs."""
 
     steps_per_epoch: int
     epochs: int
-    eval_points: frozenset[int]  # 1-based in-epoch steps after which metrics are tracked
+    eval_points: frozenset[int]  # epoch cadence: 1-based in-epoch steps after which to track
+    interval: int = 0  # global cadence: steps between tracking points (0: epoch cadence)
 
     @classmethod
     def of(cls, n_train: int, train: TrainSpec) -> StepPlan:
         steps = math.ceil(n_train / train.batch_size)
         count = min(train.evals_per_epoch, steps)
         points = frozenset(round(k * steps / count) for k in range(1, count + 1))
-        return cls(steps, train.epochs or 0, points)
+        interval = max(1, steps // train.evals_per_epoch) if train.eval_cadence == "global" else 0
+        return cls(steps, train.epochs or 0, points, interval)
 
     @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.epochs
+
+    def tracks(self, step: int) -> bool:
+        """Whether the run tracks attention after global optimizer step ``step`` (1-based)."""
+        if self.interval:
+            return (step - 1) % self.interval == 0 or step == self.total_steps
+        local = (step - 1) % self.steps_per_epoch + 1
+        return local in self.eval_points
+
+    @property
+    def n_evals(self) -> int:
+        """Tracking points of the whole run, the pre-trained one not counted."""
+        if self.interval:
+            return sum(self.tracks(step) for step in range(1, self.total_steps + 1))
+        return self.epochs * len(self.eval_points)
 
 
 @dataclass(frozen=True)
