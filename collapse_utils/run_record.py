@@ -138,13 +138,18 @@ class EpochRecord:
 
 @dataclass(frozen=True)
 class ZeroShotRecord:
-    """Zero-shot top-1 accuracy of the fine-tuned and of the pre-trained vision tower."""
+    """Zero-shot top-1 accuracy of the fine-tuned and of the pre-trained vision tower.
+    ``weights``: which fine-tuned weights ``accuracy`` scored (``eval.zeroshot_weights``);
+    where that is not the trained model (``vision_base``, the report's path),
+    ``merged_accuracy`` is the trained model's (adapters merged, trained projection)."""
 
     accuracy: float
     pretrained_accuracy: float
     templates: str
     n_images: int
     checkpoint: str = "final"  # the fine-tuned weights measured: final or best epoch
+    weights: str = "merged"
+    merged_accuracy: float | None = None
 
 
 @dataclass(frozen=True)

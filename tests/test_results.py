@@ -393,3 +393,12 @@ def test_selected_checkpoint_signals_are_read_where_the_zero_shot_was_scored():
     assert final["d_entropy_pct_sel"] == pytest.approx(final["d_entropy_pct"])
     assert final["weight_drift_sel"] == final["weight_drift_f"] == 0.02
     assert final["train_loss_f"] == 0.3 and final["model"] == "openai/clip-vit-base-patch32"
+
+
+def test_the_trained_models_zero_shot_beside_the_reports_path_is_no_dataset_of_its_own():
+    data = signal_history()
+    data["zeroshot"]["cifar100"] |= {"weights": "vision_base", "merged_accuracy": 0.45}
+    summary = run_summary([RunRecord.from_dict(data)])
+    assert summary.loc[0, "zs_cifar100_merged"] == 0.45
+    assert summary.loc[0, "retention_cifar100"] == pytest.approx(0.3 / 0.6)  # of the path scored
+    assert zeroshot_datasets(summary) == ["cifar100"]

@@ -177,9 +177,12 @@ def test_zero_shot_scores_the_weights_the_profile_names(tmp_path, monkeypatch):
     report = run_experiment(small(tmp_path, "E5"), progress=False).history  # smoke: the report's
     zs = report.zeroshot["cifar100"]
     assert zs.accuracy == zs.pretrained_accuracy  # adapters dropped: the pre-trained model
+    assert zs.weights == "vision_base" and zs.merged_accuracy is not None  # and the trained one
     merged = small(tmp_path, "E5", eval={"zeroshot_weights": "merged"})
-    run_experiment(merged, progress=False)
-    assert calls == [("PeftModel", "vision_base"), ("PeftModel", "merged")]
+    trained = run_experiment(merged, progress=False).history.zeroshot["cifar100"]
+    assert trained.weights == "merged" and trained.merged_accuracy is None
+    assert trained.accuracy == zs.merged_accuracy  # the same model, scored once each way
+    assert calls == [("PeftModel", "vision_base"), ("PeftModel", "merged"), ("PeftModel", "merged")]
     full = run_experiment(small(tmp_path, "E2", train={"lr": 1e-2}), progress=False).history
     assert full.zeroshot["cifar100"].accuracy != full.zeroshot["cifar100"].pretrained_accuracy
 

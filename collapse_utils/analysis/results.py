@@ -78,7 +78,8 @@ def run_summary(histories: Iterable[RunRecord]) -> pd.DataFrame:
     the one the zero-shot scored (:func:`selected_epoch`), ``selected_epoch``, every
     ``d_<m>_pct_sel``, ``d_entropy_last_pct_sel`` (last layer) and the representation signals
     with suffix ``_sel``; ``train_loss_f`` (mean training loss of the last epoch); ``model``
-    (the hub name, or ``tiny``); for each zero-shot dataset ``d``: ``zs_d``, ``zs_d_pretrained`` and
+    (the hub name, or ``tiny``); for each zero-shot dataset ``d``: ``zs_d``, ``zs_d_pretrained``,
+    ``zs_d_merged`` (the trained model's accuracy where ``zs_d`` scored the report's path) and
     ``retention_d`` = zs_d / zs_d_pretrained (NaN when the pre-trained accuracy is 0); status.
     Accuracies are as stored in the history."""
     rows = [_summary_row(h) for h in histories]
@@ -131,6 +132,8 @@ def _summary_row(h: RunRecord) -> dict[str, Any]:
     for dataset, result in sorted(h.zeroshot.items()):
         row[f"zs_{dataset}"] = result.accuracy
         row[f"zs_{dataset}_pretrained"] = result.pretrained_accuracy
+        if result.merged_accuracy is not None:
+            row[f"zs_{dataset}_merged"] = result.merged_accuracy
         pretrained = result.pretrained_accuracy
         row[f"retention_{dataset}"] = result.accuracy / pretrained if pretrained else math.nan
     row["status"] = h.status
@@ -202,7 +205,7 @@ def zeroshot_datasets(summary: pd.DataFrame) -> list[str]:
     return sorted(
         c.removeprefix("zs_")
         for c in summary.columns
-        if c.startswith("zs_") and not c.endswith("_pretrained")
+        if c.startswith("zs_") and not c.endswith(("_pretrained", "_merged"))
     )
 
 

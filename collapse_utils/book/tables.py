@@ -229,6 +229,8 @@ PATTERNS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Column]]] = [
      lambda m: Column(f"|Δ {_metric(m[1])}| after epoch 1 (%)", NUMBER, 2)),
     (re.compile(r"zs_(\w+)_pretrained"),
      lambda m: Column(f"Zero-shot {_dataset(m[1])}, pre-trained (%)", ACC)),
+    (re.compile(r"zs_(\w+)_merged"),
+     lambda m: Column(f"Zero-shot {_dataset(m[1])}, trained model (%)", ACC)),
     (re.compile(r"zs_(\w+)_change"),
      lambda m: Column(f"Zero-shot {_dataset(m[1])} change (points)", CHANGE)),
     (re.compile(r"zs_(\w+)"), lambda m: Column(f"Zero-shot {_dataset(m[1])} (%)", ACC)),

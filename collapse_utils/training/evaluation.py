@@ -175,23 +175,30 @@ def evaluate_zeroshot(
     model: nn.Module, base_clip, config: RunConfig, test_sets: dict[str, ImageSet]
 ) -> dict[str, ZeroShotRecord]:
     """Zero-shot accuracy of the fine-tuned vision tower (``eval.zeroshot_weights``: LoRA
-    merged, or the report's vision-base-only path) with the original text tower, and of the
-    pre-trained CLIP, per dataset."""
-    clip = zeroshot_clip(model, base_clip, config.eval.zeroshot_weights)
+    merged, or the report's vision-base-only path, then also the trained model's) with the
+    original text tower, and of the pre-trained CLIP, per dataset."""
+    weights = config.eval.zeroshot_weights
+    clip = zeroshot_clip(model, base_clip, weights)
+    trained = zeroshot_clip(model, base_clip, "merged") if weights != "merged" else None
     cache = Path(config.output_root) / "cache"
     results = {}
     for name, images in test_sets.items():
-        weights = cached_text_classifier(
+        text = cached_text_classifier(
             base_clip, config.model, images.class_names, config.eval.templates,
             cache / "text", config.seed,
         )  # fmt: skip
-        pretrained = _cached_pretrained_zeroshot(base_clip, config, name, images, weights, cache)
+        pretrained = _cached_pretrained_zeroshot(base_clip, config, name, images, text, cache)
+        merged = None
+        if trained is not None:
+            merged = zeroshot_accuracy(trained, images, text, desc=f"zero-shot {name} (trained)")
         results[name] = ZeroShotRecord(
-            accuracy=zeroshot_accuracy(clip, images, weights, desc=f"zero-shot {name}"),
+            accuracy=zeroshot_accuracy(clip, images, text, desc=f"zero-shot {name}"),
             pretrained_accuracy=pretrained,
             templates=config.eval.templates,
             n_images=len(images),
             checkpoint=config.eval.zeroshot_checkpoint,
+            weights=weights,
+            merged_accuracy=merged,
         )
     return results
 
