@@ -48,7 +48,7 @@ TEMPLATE_SETS = ("original", "single", "ensemble")
 # pre-trained CLIP (its projection stays pre-trained, LoRA adapters are dropped).
 ZEROSHOT_WEIGHTS = ("merged", "vision_base")
 DATA_SOURCES = ("torchvision", "hf")
-SPLITS = ("heldout", "original")
+SPLITS = ("heldout", "original", "fixed")
 INTERPOLATIONS = ("bicubic", "bilinear")
 KL_DIRECTIONS = ("initial_to_current", "current_to_initial")
 
@@ -97,6 +97,10 @@ class DataSpec:
     interpolation: str = "bicubic"  # resize of the shorter side to image_size
     flip: bool = False  # RandomHorizontalFlip on training batches
     metric_seed: int = 42  # seed of the original metric-subset rule (fixed across run seeds)
+    # split fixed (study2's): [train, val, probe] images per class, per dataset, drawn with
+    # data_seed whatever the run's seed; the probe split is the metric subset.
+    fixed_per_class: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    data_seed: int = 0
 
     def has_test_split(self, name: str) -> bool:
         """Whether dataset ``name`` has its own test split here (torchvision's EuroSAT has none;
@@ -853,6 +857,11 @@ def _validate_combinations(c: RunConfig, fail) -> None:
     if c.data.split == "original" and not c.data.has_test_split(c.data.dataset):
         fail("data.split", f"'original' needs the dataset's own test split; "
              f"{c.data.dataset} from {c.data.source} has none (use data.source: hf)")  # fmt: skip
+    if c.data.split == "fixed":
+        counts = c.data.fixed_per_class.get(c.data.dataset)
+        if counts is None or len(counts) != 3 or min(counts) < 1:
+            reason = f"for {c.data.dataset!r} (data.split: fixed), got {counts!r}"
+            fail("data.fixed_per_class", f"needs [train, val, probe] per class, each ≥ 1, {reason}")
     if not DEVICE.fullmatch(c.train.device):
         fail("train.device", f"is {c.train.device!r}; must be auto, cpu, cuda, cuda:<index> or mps")
     if not c.output_root.strip():

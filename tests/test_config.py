@@ -240,7 +240,7 @@ def test_study_b_grid_expands_into_readable_ids_with_every_point_valid():
     assert "B_eurosat_full_lr1e-5" in ids and "B_pets_lora_lr3e-6" in ids
     config = load_config("full", "B_eurosat_lora_lr3e-5")
     assert (config.train.method, config.train.lr, config.lora.rank) == ("lora", 3e-5, 8)
-    assert (config.data.dataset, config.data.split, config.seed) == ("eurosat", "heldout", 7)
+    assert (config.data.dataset, config.data.split, config.seed) == ("eurosat", "fixed", 7)
     assert config_seeds("full", "B_eurosat_lora_lr3e-5") == (7, 11, 19)
     assert config_seeds("smoke", "B_eurosat_lora_lr3e-5") == (7, 11)  # smoke: max_seeds 2
     assert load_config("full", "B_probe_pets").train.method == "linear_probe"
@@ -327,3 +327,11 @@ def test_overrides_are_typed_like_params_files():
     assert config.eval.zeroshot_datasets == ("cifar100", "cifar10") and config.train.lr == 1e-4
     with pytest.raises(ConfigError, match=r"unknown field\(s\) \['speed'\] of 'train'"):
         load_config("smoke", "E2").with_overrides(train={"speed": 1})
+
+
+@pytest.mark.parametrize("counts", [{"pets": [1, 1, 1]}, {"eurosat": [0, 1, 1]}, {"eurosat": [1]}])
+def test_a_fixed_split_needs_three_positive_counts_for_its_dataset(counts):
+    config = load_config("smoke", "B_eurosat_full_lr1e-5")
+    assert config.data.split == "fixed" and config.data.fixed_per_class["eurosat"] == (12, 6, 4)
+    with pytest.raises(ConfigError, match=r"field 'data.fixed_per_class' needs \[train, val"):
+        config.with_overrides(data={"fixed_per_class": counts})

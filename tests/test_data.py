@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 import shutil
@@ -14,11 +15,12 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPImageProcessorPil
 
-from collapse_utils.config import DataSpec
+from collapse_utils.config import ConfigError, DataSpec
 from collapse_utils.training.data import (
     DOWNLOAD_STALL_S,
     DatasetUnavailableError,
     balanced_subset,
+    fixed_split,
     load_images,
     load_splits,
     load_test_set,
@@ -160,6 +162,32 @@ def test_heldout_split_cuts_val_from_train_and_keeps_the_test_split_apart():
     splits = load_splits(data, seed=42)
     assert len(splits.train) + len(splits.val) == 40 and len(splits.test) == 40
     assert torch.equal(splits.test.images, load_images(data, "eurosat", "test", 42).images)
+
+
+def test_fixed_split_takes_val_probe_train_per_class_disjoint_and_by_its_own_seed():
+    labels = torch.arange(4).repeat_interleave(10)  # 4 classes × 10
+    train, val, probe = fixed_split(labels, (5, 3, 2), seed=0)
+    assert (len(train), len(val), len(probe)) == (20, 12, 8)
+    assert not (set(train.tolist()) & set(val.tolist()) | set(train.tolist()) & set(probe.tolist())
+                | set(val.tolist()) & set(probe.tolist()))  # fmt: skip
+    for split, count in ((train, 5), (val, 3), (probe, 2)):
+        assert torch.bincount(labels[split]).tolist() == [count] * 4
+    again = fixed_split(labels, (5, 3, 2), seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(again, (train, val, probe), strict=True))
+    other = fixed_split(labels, (5, 3, 2), seed=1)
+    assert not torch.equal(other[1], val)
+    short = fixed_split(labels, (9, 3, 2), seed=0)[0]  # 5 left per class: what is left
+    assert len(short) == 20
+
+
+def test_fixed_splits_hold_the_profile_counts_and_the_probe_is_the_metric_subset():
+    data = DataSpec(synthetic_stand_in=True, synthetic_classes=4, synthetic_per_class=10,
+                    split="fixed", fixed_per_class={"eurosat": (5, 3, 2)})  # fmt: skip
+    splits = load_splits(data, seed=42)
+    assert (len(splits.train), len(splits.val), len(splits.metric)) == (20, 12, 8)
+    assert len(splits.test) == 40  # the test split stays whole, scored once
+    with pytest.raises(ConfigError, match=r"data.fixed_per_class.*'pets'"):
+        load_splits(dataclasses.replace(data, dataset="pets"), seed=42)
 
 
 def test_hf_source_feeds_the_splits_and_is_decoded_once(tmp_path):

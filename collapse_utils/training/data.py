@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -135,6 +136,28 @@ def balanced_subset(labels: Tensor, size: int, seed: int) -> Tensor:
                 chosen.append(queue[depth])
         depth += 1
     return torch.tensor(sorted(chosen), dtype=torch.long)
+
+
+def fixed_split(labels: Tensor, per_class: tuple[int, ...], seed: int) -> tuple[Tensor, ...]:
+    """study2's split (``study2/data_splits.py``): with one ``numpy.random.RandomState(seed)``,
+    validation, then probe, then training items are taken per class (classes in label order)
+    from a shuffle of the class's items not taken yet. ``per_class``: (train, val, probe) per
+    class. Returns sorted (train, val, probe) indices; a class with too few items gives what is
+    left."""
+    values = labels.numpy()
+    rng = np.random.RandomState(seed)
+    used: set[int] = set()
+    taken = []
+    for count in (per_class[1], per_class[2], per_class[0]):  # val, probe, train: study2's order
+        picked: list[int] = []
+        for c in sorted(set(values.tolist())):
+            pool = [int(i) for i in np.flatnonzero(values == c) if int(i) not in used]
+            rng.shuffle(pool)
+            picked.extend(pool[:count])
+        used.update(picked)
+        taken.append(torch.tensor(sorted(picked), dtype=torch.long))
+    val, probe, train = taken
+    return train, val, probe
 
 
 # --- sources --------------------------------------------------------------------------------
@@ -346,7 +369,9 @@ def load_splits(data: DataSpec, seed: int) -> Splits:
     original: the dataset's own train split; its test split is evaluated each epoch and the
     metric subset is drawn from it by the original rule, in the original order. heldout: a
     stratified train/val split of the training pool, a class-balanced metric subset of val, and
-    the test split (where the dataset has one) for one score at the selected epoch."""
+    the test split (where the dataset has one) for one score at the selected epoch. fixed:
+    study2's split (:func:`fixed_split`): train, val and a probe set (the metric subset) drawn
+    per class with ``data.data_seed``, the same images for every run seed."""
     from collapse_utils.training.hf_datasets import original_metric_subset
 
     pool = load_images(data, data.dataset, "pool", seed)
@@ -355,14 +380,32 @@ def load_splits(data: DataSpec, seed: int) -> Splits:
         _check_metric_subset(data, len(test))
         order = original_metric_subset(test.labels.numpy(), data.metric_subset, data.metric_seed)
         return Splits(train=pool, val=test, metric=test.subset(torch.from_numpy(order)))
+    test = (
+        load_images(data, data.dataset, "test", seed) if data.has_test_split(data.dataset) else None
+    )
+    if data.split == "fixed":
+        train_idx, val_idx, probe_idx = fixed_split(pool.labels, _per_class(data), data.data_seed)
+        empty = [n for n, i in (("train", train_idx), ("val", val_idx), ("probe", probe_idx))
+                 if not len(i)]  # fmt: skip
+        if empty:
+            raise ConfigError(f"field 'data.fixed_per_class' leaves the {data.dataset} split(s) "
+                              f"{empty} empty: the pool has {len(pool)} images")  # fmt: skip
+        return Splits(pool.subset(train_idx), pool.subset(val_idx), pool.subset(probe_idx), test)
     train_idx, val_idx = stratified_split(pool.labels, data.val_fraction, seed)
     val = pool.subset(val_idx)
     _check_metric_subset(data, len(val))
     metric = val.subset(balanced_subset(val.labels, data.metric_subset, seed))
-    test = (
-        load_images(data, data.dataset, "test", seed) if data.has_test_split(data.dataset) else None
-    )
     return Splits(train=pool.subset(train_idx), val=val, metric=metric, test=test)
+
+
+def _per_class(data: DataSpec) -> tuple[int, ...]:
+    counts = data.fixed_per_class.get(data.dataset)
+    if counts is None or len(counts) != 3:
+        raise ConfigError(
+            f"field 'data.fixed_per_class' needs [train, val, probe] images per class for "
+            f"{data.dataset!r} (data.split: fixed), got {counts!r}"
+        )
+    return counts
 
 
 def load_test_set(data: DataSpec, name: str, seed: int, max_images: int | None = None) -> ImageSet:
