@@ -100,7 +100,7 @@ def history(
         seed=seed,
         data=DataSpec(dataset=dataset),
         train=TrainSpec(method=method, lr=None if method == "none" else lr),
-        lora=LoraSpec(rank=8),
+        lora=LoraSpec(rank=8, train_projection=True),  # as every profile trains it
         reg=reg or RegSpec(),
     )
     return record(config, change, accuracies, representation)

@@ -244,7 +244,7 @@ def test_study_b_grid_expands_into_readable_ids_with_every_point_valid():
     assert config_seeds("full", "B_eurosat_lora_lr3e-5") == (7, 11, 19)
     assert config_seeds("smoke", "B_eurosat_lora_lr3e-5") == (7, 11)  # smoke: max_seeds 2
     assert load_config("full", "B_probe_pets").train.method == "linear_probe"
-    assert load_config("full", "B_last_pets_lr1e-4").train.method == "last_block"
+    assert load_config("full", "B_last_eurosat_lr1e-4").train.method == "last_block"
 
 
 def test_grid_ids_follow_dataset_method_lr_order_and_seeds_are_replicates(tmp_path: Path):
@@ -313,7 +313,8 @@ def test_bad_max_seeds_names_the_profile(tmp_path: Path):
 def test_the_study_plans_every_configuration_once_per_seed():
     full = plan_runs("full")
     study_b = [c for c in full if c.family == "study_b"]
-    assert len(study_b) == 66  # study2's ViT-B/32 design: 48 + 6 linear probe + 12 last block
+    # study2's ViT-B/32 design: 48 + 6 linear probe + 6 last block + 6 frozen-projection LoRA
+    assert len(study_b) == 66
     assert len(full) == 23 + 66
     assert len(plan_runs("smoke")) == 23 + 44  # two seeds each under smoke's max_seeds
     assert {c.seed for c in plan_runs("smoke", seeds=(1, 2))} == {1, 2}

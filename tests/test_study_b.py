@@ -251,3 +251,15 @@ def test_analyses_of_a_grid_without_core_runs_or_with_two_runs_are_empty_not_err
     two = frame[frame["method"] == "full"].head(2)
     ranking = study_b.signal_ranking(two, columns=["embedding_drift_sel"], n_boot=50)
     assert ranking["n_units"].iloc[0] == 1 and np.isnan(ranking["ci_low"].iloc[0])
+
+
+def test_lora_with_a_frozen_projection_is_its_own_arm_never_pooled_with_lora():
+    rows = [
+        {"run": "B_eurosat_lora_lr1e-4", "method": "lora", "train_projection": True, "lr": 1e-4},
+        {"run": "B_frozen_eurosat_lr1e-4", "method": "lora", "train_projection": False,
+         "lr": 1e-4},
+        {"run": "B_eurosat_full_lr1e-4", "method": "full", "train_projection": None, "lr": 1e-4},
+    ]  # fmt: skip
+    frame = study_b.grid_frame(pd.DataFrame(rows))
+    assert frame["method"].tolist() == ["lora", "lora_frozen_proj", "full"]
+    assert "lora_frozen_proj" not in set(study_b.core(frame)["method"])

@@ -15,7 +15,7 @@ def page(tmp_path_factory):
 
 
 def test_the_page_names_the_baselines_that_have_not_run(page):
-    assert "B_probe_eurosat" in page.notes[0] and "B_last_pets_lr1e-4" in page.notes[0]
+    assert "B_probe_eurosat" in page.notes[0] and "B_last_eurosat_lr1e-4" in page.notes[0]
 
 
 def test_cell_table_has_one_row_per_dataset_method_lr_with_two_seeds(page):

@@ -66,21 +66,22 @@ def pct_change(first: float, final: float) -> float:
 def run_summary(histories: Iterable[RunRecord]) -> pd.DataFrame:
     """One row per (run, seed).
 
-    Columns: run, seed, family, method, dataset, lr, weight_decay, rank and targets (missing
-    unless method is ``lora``), freeze_layers, reg_kind, lam, best_acc, final_acc, test_acc
-    (held-out test accuracy at the selected epoch; missing under the 'original' split); for each
-    metric ``m``: ``m_0`` and ``m_f`` (layer mean at the first and final eval) and
-    ``d_m_pct`` (their change in %); the representation signals against the pre-trained tower
-    at the final eval, ``cka_mean_f`` and ``cka_last_f`` (linear CKA of the [CLS] tokens, mean
-    over layers and last layer), ``embedding_drift_f`` and ``weight_drift_f``, and the same at
-    the end of the first epoch (the eval at epoch 1.0) with suffix ``_e1`` (NaN where not
-    measured); ``d_entropy_pct_e1`` (Δ entropy after epoch 1); at the *selected* checkpoint,
-    the one the zero-shot scored (:func:`selected_epoch`), ``selected_epoch``, every
-    ``d_<m>_pct_sel``, ``d_entropy_last_pct_sel`` (last layer) and the representation signals
-    with suffix ``_sel``; ``train_loss_f`` (mean training loss of the last epoch); ``model``
-    (the hub name, or ``tiny``); for each zero-shot dataset ``d``: ``zs_d``, ``zs_d_pretrained``,
-    ``zs_d_merged`` (the trained model's accuracy where ``zs_d`` scored the report's path) and
-    ``retention_d`` = zs_d / zs_d_pretrained (NaN when the pre-trained accuracy is 0); status.
+    Columns: run, seed, family, method, dataset, lr, weight_decay, rank, targets and
+    train_projection (missing unless method is ``lora``), freeze_layers, reg_kind, lam,
+    best_acc, final_acc, test_acc (held-out test accuracy at the selected epoch; missing under
+    the 'original' split); for each metric ``m``: ``m_0`` and ``m_f`` (layer mean at the first
+    and final eval) and ``d_m_pct`` (their change in %); the representation signals against the
+    pre-trained tower at the final eval, ``cka_mean_f`` and ``cka_last_f`` (linear CKA of the
+    [CLS] tokens, mean over layers and last layer), ``embedding_drift_f`` and
+    ``weight_drift_f``, and the same at the end of the first epoch (the eval at epoch 1.0) with
+    suffix ``_e1`` (NaN where not measured); ``d_entropy_pct_e1`` (Δ entropy after epoch 1); at
+    the *selected* checkpoint, the one the zero-shot scored (:func:`selected_epoch`),
+    ``selected_epoch``, every ``d_<m>_pct_sel``, ``d_entropy_last_pct_sel`` (last layer) and the
+    representation signals with suffix ``_sel``; ``train_loss_f`` (mean training loss of the
+    last epoch); ``model`` (the hub name, or ``tiny``); for each zero-shot dataset ``d``:
+    ``zs_d``, ``zs_d_pretrained``, ``zs_d_merged`` (the trained model's accuracy where ``zs_d``
+    scored the report's path) and ``retention_d`` = zs_d / zs_d_pretrained (NaN when the
+    pre-trained accuracy is 0); status.
     Accuracies are as stored in the history."""
     rows = [_summary_row(h) for h in histories]
     frame = pd.DataFrame(rows)
@@ -109,6 +110,7 @@ def _summary_row(h: RunRecord) -> dict[str, Any]:
         "weight_decay": train.get("weight_decay"),
         "rank": lora["rank"] if is_lora else None,
         "targets": ",".join(lora["targets"]) if is_lora else None,
+        "train_projection": bool(lora.get("train_projection", True)) if is_lora else None,
         "freeze_layers": train.get("freeze_layers", 0),
         "reg_kind": reg["kind"],
         "lam": reg["lam"],

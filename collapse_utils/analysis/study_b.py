@@ -38,6 +38,7 @@ CELL = ["dataset", "method", "lr"]
 PAIRED_COLUMNS = ["n", "mean_a", "mean_b", "diff", "d_z", "p_t", "p_wilcoxon"]
 MATCHED = ["lr", "seed"]  # within a dataset: the cell a full-FT run and a LoRA run share
 CORE_METHODS = ("full", "lora")
+FROZEN_PROJECTION = "lora_frozen_proj"
 TARGET = "retention_cifar100"  # the report's transfer set
 DAMAGED = 0.5
 """A cell is *damaged* when its mean retention is below half the pre-trained zero-shot
@@ -90,8 +91,13 @@ def add_derived(frame: pd.DataFrame) -> pd.DataFrame:
 
 def grid_frame(summary: pd.DataFrame) -> pd.DataFrame:
     """Our ``summary`` (one row per run and seed) as a Study B frame (:func:`add_derived`);
-    runs without a learning rate (a pre-trained baseline) are left out."""
-    return add_derived(summary[summary["lr"].notna()]).reset_index(drop=True)
+    runs without a learning rate (a pre-trained baseline) are left out. LoRA with a frozen
+    projection is its own arm, ``lora_frozen_proj`` (study2's name), never pooled with LoRA."""
+    frame = add_derived(summary[summary["lr"].notna()]).reset_index(drop=True)
+    if "train_projection" in frame:
+        frozen = (frame["method"] == "lora") & (frame["train_projection"] == False)  # noqa: E712
+        frame.loc[frozen, "method"] = FROZEN_PROJECTION
+    return frame
 
 
 def core(frame: pd.DataFrame) -> pd.DataFrame:
