@@ -40,7 +40,7 @@ EUROSAT_FOLDERS = (
 # Images per class and split of each fake build: enough for a metric subset of 20 and a batch
 # (CIFAR-10 as EuroSAT: 10 classes, so it can be trained on as well as scored zero-shot).
 PER_CLASS = {
-    "eurosat": (4, 2), "pets": (2, 2), "cifar100": (1, 1), "cifar10": (4, 2), "flowers102": (1, 1),
+    "eurosat": (4, 2), "pets": (3, 2), "cifar100": (1, 1), "cifar10": (4, 2), "flowers102": (1, 1),
 }  # fmt: skip
 # (image, label) columns of each build; the others use ("image", "label").
 HF_COLUMNS = {"cifar100": ("img", "fine_label"), "cifar10": ("img", "label")}
@@ -128,7 +128,12 @@ def _hf_build(name: str, rng: np.random.Generator):
     }[name]
     image, label = HF_COLUMNS.get(name, ("image", "label"))
     splits = {}
-    for split, per_class in zip(("train", "test"), PER_CLASS[name], strict=True):
+    from collapse_utils.training.data import EUROSAT_CORRUPTIONS
+
+    # EuroSAT's build also holds its seven corrupted copies of the test split (study2 reads them).
+    corrupted = EUROSAT_CORRUPTIONS if name == "eurosat" else ()
+    train, test = PER_CLASS[name]
+    for split, per_class in (("train", train), ("test", test), *((c, test) for c in corrupted)):
         labels = [c for c in range(len(names)) for _ in range(per_class)]
         columns = {image: _images(rng, len(labels)), label: labels}
         features = {image: datasets.Image(), label: datasets.ClassLabel(names=names)}
@@ -179,11 +184,14 @@ def save_torchvision_layouts(data_root: Path, seed: int = 0) -> None:
 def build_fixtures(model_dir: Path, data_root: Path, seed: int = 0) -> None:
     """The model (``model_dir``) and datasets (``data_root``) of the rehearsal, built once: a
     ``.complete`` marker in each records a finished build (the data marker also lists the
-    builds, so a folder written before a dataset was added here is built again)."""
+    builds, their sizes and splits, so a folder written before they changed is built again)."""
     if not (model_dir / ".complete").is_file():
         save_model(model_dir, seed)
         (model_dir / ".complete").write_text(json.dumps({"seed": seed}))
-    marker = json.dumps({"seed": seed, "datasets": sorted(PER_CLASS)})
+    from collapse_utils.training.data import EUROSAT_CORRUPTIONS
+
+    marker = json.dumps({"seed": seed, "per_class": sorted(PER_CLASS.items()),
+                         "corruptions": EUROSAT_CORRUPTIONS})  # fmt: skip
     done = data_root / ".complete"
     if not done.is_file() or done.read_text() != marker:
         save_hf_builds(data_root, seed)

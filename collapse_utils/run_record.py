@@ -181,6 +181,8 @@ class RunRecord:
     best_val_acc: float | None = None
     final_val_acc: float | None = None
     test_acc: float | None = None  # test accuracy at the best-val epoch ('heldout' split only)
+    # accuracy per EuroSAT corruption split at the epoch test is scored at (eval.corruption_images)
+    corruption_acc: dict[str, float] = field(default_factory=dict)
     zeroshot: dict[str, ZeroShotRecord] = field(default_factory=dict)
     wall_time_s: float = 0.0
     schema_version: int = SCHEMA_VERSION

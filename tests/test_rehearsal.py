@@ -3,6 +3,7 @@ on them end to end with a full-size ViT-B/32."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -20,7 +21,7 @@ from collapse_utils.rehearsal import (
     save_hf_builds,
     save_torchvision_layouts,
 )
-from collapse_utils.training.data import load_images, load_splits
+from collapse_utils.training.data import load_corruption_sets, load_images, load_splits
 from collapse_utils.training.hf_datasets import hf_folder
 from collapse_utils.training.labels import CIFAR10, FLOWERS102, PETS
 
@@ -79,7 +80,25 @@ def test_a_data_folder_built_before_a_dataset_was_added_is_built_again(tmp_path)
     (data / ".complete").write_text(json.dumps({"seed": 0}))  # the marker before cifar10
     build_fixtures(model, data)
     assert (hf_folder(data / "hf", "cifar10") / "dataset_dict.json").is_file()
-    assert json.loads((data / ".complete").read_text())["datasets"] == sorted(PER_CLASS)
+    marker = json.loads((data / ".complete").read_text())
+    assert [name for name, _ in marker["per_class"]] == sorted(PER_CLASS)
+    assert len(marker["corruptions"]) == 7
+
+
+def test_eurosat_corruption_splits_load_as_balanced_fixed_subsets(data_root):
+    data = dataclasses.replace(
+        load_config("rehearsal", "B_eurosat_full_lr1e-5").data, root=str(data_root)
+    )
+    sets = load_corruption_sets(data, per_split=1000, seed=7)
+    assert len(sets) == 7 and "jpeg_compression" in sets
+    for images in sets.values():
+        assert torch.bincount(images.labels).tolist() == [PER_CLASS["eurosat"][1]] * 10
+    again = load_corruption_sets(data, per_split=10, seed=11)  # 1 per class, any run seed
+    assert len(again["contrast"]) == 10
+    assert torch.equal(
+        again["contrast"].images, load_corruption_sets(data, 10, 7)["contrast"].images
+    )
+    assert load_corruption_sets(dataclasses.replace(data, dataset="pets"), 1000, 7) == {}
 
 
 def test_torchvision_layouts_load_with_the_torchvision_source(data_root):

@@ -19,7 +19,7 @@ import collapse_utils.training.step as step_module
 from collapse_utils.config import TrainSpec, load_config
 from collapse_utils.measurement.metrics import cls_to_patch
 from collapse_utils.run_record import Failure, read_record
-from collapse_utils.training.data import DatasetUnavailableError
+from collapse_utils.training.data import EUROSAT_CORRUPTIONS, DatasetUnavailableError
 from collapse_utils.training.experiment import TrainingFailedError, run_experiment
 from collapse_utils.training.model import load_clip
 from collapse_utils.training.step import StepPlan
@@ -348,3 +348,17 @@ def test_tensorboard_has_the_pretrained_point_kl_regularizer_accuracy_and_zero_s
     assert events.Scalars("attention/kl_to_initial_mean")[0].value == pytest.approx(0, abs=1e-6)
     zeroshot = events.Scalars("zeroshot/cifar100")[0].value
     assert zeroshot == pytest.approx(result.history.zeroshot["cifar100"].accuracy)
+
+
+def test_a_study_b_run_scores_eurosats_corruption_splits_at_the_selected_epoch(tmp_path):
+    from collapse_utils.analysis.results import run_summary
+
+    config = small(tmp_path, "B_eurosat_full_lr1e-5", train={"epochs": 1})
+    assert config.eval.corruption_images == 1000 and config.data.split == "fixed"
+    history = run_experiment(config, progress=False).history
+    assert set(history.corruption_acc) == set(EUROSAT_CORRUPTIONS)
+    assert all(0 <= acc <= 1 for acc in history.corruption_acc.values())
+    row = run_summary([history]).iloc[0]
+    mean = np.mean(list(history.corruption_acc.values()))
+    assert row["corruption_mean_acc"] == pytest.approx(mean)
+    assert row["corruption_gap"] == pytest.approx(history.test_acc - mean)

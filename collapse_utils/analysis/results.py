@@ -81,7 +81,8 @@ def run_summary(histories: Iterable[RunRecord]) -> pd.DataFrame:
     last epoch); ``model`` (the hub name, or ``tiny``); for each zero-shot dataset ``d``:
     ``zs_d``, ``zs_d_pretrained``, ``zs_d_merged`` (the trained model's accuracy where ``zs_d``
     scored the report's path) and ``retention_d`` = zs_d / zs_d_pretrained (NaN when the
-    pre-trained accuracy is 0); status.
+    pre-trained accuracy is 0); ``corruption_mean_acc`` (mean accuracy over EuroSAT's corruption
+    splits) and ``corruption_gap`` (test accuracy minus it) where measured; status.
     Accuracies are as stored in the history."""
     rows = [_summary_row(h) for h in histories]
     frame = pd.DataFrame(rows)
@@ -138,6 +139,9 @@ def _summary_row(h: RunRecord) -> dict[str, Any]:
             row[f"zs_{dataset}_merged"] = result.merged_accuracy
         pretrained = result.pretrained_accuracy
         row[f"retention_{dataset}"] = result.accuracy / pretrained if pretrained else math.nan
+    if h.corruption_acc:  # study2's names: the mean over splits and the gap to clean test
+        row["corruption_mean_acc"] = float(np.mean(list(h.corruption_acc.values())))
+        row["corruption_gap"] = _or_nan(h.test_acc) - row["corruption_mean_acc"]
     row["status"] = h.status
     return row
 

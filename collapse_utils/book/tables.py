@@ -175,6 +175,8 @@ COLUMNS: dict[str, Column] = {
     "random": Column("Random pick, expected (%)", ACC),
     "worst": Column("Worst candidate (%)", ACC),
     "on_frontier": Column("On the frontier", BOOL),
+    "corruption_mean_acc": Column("Corruption accuracy, mean of 7 splits (%)", ACC),
+    "corruption_gap": Column("Clean − corruption accuracy (points)", ACC),
     "outcome": Column("Outcome", values=lambda v: column_spec(v).label),
     "predictor": Column("Signal", values=lambda v: column_spec(v).label),
     "quantity": Column("Quantity"),

@@ -66,6 +66,13 @@ class Splits:
     test: ImageSet | None = None  # 'heldout': the dataset's test split, scored once at the end
 
 
+# The seven corrupted copies of EuroSAT's test split in the Hugging Face build (study2's).
+EUROSAT_CORRUPTIONS = (
+    "contrast", "gaussian_noise", "impulse_noise", "jpeg_compression", "motion_blur", "pixelate",
+    "spatter",
+)  # fmt: skip
+
+
 # --- preprocessing --------------------------------------------------------------------------
 
 
@@ -140,24 +147,32 @@ def balanced_subset(labels: Tensor, size: int, seed: int) -> Tensor:
 
 def fixed_split(labels: Tensor, per_class: tuple[int, ...], seed: int) -> tuple[Tensor, ...]:
     """study2's split (``study2/data_splits.py``): with one ``numpy.random.RandomState(seed)``,
-    validation, then probe, then training items are taken per class (classes in label order)
-    from a shuffle of the class's items not taken yet. ``per_class``: (train, val, probe) per
-    class. Returns sorted (train, val, probe) indices; a class with too few items gives what is
-    left."""
-    values = labels.numpy()
+    validation, then probe, then training items are taken per class (:func:`take_per_class`).
+    ``per_class``: (train, val, probe) per class. Returns sorted (train, val, probe) indices; a
+    class with too few items gives what is left."""
     rng = np.random.RandomState(seed)
     used: set[int] = set()
     taken = []
     for count in (per_class[1], per_class[2], per_class[0]):  # val, probe, train: study2's order
-        picked: list[int] = []
-        for c in sorted(set(values.tolist())):
-            pool = [int(i) for i in np.flatnonzero(values == c) if int(i) not in used]
-            rng.shuffle(pool)
-            picked.extend(pool[:count])
-        used.update(picked)
-        taken.append(torch.tensor(sorted(picked), dtype=torch.long))
+        picked = take_per_class(labels, count, rng, used)
+        used.update(picked.tolist())
+        taken.append(picked)
     val, probe, train = taken
     return train, val, probe
+
+
+def take_per_class(
+    labels: Tensor, count: int, rng: np.random.RandomState, used: set[int] = frozenset()
+) -> Tensor:
+    """study2's ``_stratified_take``: per class in label order, ``count`` items from a shuffle
+    (by ``rng``) of the class's items not in ``used``. Sorted indices."""
+    values = labels.numpy()
+    picked: list[int] = []
+    for c in sorted(set(values.tolist())):
+        pool = [int(i) for i in np.flatnonzero(values == c) if int(i) not in used]
+        rng.shuffle(pool)
+        picked.extend(pool[:count])
+    return torch.tensor(sorted(picked), dtype=torch.long)
 
 
 # --- sources --------------------------------------------------------------------------------
@@ -307,7 +322,7 @@ def _decode(data: DataSpec, name: str, split: str) -> dict:
         # Imported here: ``datasets`` is slow to import and only this source needs it.
         from collapse_utils.training.hf_datasets import load_hf_split
 
-        hf_split = "train" if split == "pool" else "test"
+        hf_split = "train" if split == "pool" else split
         images = load_hf_split(name, hf_split, root / "hf", data.image_size, data.interpolation)
         return {"images": images.images, "labels": images.labels,
                 "class_names": images.class_names}  # fmt: skip
@@ -340,10 +355,12 @@ def _stand_in_seed(name: str, seed: int) -> int:
 
 
 def load_images(data: DataSpec, name: str, split: str, seed: int) -> ImageSet:
-    """All images of ``name``'s 'pool' (its training split) or 'test' split.
+    """All images of ``name``'s 'pool' (its training split), 'test' split or (EuroSAT, Hugging
+    Face source) one of its corruption splits (:data:`EUROSAT_CORRUPTIONS`).
     With ``data.synthetic_stand_in`` (or name 'synthetic') the images are synthetic."""
     if data.synthetic_stand_in or name == "synthetic":
-        offset = 0 if split == "pool" else 1
+        offsets = {"pool": 0, "test": 1} | {c: 2 + i for i, c in enumerate(EUROSAT_CORRUPTIONS)}
+        offset = offsets[split]
         images, labels = synthetic_images(
             data.synthetic_classes, data.synthetic_per_class, _stand_in_seed(name, seed) + offset
         )
@@ -406,6 +423,21 @@ def _per_class(data: DataSpec) -> tuple[int, ...]:
             f"{data.dataset!r} (data.split: fixed), got {counts!r}"
         )
     return counts
+
+
+def load_corruption_sets(data: DataSpec, per_split: int, seed: int) -> dict[str, ImageSet]:
+    """EuroSAT's corrupted test splits (``tanganke/eurosat``), each a class-balanced fixed
+    subset of about ``per_split`` images drawn as study2 draws them (``per_split // classes``
+    per class, ``data.data_seed``); {} for another dataset."""
+    if data.dataset != "eurosat":
+        return {}
+    sets = {}
+    for split in EUROSAT_CORRUPTIONS:
+        images = load_images(data, "eurosat", split, seed)
+        per_class = max(1, per_split // len(images.labels.unique()))
+        rng = np.random.RandomState(data.data_seed)
+        sets[split] = images.subset(take_per_class(images.labels, per_class, rng))
+    return sets
 
 
 def load_test_set(data: DataSpec, name: str, seed: int, max_images: int | None = None) -> ImageSet:

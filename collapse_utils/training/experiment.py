@@ -52,7 +52,12 @@ from collapse_utils.storage import (
     write_safetensors,
     write_torch,
 )
-from collapse_utils.training.data import ImageSet, load_splits, load_test_set
+from collapse_utils.training.data import (
+    ImageSet,
+    load_corruption_sets,
+    load_splits,
+    load_test_set,
+)
 from collapse_utils.training.environment import (
     autocast_dtype,
     device_name,
@@ -113,6 +118,7 @@ class Setup:
     metric_images_cpu: Tensor
     class_names: tuple[str, ...]  # of the task, in label order
     test_sets: dict[str, ImageSet]
+    corruption: dict[str, ImageSet]  # EuroSAT's corrupted test splits (eval.corruption_images)
     base_clip: nn.Module
     model: nn.Module
     plan: StepPlan
@@ -134,6 +140,8 @@ def load_setup(config: RunConfig) -> Setup:
         name: load_test_set(config.data, name, config.seed, config.eval.zeroshot_max_images)
         for name in config.eval.zeroshot_datasets
     }
+    per_split = config.eval.corruption_images
+    corruption = load_corruption_sets(config.data, per_split, config.seed) if per_split else {}
     base_clip = load_clip(config.model, seed=config.seed).to(device)
     model_size = base_clip.config.vision_config.image_size
     if model_size != config.data.image_size:
@@ -150,7 +158,8 @@ def load_setup(config: RunConfig) -> Setup:
         metric_images=splits.metric.images.to(device),
         metric_images_cpu=splits.metric.images,
         class_names=splits.train.class_names,
-        test_sets=test_sets, base_clip=base_clip, model=model,
+        test_sets=test_sets,
+        corruption=corruption, base_clip=base_clip, model=model,
         plan=StepPlan.of(len(splits.train.images), config.train),
     )  # fmt: skip
 
@@ -251,6 +260,11 @@ def _train(config: RunConfig, progress: bool) -> RunResult:
     # 5. finish
     _save_weights(setup.files.final, setup, loop.step)
     record.zeroshot, record.test_acc = final_evaluation(setup)
+    record.corruption_acc = {
+        name: accuracy(setup.model, images.images.to(setup.device),
+                       images.labels.to(setup.device), setup.eval_dtype)
+        for name, images in setup.corruption.items()
+    }  # fmt: skip
     loop.close(record)
     return _finish(setup, record, started)
 

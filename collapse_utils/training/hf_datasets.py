@@ -37,14 +37,15 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm  # text bars: TQDM_DISABLE silences them in executed pages
 
-from collapse_utils.training.data import DatasetUnavailableError, ImageSet, image_to_uint8
+from collapse_utils.training.data import (
+    EUROSAT_CORRUPTIONS,
+    DatasetUnavailableError,
+    ImageSet,
+    image_to_uint8,
+)
 from collapse_utils.training.labels import CLASS_NAMES
 
 INTERPOLATIONS = ("bilinear", "bicubic")
-EUROSAT_CORRUPTIONS = (
-    "contrast", "gaussian_noise", "impulse_noise", "jpeg_compression", "motion_blur", "pixelate",
-    "spatter",
-)  # fmt: skip
 CLASS_NAME_STYLES = ("readable", "feature")
 
 
