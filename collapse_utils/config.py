@@ -172,7 +172,8 @@ class EvalSpec:
     # entropy in nats (final_nats, the report's code).
     c_statistic: str = "delta_pct"
     # EuroSAT's seven corrupted test splits, about this many images each (study2: 1000): the
-    # accuracy per split at the selected epoch; None: not measured.
+    # accuracy per split at the selected epoch; None: not measured. Only the Hugging Face build
+    # (data.source: hf) has them: other sources measure nothing.
     corruption_images: int | None = None
     map_images: int = 8  # metric-subset images whose full [CLS] maps are kept per eval
     # per_image: head diversity of each image's maps, averaged; batch_mean: of the maps
@@ -861,10 +862,6 @@ def _validate_combinations(c: RunConfig, fail) -> None:
     if c.data.split == "original" and not c.data.has_test_split(c.data.dataset):
         fail("data.split", f"'original' needs the dataset's own test split; "
              f"{c.data.dataset} from {c.data.source} has none (use data.source: hf)")  # fmt: skip
-    hf_or_stand_in = c.data.source == "hf" or c.data.synthetic_stand_in
-    if c.eval.corruption_images and c.data.dataset == "eurosat" and not hf_or_stand_in:
-        fail("eval.corruption_images", "needs data.source: hf (the corruption splits are "
-             "tanganke/eurosat's)")  # fmt: skip
     if c.data.split == "fixed":
         counts = c.data.fixed_per_class.get(c.data.dataset)
         if counts is None or len(counts) != 3 or min(counts) < 1:

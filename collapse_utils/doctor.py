@@ -43,6 +43,7 @@ from collapse_utils.config import (
     local_model_folder,
     plan_runs,
 )
+from collapse_utils.training.needs import EUROSAT_CORRUPTIONS, splits_needed
 
 BENCH_FILE = REPO_ROOT / "outputs" / "bench" / "latest.json"
 GB = 1e9
@@ -69,6 +70,8 @@ SPLIT_IMAGES: dict[tuple[str, str, str], int] = {
     ("hf", "cifar10", "test"): 10000,
     ("hf", "flowers102", "pool"): 7169,
     ("hf", "flowers102", "test"): 1020,
+    # the seven corrupted copies of EuroSAT's test split (Study B's corruption accuracy)
+    **{("hf", "eurosat", corruption): 2700 for corruption in EUROSAT_CORRUPTIONS},
 }
 CLASSES = {"eurosat": 10, "pets": 37, "cifar100": 100, "cifar10": 10, "flowers102": 102}
 CUDA_OVERHEAD_BYTES = 2**30  # CUDA context, cuBLAS/cuDNN workspaces, allocator slack
@@ -260,16 +263,9 @@ def check_models(
 
 
 def dataset_needs(config: RunConfig) -> list[tuple[str, str]]:
-    """(dataset, split) pairs a run decodes, split 'pool' or 'test': what
-    ``training.data.prepare_datasets`` prepares. Empty for synthetic stand-ins."""
-    data = config.data
-    if data.synthetic_stand_in:
-        return []
-    names = [data.dataset, *config.eval.zeroshot_datasets]
-    # Without a test split (torchvision's EuroSAT), zero-shot uses val, cut from the pool.
-    needs = [(data.dataset, "pool")]
-    needs += [(n, "test" if data.has_test_split(n) else "pool") for n in names]
-    return [need for need in dict.fromkeys(needs) if need[0] != "synthetic"]
+    """(dataset, split) pairs a run decodes: ``training.needs.splits_needed``, the one rule
+    ``training.data.prepare_datasets`` follows too."""
+    return splits_needed(config)
 
 
 def cache_file(config: RunConfig, name: str, split: str) -> Path:
@@ -305,7 +301,7 @@ def check_dataset(config: RunConfig, name: str, splits: list[str]) -> Check:
         from collapse_utils.training.hf_datasets import HF_BUILDS, hf_folder
 
         build, folder = HF_BUILDS[name], hf_folder(root / "hf", name).resolve()
-        hf = {"pool": "train", "test": "test"}
+        hf = {"pool": "train", "test": "test", **{c: c for c in EUROSAT_CORRUPTIONS}}
         missing = [s for s in missing if not _hf_split_present(folder, hf[s])]
         where = f"Hugging Face build {build.repo} in {folder}"
         fix = (
@@ -330,6 +326,9 @@ def check_dataset(config: RunConfig, name: str, splits: list[str]) -> Check:
     return Check("data", False, f"{name} (split {wanted}) missing from {where}: {fix}")
 
 
+SPLIT_ORDER = ("pool", "test", *EUROSAT_CORRUPTIONS)
+
+
 def check_datasets(configs: list[RunConfig]) -> list[Check]:
     """One line per dataset and source the plan decodes."""
     wanted: dict[tuple, tuple[RunConfig, list[str]]] = {}
@@ -343,7 +342,7 @@ def check_datasets(configs: list[RunConfig]) -> list[Check]:
     if not wanted:
         return [Check("data", True, "synthetic stand-ins only: nothing to fetch")]
     return [
-        check_dataset(config, key[2], sorted(splits, key=("pool", "test").index))
+        check_dataset(config, key[2], sorted(splits, key=SPLIT_ORDER.index))
         for key, (config, splits) in wanted.items()
     ]
 

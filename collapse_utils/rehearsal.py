@@ -30,6 +30,7 @@ from PIL import Image
 
 from collapse_utils.config import available_experiments, load_config
 from collapse_utils.training.labels import CIFAR10, CIFAR100, EUROSAT, PETS
+from collapse_utils.training.needs import EUROSAT_CORRUPTIONS
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 # torchvision's EuroSAT class folders, in label order.
@@ -128,8 +129,6 @@ def _hf_build(name: str, rng: np.random.Generator):
     }[name]
     image, label = HF_COLUMNS.get(name, ("image", "label"))
     splits = {}
-    from collapse_utils.training.data import EUROSAT_CORRUPTIONS
-
     # EuroSAT's build also holds its seven corrupted copies of the test split (study2 reads them).
     corrupted = EUROSAT_CORRUPTIONS if name == "eurosat" else ()
     train, test = PER_CLASS[name]
@@ -188,8 +187,6 @@ def build_fixtures(model_dir: Path, data_root: Path, seed: int = 0) -> None:
     if not (model_dir / ".complete").is_file():
         save_model(model_dir, seed)
         (model_dir / ".complete").write_text(json.dumps({"seed": seed}))
-    from collapse_utils.training.data import EUROSAT_CORRUPTIONS
-
     marker = json.dumps({"seed": seed, "per_class": sorted(PER_CLASS.items()),
                          "corruptions": EUROSAT_CORRUPTIONS})  # fmt: skip
     done = data_root / ".complete"

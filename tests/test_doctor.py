@@ -29,6 +29,7 @@ from collapse_utils.training.model import (
     model_folder,
     prepare_for_training,
 )
+from collapse_utils.training.needs import EUROSAT_CORRUPTIONS
 
 # The report's datasets, all in the full profile; Study B's experiments add CIFAR-10 (zero-shot).
 REPORT_DATASETS = ("eurosat", "pets", "cifar100", "flowers102")
@@ -114,7 +115,9 @@ def test_model_in_a_folder_and_datasets_on_disk_or_decoded_pass(params, tmp_path
     for name in ("eurosat", "pets", "cifar10"):  # save_to_disk layout
         folder = hf_folder(root / "hf", name)
         folder.mkdir(parents=True)
-        (folder / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+        corrupted = list(EUROSAT_CORRUPTIONS) if name == "eurosat" else []  # Study B reads them
+        splits = {"splits": ["train", "test", *corrupted]}
+        (folder / "dataset_dict.json").write_text(json.dumps(splits))
     parquet = hf_folder(root / "hf", "flowers102") / "data" / "test-00000-of-00001.parquet"
     parquet.parent.mkdir(parents=True)
     parquet.write_bytes(b"")

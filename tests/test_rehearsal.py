@@ -99,6 +99,8 @@ def test_eurosat_corruption_splits_load_as_balanced_fixed_subsets(data_root):
         again["contrast"].images, load_corruption_sets(data, 10, 7)["contrast"].images
     )
     assert load_corruption_sets(dataclasses.replace(data, dataset="pets"), 1000, 7) == {}
+    torchvision = dataclasses.replace(data, source="torchvision")  # no corrupted copies there
+    assert load_corruption_sets(torchvision, 1000, 7) == {}
 
 
 def test_torchvision_layouts_load_with_the_torchvision_source(data_root):

@@ -19,9 +19,10 @@ import collapse_utils.training.step as step_module
 from collapse_utils.config import TrainSpec, load_config
 from collapse_utils.measurement.metrics import cls_to_patch
 from collapse_utils.run_record import Failure, read_record
-from collapse_utils.training.data import EUROSAT_CORRUPTIONS, DatasetUnavailableError
+from collapse_utils.training.data import DatasetUnavailableError
 from collapse_utils.training.experiment import TrainingFailedError, run_experiment
 from collapse_utils.training.model import load_clip
+from collapse_utils.training.needs import EUROSAT_CORRUPTIONS
 from collapse_utils.training.step import StepPlan
 
 SMALL = {

@@ -206,7 +206,7 @@ KEY_NUMBERS = {
     "within_lr": "log₁₀ lr: mean |ρ| within dataset × method",
     "rho_cka": "CKA: ρ over all core runs",
     "rho_embedding": "Embedding drift: ρ over all core runs",
-    "cell_rho_cka": "CKA: |ρ| over the 16 cell means",
+    "cell_rho_cka": "CKA: |ρ| over the cell means",
     "separated": "Rows whose gap to CKA excludes 0 (cell bootstrap)",
     "p_entropy_eurosat": "Paired Δ entropy, Full FT vs LoRA, EuroSAT: p (t)",
     "p_entropy_pets": "Paired Δ entropy, Full FT vs LoRA, Pets: p (t)",

@@ -226,6 +226,7 @@ def signal_ranking(
     columns = list(columns or present(runs, [*SIGNALS, *REFERENCES]))
     if runs.empty or not columns or target not in runs:
         return pd.DataFrame(columns=["rho", "p", "n", "unit_rho", "kind"])
+    runs = runs.dropna(subset=[*columns, target])  # the best signal is picked on the same runs
     signals = [c for c in columns if c in SIGNALS] or columns
     # Gaps are measured against the best label-free signal (study2: CKA), not a reference row.
     best = predictor_ranking(runs, target, signals, None, 0, seed, resample).index[0]
@@ -252,7 +253,7 @@ def early_warning(frame: pd.DataFrame, target: str = TARGET) -> pd.DataFrame:
     (``n_damaged``, ``n_healthy``)."""
     runs = core(frame)
     signals = present(runs, EARLY)
-    cells = runs.groupby(CELL)[[*signals, target]].mean()
+    cells = runs.groupby(CELL)[[*signals, target]].mean().dropna(subset=[target])
     damaged = cells[target] < DAMAGED
     rows = {}
     for signal in signals:
@@ -266,7 +267,8 @@ def early_warning(frame: pd.DataFrame, target: str = TARGET) -> pd.DataFrame:
 
 
 def _auc(damaged: pd.Series, healthy: pd.Series) -> dict[str, float]:
-    """P(a damaged cell scores lower than a healthy one), ties half, oriented to ≥ 0.5."""
+    """How well a signal separates damaged from healthy cells: P(a damaged cell scores higher
+    than a healthy one), ties half, oriented to ≥ 0.5; ``damaged_low`` says which side."""
     if damaged.empty or healthy.empty:
         return {"auc": float("nan"), "damaged_low": float("nan")}
     higher = scipy.stats.mannwhitneyu(damaged, healthy).statistic / (len(damaged) * len(healthy))
@@ -319,6 +321,9 @@ def frontier(frame: pd.DataFrame, target: str = TARGET, accuracy: str = "test_ac
     cells.insert(0, "seeds", frame.groupby(CELL, sort=True).size())
     flags = []
     for (dataset, *_), row in cells.iterrows():
+        if row[[accuracy, target]].isna().any():  # not measured: on no frontier
+            flags.append(False)
+            continue
         others = cells.xs(dataset, level="dataset", drop_level=False)
         dominated = (
             (others[accuracy] >= row[accuracy])

@@ -343,7 +343,7 @@ def rq2_per_dataset(table: pd.DataFrame) -> Verdict:
                        {}, reason)  # fmt: skip
     p_holm = pd.Series(holm(tested["p"]), index=tested.index)
     significant = [row["diff"] for name, row in tested.iterrows() if p_holm[name] < ALPHA]
-    verdict = _per_group(significant, len(table))
+    verdict = _per_group(significant, len(tested))  # a dataset not yet tested cannot disagree
     parts = []
     for name, row in table.iterrows():
         if name not in p_holm:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 N_BOOT = 2000
 ENTROPY = "d_entropy_pct_sel"
+DAMAGED = f"{100 * study_b.DAMAGED:g} %"
 
 
 def study_b_page(page: Page, runs: FamilyRuns) -> None:
@@ -212,11 +213,11 @@ def early_warning(page: Page, frame: pd.DataFrame, target: str) -> str:
     page.table("early_warning", _key_first(table, ["auc", "damaged_low", "rho", "p"]))
     row = table.iloc[0]
     if row["n_damaged"] == 0 or row["n_healthy"] == 0:
-        return "No cell is damaged (retention below 50 %), so no early warning can be scored."
+        return f"No cell is damaged (retention below {DAMAGED}), so no early warning can be scored."
     best = table["auc"].idxmax()
     text = (
         f"After one epoch, {column_spec(best).label} separates the {int(row['n_damaged'])} "
-        f"damaged cells (retention below 50 %) from the {int(row['n_healthy'])} others with a "
+        f"damaged cells (retention below {DAMAGED}) from the {int(row['n_healthy'])} others with a "
         f"cell-level AUC of {table.loc[best, 'auc']:.2f}"
     )
     if "d_entropy_pct_e1" in table.index and best != "d_entropy_pct_e1":
@@ -247,8 +248,8 @@ def selection(page: Page, frame: pd.DataFrame, target: str) -> str:
             )
         parts.append(text)
     return (
-        "Choosing among the runs within 2 points of the best validation accuracy by the signal "
-        "that says least changed: " + "; ".join(parts) + "."
+        f"Choosing among the runs within {study_b.SELECTION_MARGIN:g} points of the best "
+        "validation accuracy by the signal that says least changed: " + "; ".join(parts) + "."
     )
 
 

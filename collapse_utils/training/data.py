@@ -33,6 +33,7 @@ from tqdm import tqdm  # text bars: TQDM_DISABLE silences them in executed pages
 from collapse_utils.config import ConfigError, DataSpec
 from collapse_utils.storage import cached
 from collapse_utils.training.labels import CLASS_NAMES
+from collapse_utils.training.needs import EUROSAT_CORRUPTIONS, splits_needed
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -64,13 +65,6 @@ class Splits:
     val: ImageSet  # accuracy each epoch, selects the best epoch (the test split in 'original')
     metric: ImageSet  # fixed subset of val for attention metrics, in a fixed order
     test: ImageSet | None = None  # 'heldout': the dataset's test split, scored once at the end
-
-
-# The seven corrupted copies of EuroSAT's test split in the Hugging Face build (study2's).
-EUROSAT_CORRUPTIONS = (
-    "contrast", "gaussian_noise", "impulse_noise", "jpeg_compression", "motion_blur", "pixelate",
-    "spatter",
-)  # fmt: skip
 
 
 # --- preprocessing --------------------------------------------------------------------------
@@ -428,8 +422,9 @@ def _per_class(data: DataSpec) -> tuple[int, ...]:
 def load_corruption_sets(data: DataSpec, per_split: int, seed: int) -> dict[str, ImageSet]:
     """EuroSAT's corrupted test splits (``tanganke/eurosat``), each a class-balanced fixed
     subset of about ``per_split`` images drawn as study2 draws them (``per_split // classes``
-    per class, ``data.data_seed``); {} for another dataset."""
-    if data.dataset != "eurosat":
+    per class, ``data.data_seed``); {} for another dataset, and for a source without them
+    (torchvision's EuroSAT has no corrupted copies)."""
+    if data.dataset != "eurosat" or not (data.source == "hf" or data.synthetic_stand_in):
         return {}
     sets = {}
     for split in EUROSAT_CORRUPTIONS:
@@ -454,19 +449,14 @@ def load_test_set(data: DataSpec, name: str, seed: int, max_images: int | None =
 
 
 def prepare_datasets(configs) -> list[str]:
-    """Download and decode, one after another, every real dataset split ``configs`` need, so
-    runs executed in parallel only read caches. Returns the problems found (a missing dataset
-    is reported here and fails its own runs later with the full message)."""
+    """Download and decode, one after another, every real dataset split ``configs`` need
+    (:func:`splits_needed`), so runs executed in parallel only read caches. Returns the problems
+    found (a missing dataset is reported here and fails its own runs later with the full
+    message)."""
     problems, seen = [], set()
     for config in configs:
         data = config.data
-        if data.synthetic_stand_in:
-            continue
-        names = [data.dataset, *config.eval.zeroshot_datasets]
-        # Without a test split (torchvision's EuroSAT), zero-shot uses val, cut from the pool.
-        needs = [(n, "test" if data.has_test_split(n) else "pool") for n in names]
-        needs.insert(0, (data.dataset, "pool"))
-        for name, split in needs:
+        for name, split in splits_needed(config):
             key = (name, split, data.root, data.source, data.image_size, data.interpolation)
             if key in seen:
                 continue

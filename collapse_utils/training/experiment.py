@@ -260,6 +260,8 @@ def _train(config: RunConfig, progress: bool) -> RunResult:
     # 5. finish
     _save_weights(setup.files.final, setup, loop.step)
     record.zeroshot, record.test_acc = final_evaluation(setup)
+    if setup.corruption:  # at the epoch validation selected, as test accuracy
+        load_weights(setup.files.best, setup)
     record.corruption_acc = {
         name: accuracy(setup.model, images.images.to(setup.device),
                        images.labels.to(setup.device), setup.eval_dtype)

@@ -37,13 +37,9 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm  # text bars: TQDM_DISABLE silences them in executed pages
 
-from collapse_utils.training.data import (
-    EUROSAT_CORRUPTIONS,
-    DatasetUnavailableError,
-    ImageSet,
-    image_to_uint8,
-)
+from collapse_utils.training.data import DatasetUnavailableError, ImageSet, image_to_uint8
 from collapse_utils.training.labels import CLASS_NAMES
+from collapse_utils.training.needs import EUROSAT_CORRUPTIONS
 
 INTERPOLATIONS = ("bilinear", "bicubic")
 CLASS_NAME_STYLES = ("readable", "feature")
