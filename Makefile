@@ -12,11 +12,9 @@ LAB_ARGS ?=
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# --no-compile: Python byte-compiles what is imported, on first import; compiling every file
-	# of torch, Ray and JupyterLab up front took about a minute of a fresh `make test` here.
-	$(BIN)/python -m pip install -q --no-compile -e ".[dev,lab,cluster]"
+	$(BIN)/python -m pip install -q -e ".[dev,lab,cluster]"
 	# Only for its CLIP BPE vocabulary (the rehearsal's real tokenizer): no dependencies.
-	$(BIN)/python -m pip install -q --no-compile --no-deps "open_clip_torch>=2.20"
+	$(BIN)/python -m pip install -q --no-deps "open_clip_torch>=2.20"
 	touch $@
 
 venv: $(BIN)/.installed
