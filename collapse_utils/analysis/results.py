@@ -239,16 +239,8 @@ def histories_of(histories: Iterable[RunRecord], runs: Iterable[str]) -> list[Ru
 
 
 def per_layer_final(histories: Iterable[RunRecord], metric: str = "entropy") -> pd.DataFrame:
-    """The final eval's value per layer (entropy in nats), as :func:`per_layer_delta` lays it
-    out: index (run, seed), columns ``layer`` 1..L; a history without evals gives NaN."""
-    rows = {}
-    for h in histories:
-        values = list(map(float, h.evals[-1].metrics[metric])) if h.evals else []
-        rows[(h.id, h.seed)] = pd.Series(values, index=range(1, len(values) + 1))
-    index = pd.MultiIndex.from_tuples(list(rows), names=["run", "seed"])
-    frame = pd.DataFrame(list(rows.values()), index=index)
-    frame.columns.name = "layer"
-    return frame
+    """The final eval's value per layer (entropy in nats), laid out as :func:`per_layer_delta`."""
+    return _per_layer(histories, lambda first, final: final, metric)
 
 
 def per_layer_delta(histories: Iterable[RunRecord], metric: str = "entropy") -> pd.DataFrame:
@@ -256,16 +248,21 @@ def per_layer_delta(histories: Iterable[RunRecord], metric: str = "entropy") -> 
 
     Returns a (runs × layers) frame: index (run, seed), columns ``layer`` 1..L. A history
     without evals gives a row of NaN."""
+    change = np.vectorize(pct_change, otypes=[float])
+    return _per_layer(histories, change, metric)
+
+
+def _per_layer(histories: Iterable[RunRecord], value, metric: str) -> pd.DataFrame:
+    """``value(first, final)`` of each history's per-layer ``metric`` arrays, one row per
+    (run, seed), columns ``layer`` 1..L (no columns' values for a history without evals)."""
     rows = {}
     for h in histories:
-        evals = h.evals
-        if evals:
-            first = np.asarray(evals[0].metrics[metric], dtype=float)
-            final = np.asarray(evals[-1].metrics[metric], dtype=float)
-            values = [pct_change(a, b) for a, b in zip(first, final, strict=True)]
-        else:
-            values = []
-        rows[(h.id, h.seed)] = pd.Series(values, index=range(1, len(values) + 1))
+        values: list[float] = []
+        if h.evals:
+            first = np.asarray(h.evals[0].metrics[metric], dtype=float)
+            final = np.asarray(h.evals[-1].metrics[metric], dtype=float)
+            values = list(value(first, final))
+        rows[(h.id, h.seed)] = pd.Series(values, index=range(1, len(values) + 1), dtype=float)
     index = pd.MultiIndex.from_tuples(list(rows), names=["run", "seed"])
     frame = pd.DataFrame(list(rows.values()), index=index)
     frame.columns.name = "layer"
