@@ -28,7 +28,6 @@ from collapse_utils.analysis import verdicts as rules
 from collapse_utils.analysis.stats import (
     dose_response,
     holm,
-    paired,
     paired_matched,
     predictor_ranking,
 )
@@ -360,23 +359,16 @@ def verdicts(frame: pd.DataFrame, target: str = TARGET) -> dict[str, Verdict]:
     entropy = "d_entropy_pct_sel"
     per_dataset = {}
     for dataset, block in runs.groupby("dataset", sort=True):
-        pairs = block.pivot_table(index=MATCHED, columns="method", values=entropy)
-        pairs = pairs.reindex(columns=list(CORE_METHODS)).dropna()
-        per_dataset[dataset] = _paired_row(pairs["lora"], pairs["full"])
+        signed, size = (
+            paired_matched(block, MATCHED, "method", "lora", "full", column)
+            for column in (entropy, f"abs_{entropy}")
+        )
+        per_dataset[dataset] = {"pairs": signed["n"], "diff": signed["diff"], "p": signed["p_t"],
+                                "d_z": signed["d_z"], "abs_diff": size["diff"],
+                                "abs_p": size["p_t"]}  # fmt: skip
     groups = within_groups(runs, entropy, target) if target in runs else pd.DataFrame()
     pooled = dose_response(runs, entropy, target) if target in runs else None
     return {
         "RQ2": rules.rq2_per_dataset(pd.DataFrame.from_dict(per_dataset, orient="index")),
         "RQ3": rules.rq3_within_groups(groups, pooled),
     }
-
-
-def _paired_row(lora: pd.Series, full: pd.Series) -> dict[str, float]:
-    """LoRA − full FT over matched pairs, signed and in size (|Δ| of each side)."""
-    row = {"pairs": len(lora), "diff": float("nan"), "p": float("nan"), "d_z": float("nan"),
-           "abs_diff": float("nan"), "abs_p": float("nan")}  # fmt: skip
-    if len(lora) >= rules.MIN_GROUP and np.any(lora.to_numpy() != full.to_numpy()):
-        signed, size = paired(lora, full), paired(lora.abs(), full.abs())
-        row |= {"diff": float((lora - full).mean()), "p": signed.p, "d_z": signed.d_z,
-                "abs_diff": float((lora.abs() - full.abs()).mean()), "abs_p": size.p}  # fmt: skip
-    return row
