@@ -259,32 +259,33 @@ def _train(config: RunConfig, progress: bool) -> RunResult:
         started = loop.train_epoch(epoch, started)
     # 5. finish
     _save_weights(setup.files.final, setup, loop.step)
-    record.zeroshot, record.test_acc = final_evaluation(setup)
-    if setup.corruption:  # at the epoch validation selected, as test accuracy
-        load_weights(setup.files.best, setup)
-    record.corruption_acc = {
-        name: accuracy(setup.model, images.images.to(setup.device),
-                       images.labels.to(setup.device), setup.eval_dtype)
-        for name, images in setup.corruption.items()
-    }  # fmt: skip
+    record.zeroshot, record.test_acc, record.corruption_acc = final_evaluation(setup)
     loop.close(record)
     return _finish(setup, record, started)
 
 
-def final_evaluation(setup: Setup) -> tuple[dict[str, ZeroShotRecord], float | None]:
+def final_evaluation(
+    setup: Setup,
+) -> tuple[dict[str, ZeroShotRecord], float | None, dict[str, float]]:
     """Zero-shot transfer of the final or the best epoch's weights (``eval.zeroshot_checkpoint``)
-    and, with a held-out test split, the test accuracy of the epoch val selected. Leaves the
-    model at the best epoch's weights when either needs them."""
+    and, at the epoch val selected, the test accuracy (with a held-out test split) and the
+    accuracy per EuroSAT corruption split (``eval.corruption_images``). Leaves the model at the
+    best epoch's weights when any of them needs them."""
     config = setup.config
     zeroshot = None
     if config.eval.zeroshot_checkpoint == "final":
         zeroshot = evaluate_zeroshot(setup.model, setup.base_clip, config, setup.test_sets)
-    if zeroshot is None or setup.test is not None:
+    if zeroshot is None or setup.test is not None or setup.corruption:
         load_weights(setup.files.best, setup)
     test_acc = None if setup.test is None else accuracy(setup.model, *setup.test, setup.eval_dtype)
+    corruption = {
+        name: accuracy(setup.model, images.images.to(setup.device),
+                       images.labels.to(setup.device), setup.eval_dtype)
+        for name, images in setup.corruption.items()
+    }  # fmt: skip
     if zeroshot is None:
         zeroshot = evaluate_zeroshot(setup.model, setup.base_clip, config, setup.test_sets)
-    return zeroshot, test_acc
+    return zeroshot, test_acc, corruption
 
 
 def _snapshot(setup: Setup, reference: Reference) -> Snapshot:
