@@ -56,12 +56,12 @@ def transfer_target(frame: pd.DataFrame) -> str:
 
 
 def _in_points(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with accuracies and retention (stored as fractions) in %: a table whose rows
-    are outcomes of different units shows each in the unit of its label."""
+    """``frame`` with every column in the unit of its label (``study_b_figures.shown``:
+    accuracies and retention, stored as fractions, in %): a table whose rows are outcomes of
+    different units shows each in its own."""
     scaled = frame.copy()
-    for column in ("best_acc", "final_acc", "test_acc", *study_b.retention_columns(frame)):
-        if column in scaled:
-            scaled[column] = 100 * scaled[column].astype(float)
+    for column in scaled.select_dtypes("number").columns:
+        scaled[column] = study_b_figures.shown(scaled, column)
     return scaled
 
 
