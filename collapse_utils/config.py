@@ -47,6 +47,9 @@ TEMPLATE_SETS = ("original", "single", "ensemble")
 # merged); vision_base = the report's code: only the vision tower's base weights loaded into the
 # pre-trained CLIP (its projection stays pre-trained, LoRA adapters are dropped).
 ZEROSHOT_WEIGHTS = ("merged", "vision_base")
+# Class names in zero-shot prompts: CLIP's authors' names, the source's own as stored (the
+# report's code), or those with underscores as spaces (study2's); training.zeroshot.prompt_names.
+CLASS_NAME_STYLES = ("readable", "build", "build_spaced")
 DATA_SOURCES = ("torchvision", "hf")
 SPLITS = ("heldout", "original", "fixed")
 INTERPOLATIONS = ("bicubic", "bilinear")
@@ -59,18 +62,29 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which CLIP to load. ``source='hub'`` reads ``name`` (hub id or local folder);
-    ``source='tiny'`` builds a random CLIP with the ``tiny_*`` sizes (224 px, patch 32)."""
+    """Which CLIP to load. ``source='hub'`` reads ``name`` (hub id or local folder; a hub id
+    listed in ``mirrors`` loads from that folder instead, e.g. a copy on a box without hub
+    access); ``source='tiny'`` builds a random CLIP with the ``tiny_*`` sizes (224 px)."""
 
     source: str = "hub"
     name: str = "openai/clip-vit-base-patch32"
     vision_layers: int = 12
+    patch_size: int = 32  # ViT-B/32; 16 for ViT-B/16 (checked against the loaded model)
+    # hub id → local folder; left out of the hash (a dict has none), kept in equality
+    mirrors: dict[str, str] = field(default_factory=dict, hash=False)
     tiny_hidden: int = 64
     tiny_heads: int = 4
     # Scales the random init; at 8 a tiny model's [CLS] attention is structured (entropy and
     # Gini near real CLIP's) instead of uniform, so the smoke book's curves move.
     tiny_init_factor: float = 8.0
     attn_implementation: str = "sdpa"
+
+    def folder(self) -> Path | None:
+        """The local folder the weights load from (a mirror of ``name``, or ``name`` itself
+        when it is a folder), or None for a hub id to look up in the Hugging Face cache."""
+        if self.name in self.mirrors:
+            return resolve_path(self.mirrors[self.name], REPO_ROOT)
+        return local_model_folder(self.name)
 
 
 @dataclass(frozen=True)
@@ -162,6 +176,7 @@ class RegSpec:
 class EvalSpec:
     zeroshot_datasets: tuple[str, ...] = ("cifar100",)
     templates: str = "ensemble"
+    class_names: str = "readable"  # CLASS_NAME_STYLES
     zeroshot_max_images: int | None = None
     zeroshot_checkpoint: str = "final"  # weights zero-shot is measured on: final or best epoch
     zeroshot_weights: str = "merged"  # ZEROSHOT_WEIGHTS
@@ -585,8 +600,10 @@ def local_model_folder(name: str, root: Path = REPO_ROOT) -> Path | None:
 def _resolve_paths(config: RunConfig, root: Path) -> RunConfig:
     """Output root, data root and a local model folder as absolute paths under ``root``."""
     model = config.model
+    mirrors = {hub_id: str(resolve_path(path, root)) for hub_id, path in model.mirrors.items()}
+    model = dataclasses.replace(model, mirrors=mirrors)
     folder = local_model_folder(model.name, root) if model.source == "hub" else None
-    if folder is not None:
+    if folder is not None and model.name not in mirrors:
         model = dataclasses.replace(model, name=str(folder))
     return dataclasses.replace(
         config,
@@ -760,6 +777,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "reg.kl_direction": KL_DIRECTIONS,
     "eval.zeroshot_datasets": DATASETS,
     "eval.templates": TEMPLATE_SETS,
+    "eval.class_names": CLASS_NAME_STYLES,
     "eval.zeroshot_checkpoint": ("final", "best"),
     "eval.zeroshot_weights": ZEROSHOT_WEIGHTS,
     "eval.precision": ("autocast", "fp32"),
@@ -770,6 +788,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 # Every float is also checked to be finite. ``None`` values (optional fields) are skipped.
 _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "model.vision_layers": (1, None, True, True),
+    "model.patch_size": (1, None, True, True),
     "model.tiny_hidden": (1, None, True, True),
     "model.tiny_heads": (1, None, True, True),
     "model.tiny_init_factor": (0, None, False, True),
@@ -871,17 +890,18 @@ def _validate_combinations(c: RunConfig, fail) -> None:
         fail("train.device", f"is {c.train.device!r}; must be auto, cpu, cuda, cuda:<index> or mps")
     if not c.output_root.strip():
         fail("output_root", "must name a folder, got an empty string")
+    if c.data.image_size % c.model.patch_size:
+        fail("model.patch_size", f"must divide data.image_size ({c.data.image_size}) into "
+             f"whole patches, got {c.model.patch_size}")  # fmt: skip
     if c.model.source == "tiny":
         _validate_tiny(c, fail)
 
 
 def _validate_tiny(c: RunConfig, fail) -> None:
-    """The tiny random CLIP: 224 px, patch 32, ``tiny_hidden`` split over ``tiny_heads``."""
+    """The tiny random CLIP: 224 px, ``tiny_hidden`` split over ``tiny_heads``."""
     if c.model.tiny_hidden % c.model.tiny_heads:
         fail("model.tiny_hidden", f"must be divisible by model.tiny_heads ({c.model.tiny_heads})")
     if c.data.image_size != 224:
-        fail(
-            "data.image_size", f"must be 224 for the tiny CLIP (patch 32), got {c.data.image_size}"
-        )
+        fail("data.image_size", f"must be 224 for the tiny CLIP, got {c.data.image_size}")
     if c.lora.rank > c.model.tiny_hidden:
         fail("lora.rank", f"must be <= the model width ({c.model.tiny_hidden}), got {c.lora.rank}")

@@ -28,6 +28,7 @@ datasets, a GPU).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -40,10 +41,9 @@ from collapse_utils.config import (
     REPO_ROOT,
     ModelSpec,
     RunConfig,
-    local_model_folder,
     plan_runs,
 )
-from collapse_utils.training.needs import EUROSAT_CORRUPTIONS, splits_needed
+from collapse_utils.training.needs import EUROSAT_CORRUPTIONS, decoded_cache, splits_needed
 
 BENCH_FILE = REPO_ROOT / "outputs" / "bench" / "latest.json"
 GB = 1e9
@@ -180,12 +180,9 @@ class ClipSize:
     def of_tiny(cls, spec: ModelSpec) -> ClipSize:
         """The smoke profile's tiny CLIP (``training.model.tiny_clip_config``)."""
         h = spec.tiny_hidden
-        return cls(h, 2 * h, spec.vision_layers, spec.tiny_heads, 224, 32, h, text_params=0)
-
-
-def model_folder(name: str) -> Path | None:
-    """The folder ``model.name`` means, or None for a hub id (``config``'s one rule)."""
-    return local_model_folder(name)
+        return cls(
+            h, 2 * h, spec.vision_layers, spec.tiny_heads, 224, spec.patch_size, h, text_params=0
+        )
 
 
 def cached_model(name: str) -> Path | None:
@@ -218,7 +215,7 @@ def check_model(spec: ModelSpec, profile_file: Path | None = None) -> tuple[Chec
         size = ClipSize.of_tiny(spec)
         message = f"tiny random CLIP ({spec.vision_layers} layers, width {spec.tiny_hidden}): "
         return Check("model", True, message + "built in memory, nothing to fetch"), size
-    folder = model_folder(spec.name)
+    folder = spec.folder()
     if folder is not None:
         present = (folder / "config.json").exists() and any(
             (folder / f).exists() for f in WEIGHT_FILES
@@ -226,7 +223,8 @@ def check_model(spec: ModelSpec, profile_file: Path | None = None) -> tuple[Chec
         if present:
             ok = Check("model", True, f"{spec.name}: local folder {folder}")
             return ok, ClipSize.of_config_json(folder / "config.json")
-        command = _save_command(ModelSpec().name, folder)
+        hub_id = spec.name if spec.name in spec.mirrors else ModelSpec().name
+        command = _save_command(hub_id, folder)
         message = (
             f"{spec.name}: {folder} has no config.json with weights; on a machine with hub "
             f"access run `{command}` and copy the folder to {folder}"
@@ -242,7 +240,8 @@ def check_model(spec: ModelSpec, profile_file: Path | None = None) -> tuple[Chec
     message = (
         f"{spec.name}: not in the Hugging Face cache {Path(hub.HF_HUB_CACHE).resolve()}; on a "
         f"machine with hub access run `{_save_command(spec.name, target)}`, copy the folder to "
-        f"{target} and set model.name: {target} in {profile_file or 'the profile'}"
+        f"{target} and list it under model.mirrors ({spec.name}: {target}) in "
+        f"{profile_file or 'the profile'}"
     )
     return Check("model", False, message), ClipSize()
 
@@ -269,10 +268,9 @@ def dataset_needs(config: RunConfig) -> list[tuple[str, str]]:
 
 
 def cache_file(config: RunConfig, name: str, split: str) -> Path:
-    """``training.data``'s decoded cache of one split (``_cached``)."""
-    data = config.data
-    stem = f"{data.source}_{name}_{split}_{data.image_size}_{data.interpolation}"
-    return resolve(data.root) / "cache" / f"{stem}.pt"
+    """``training.data``'s decoded cache of one split."""
+    data = dataclasses.replace(config.data, root=str(resolve(config.data.root)))
+    return decoded_cache(data, name, split)
 
 
 def _cache_present(path: Path) -> bool:

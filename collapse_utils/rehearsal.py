@@ -3,7 +3,9 @@
 :func:`build_fixtures` writes, in the real on-disk formats, what the ``full`` profile reads:
 
 - ``model/``: a random-init CLIP ViT-B/32 (``CLIPConfig()``'s defaults are exactly ViT-B/32)
-  saved with ``save_pretrained`` and loaded by path, with the real CLIP BPE tokenizer built from
+  and ``model_b16/`` (the same with 16-pixel patches: ViT-B/16's shape, Study B's second
+  backbone), saved with ``save_pretrained`` and loaded by path through the profile's
+  ``model.mirrors``, each with the real CLIP BPE tokenizer built from
   ``bpe_simple_vocab_16e6.txt.gz``, the vocabulary that ships inside the ``open_clip_torch``
   wheel (installed without its dependencies: only the file is read);
 - ``data/hf/<owner>__<name>/``: each Hugging Face build with its real features and its
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from collapse_utils.config import available_experiments, load_config
+from collapse_utils.config import RunConfig, available_experiments, load_config
 from collapse_utils.training.labels import CIFAR10, CIFAR100, EUROSAT, PETS
 from collapse_utils.training.needs import EUROSAT_CORRUPTIONS
 
@@ -92,8 +94,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars), strict=True))
 
 
-def save_model(folder: Path, seed: int = 0) -> Path:
-    """A random-init ViT-B/32 CLIP and the real CLIP tokenizer in ``folder``."""
+def save_model(folder: Path, seed: int = 0, patch_size: int = 32) -> Path:
+    """A random-init ViT-B/``patch_size`` CLIP and the real CLIP tokenizer in ``folder``."""
     import torch
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
@@ -101,7 +103,7 @@ def save_model(folder: Path, seed: int = 0) -> Path:
     CLIPTokenizer(vocab=vocab, merges=merges).save_pretrained(folder)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        CLIPModel(CLIPConfig()).save_pretrained(folder)
+        CLIPModel(CLIPConfig(vision_config={"patch_size": patch_size})).save_pretrained(folder)
     return folder
 
 
@@ -180,13 +182,17 @@ def save_torchvision_layouts(data_root: Path, seed: int = 0) -> None:
         (pets / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
 
 
-def build_fixtures(model_dir: Path, data_root: Path, seed: int = 0) -> None:
-    """The model (``model_dir``) and datasets (``data_root``) of the rehearsal, built once: a
-    ``.complete`` marker in each records a finished build (the data marker also lists the
-    builds, their sizes and splits, so a folder written before they changed is built again)."""
-    if not (model_dir / ".complete").is_file():
-        save_model(model_dir, seed)
-        (model_dir / ".complete").write_text(json.dumps({"seed": seed}))
+def build_fixtures(models: dict[Path, int], data_root: Path, seed: int = 0) -> None:
+    """The models (``models``: folder → patch size) and datasets (``data_root``) of the
+    rehearsal, built once: a ``.complete`` marker in each records a finished build (the data
+    marker also lists the builds, their sizes and splits, so a folder written before they
+    changed is built again; a model's, its patch size)."""
+    for model_dir, patch_size in models.items():
+        marker = json.dumps({"seed": seed, "patch_size": patch_size})
+        done = model_dir / ".complete"
+        if not done.is_file() or json.loads(done.read_text()).get("patch_size", 32) != patch_size:
+            save_model(model_dir, seed, patch_size)
+            done.write_text(marker)
     marker = json.dumps({"seed": seed, "per_class": sorted(PER_CLASS.items()),
                          "corruptions": EUROSAT_CORRUPTIONS})  # fmt: skip
     done = data_root / ".complete"
@@ -194,6 +200,11 @@ def build_fixtures(model_dir: Path, data_root: Path, seed: int = 0) -> None:
         save_hf_builds(data_root, seed)
         save_torchvision_layouts(data_root, seed)
         done.write_text(marker)
+
+
+def model_fixtures(configs: Sequence[RunConfig]) -> dict[Path, int]:
+    """The model folders ``configs`` load (their mirrors) → the patch size each must have."""
+    return {c.model.folder(): c.model.patch_size for c in configs if c.model.source == "hub"}
 
 
 def rehearse(
@@ -208,8 +219,10 @@ def rehearse(
     these); returns the runner's report."""
     from collapse_utils.book.runner import run_book
 
-    config = load_config(profile, available_experiments()[0])
-    build_fixtures(Path(config.model.name), Path(config.data.root))
+    configs = [load_config(profile, i) for i in available_experiments()]
+    # Only the models the chosen configurations load (run names in ``only``: all of them).
+    chosen = [c for c in configs if c.id in (only or ())] or configs
+    build_fixtures(model_fixtures(chosen), Path(configs[0].data.root))
     if check is not None and check() != 0:
         return None
     return run_book(profile, only=only, jobs=jobs, build=build)

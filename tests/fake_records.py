@@ -187,25 +187,38 @@ def write_study(root: Path, records: Iterable[RunRecord]) -> Path:
 GRID_LRS = (3e-6, 1e-5, 3e-5, 1e-4)  # Study B's learning rates
 
 
-def grid_records(seeds=(7, 11)):
+def grid_records(seeds=(7, 11), b16: bool = False):
     """Study B's matched grid under its real ids: full FT and LoRA on both datasets at the
     grid's lrs. Entropy falls with lr alike for both methods; embedding drift (and with it
-    forgetting) grows with lr, four times faster for full FT."""
+    forgetting) grows with lr, four times faster for full FT. With ``b16``, also the ViT-B/16
+    arm (EuroSAT, lrs 1e-5 to 1e-4) on which entropy *rises* with lr."""
     records = []
     for dataset in ("eurosat", "pets"):
         for method in ("full", "lora"):
             for k, lr in enumerate(GRID_LRS):
                 for seed in seeds:
-                    wobble = 0.002 * (seed % 3) + 0.001 * len(dataset)
-                    drift = (0.08 if method == "full" else 0.02) * (k + 1) + wobble
-                    run = f"B_{dataset}_{method}_lr{lr:.0e}".replace("e-0", "e-")
-                    base = history(run, "study_b", [-0.01 * (k + 1) - wobble] * LAYERS, method,
-                                   dataset, lr, seed=seed, representation=True)  # fmt: skip
-                    last = dataclasses.replace(base.evals[-1], embedding_drift=drift)
-                    zeroshot = {
-                        "cifar100": ZeroShotRecord(0.6 * (1 - drift), 0.6, "single", 100),
-                        "cifar10": ZeroShotRecord(0.9 * (1 - drift / 2), 0.9, "single", 100),
-                    }
-                    evals = [*base.evals[:-1], last]
-                    records.append(dataclasses.replace(base, evals=evals, zeroshot=zeroshot))
+                    records.append(_grid_record("B", dataset, method, k, lr, seed))
+    if b16:
+        for method in ("full", "lora"):
+            for k, lr in enumerate(GRID_LRS[1:], start=1):
+                for seed in seeds:
+                    records.append(_grid_record("B_b16", "eurosat", method, k, lr, seed, 16))
     return records
+
+
+def _grid_record(prefix, dataset, method, k, lr, seed, patch=32):
+    wobble = 0.002 * (seed % 3) + 0.001 * len(dataset)
+    drift = (0.08 if method == "full" else 0.02) * (k + 1) + wobble
+    run = f"{prefix}_{dataset}_{method}_lr{lr:.0e}".replace("e-0", "e-")
+    change = [(0.01 if patch == 16 else -0.01) * (k + 1) - wobble] * LAYERS
+    base = history(run, "study_b", change, method, dataset, lr, seed=seed, representation=True)
+    last = dataclasses.replace(base.evals[-1], embedding_drift=drift)
+    zeroshot = {
+        "cifar100": ZeroShotRecord(0.6 * (1 - drift), 0.6, "single", 100),
+        "cifar10": ZeroShotRecord(0.9 * (1 - drift / 2), 0.9, "single", 100),
+    }
+    model = {**base.config["model"], "patch_size": patch,
+             "name": f"openai/clip-vit-base-patch{patch}"}  # fmt: skip
+    config = {**base.config, "model": model}
+    return dataclasses.replace(base, evals=[*base.evals[:-1], last], zeroshot=zeroshot,
+                               config=config)  # fmt: skip

@@ -236,7 +236,8 @@ grid:
 
 def test_study_b_grid_expands_into_readable_ids_with_every_point_valid():
     ids = [i for i in available_experiments() if load_config("full", i).family == "study_b"]
-    assert len(ids) == 16 + 4 + 2  # the matched grid, last block, linear probe
+    # the matched grid, last block (EuroSAT), linear probe, frozen projection, ViT-B/16
+    assert len(ids) == 16 + 2 + 2 + 2 + 6
     assert "B_eurosat_full_lr1e-5" in ids and "B_pets_lora_lr3e-6" in ids
     config = load_config("full", "B_eurosat_lora_lr3e-5")
     assert (config.train.method, config.train.lr, config.lora.rank) == ("lora", 3e-5, 8)
@@ -245,6 +246,28 @@ def test_study_b_grid_expands_into_readable_ids_with_every_point_valid():
     assert config_seeds("smoke", "B_eurosat_lora_lr3e-5") == (7, 11)  # smoke: max_seeds 2
     assert load_config("full", "B_probe_pets").train.method == "linear_probe"
     assert load_config("full", "B_last_eurosat_lr1e-4").train.method == "last_block"
+    b16 = load_config("full", "B_b16_eurosat_full_lr3e-5")
+    assert (b16.model.name, b16.model.patch_size) == ("openai/clip-vit-base-patch16", 16)
+    assert load_config("smoke", "B_b16_eurosat_full_lr3e-5").model.source == "tiny"
+
+
+def test_a_mirror_loads_a_hub_id_from_a_folder_and_a_bad_patch_size_is_named(tmp_path: Path):
+    shutil.copytree(PARAMS_DIR, tmp_path / "params")
+    profile = tmp_path / "params" / "profiles" / "full.yaml"
+    mirror = "  mirrors: {openai/clip-vit-base-patch16: models/b16}\n"
+    profile.write_text(profile.read_text().replace("  vision_layers: 12\n",
+                                                   "  vision_layers: 12\n" + mirror))  # fmt: skip
+    b16 = load_config("full", "B_b16_eurosat_full_lr3e-5", tmp_path / "params").model
+    assert b16.name == "openai/clip-vit-base-patch16"  # the run still names the model it is
+    assert b16.folder() == tmp_path / "models" / "b16"
+    assert load_config("full", "E2", tmp_path / "params").model.folder() is None  # B/32: hub
+    profile.write_text(
+        profile.read_text().replace(
+            "  vision_layers: 12\n", "  vision_layers: 12\n  patch_size: 30\n"
+        )
+    )
+    with pytest.raises(ConfigError, match="model.patch_size.*whole patches, got 30"):
+        load_config("full", "E2", tmp_path / "params")
 
 
 def test_grid_ids_follow_dataset_method_lr_order_and_seeds_are_replicates(tmp_path: Path):
@@ -313,10 +336,11 @@ def test_bad_max_seeds_names_the_profile(tmp_path: Path):
 def test_the_study_plans_every_configuration_once_per_seed():
     full = plan_runs("full")
     study_b = [c for c in full if c.family == "study_b"]
-    # study2's ViT-B/32 design: 48 + 6 linear probe + 6 last block + 6 frozen-projection LoRA
-    assert len(study_b) == 66
-    assert len(full) == 23 + 66
-    assert len(plan_runs("smoke")) == 23 + 44  # two seeds each under smoke's max_seeds
+    # study2's design: ViT-B/32 48 + 6 linear probe + 6 last block + 6 frozen-projection LoRA,
+    # and 18 ViT-B/16 runs
+    assert len(study_b) == 66 + 18
+    assert len(full) == 23 + 66 + 18
+    assert len(plan_runs("smoke")) == 23 + 56  # two seeds each under smoke's max_seeds
     assert {c.seed for c in plan_runs("smoke", seeds=(1, 2))} == {1, 2}
     assert len({(c.id, c.seed) for c in full}) == len(full)
 

@@ -26,7 +26,6 @@ from collapse_utils.training.model import (
     CLIPClassifier,
     count_trainable,
     load_clip,
-    model_folder,
     prepare_for_training,
 )
 from collapse_utils.training.needs import EUROSAT_CORRUPTIONS
@@ -52,7 +51,10 @@ def params(tmp_path) -> Path:
     profile = copy / "profiles" / "full.yaml"
     raw = yaml.safe_load(profile.read_text())
     raw["output_root"] = str(tmp_path / "outputs")
-    raw["model"]["name"] = str(tmp_path / "models" / "clip")
+    raw["model"]["mirrors"] = {
+        "openai/clip-vit-base-patch32": str(tmp_path / "models" / "clip"),
+        "openai/clip-vit-base-patch16": str(tmp_path / "models" / "b16"),
+    }
     raw["data"]["root"] = str(tmp_path / "data")
     profile.write_text(yaml.safe_dump(raw))
     return copy
@@ -97,20 +99,24 @@ def test_missing_model_and_each_missing_dataset_is_one_line_and_fails(
     out = capsys.readouterr().out.splitlines()
     fixes = [line for line in out if line.startswith("FIX")]
     model = [line for line in fixes if line.split()[1] == "model"]
-    assert len(model) == 1 and str(tmp_path / "models" / "clip") in model[0]
-    assert ".save_pretrained(" in model[0]
+    assert len(model) == 2  # ViT-B/32 and Study B's ViT-B/16, each from its mirror folder
+    for line, folder, hub_id in zip(model, ("clip", "b16"), ("patch32", "patch16"), strict=True):
+        assert str(tmp_path / "models" / folder) in line and ".save_pretrained(" in line
+        assert f"from_pretrained('openai/clip-vit-base-{hub_id}')" in line
     data = [line for line in fixes if line.split()[1] == "data"]
     assert sorted(line.split()[2] for line in data) == plan_datasets(params)
     for line in data:
         folder = hf_folder(tmp_path / "data" / "hf", line.split()[2])
         assert f"--local-dir {folder}" in line and "hf download" in line
-    assert len(fixes) == 1 + len(data)
+    assert len(fixes) == 2 + len(data)
     assert out[-1] == f"doctor: {len(fixes)} problems (lines marked FIX)"
 
 
 def test_model_in_a_folder_and_datasets_on_disk_or_decoded_pass(params, tmp_path):
-    CLIPModel(CLIPConfig()).config.save_pretrained(tmp_path / "models" / "clip")
-    (tmp_path / "models" / "clip" / "model.safetensors").write_bytes(b"")
+    for folder, patch in (("clip", 32), ("b16", 16)):
+        config = CLIPConfig(vision_config={"patch_size": patch})
+        CLIPModel(config).config.save_pretrained(tmp_path / "models" / folder)
+        (tmp_path / "models" / folder / "model.safetensors").write_bytes(b"")
     root = tmp_path / "data"
     for name in ("eurosat", "pets", "cifar10"):  # save_to_disk layout
         folder = hf_folder(root / "hf", name)
@@ -196,11 +202,6 @@ def test_doctor_decodes_the_same_splits_as_prepare_datasets(params, monkeypatch)
     )
     data_module.prepare_datasets(configs)
     assert set(decoded) == {need for c in configs for need in doctor.dataset_needs(c)}
-
-
-def test_model_name_rule_matches_load_clip(tmp_path):
-    for name in ("openai/clip-vit-base-patch32", str(tmp_path), str(tmp_path / "x"), "../m"):
-        assert doctor.model_folder(name) == model_folder(name)
 
 
 # --- sizes ---------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import datasets
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from collapse_utils.training.data import image_to_uint8
+from collapse_utils.training.data import ImageSet, image_to_uint8
 from collapse_utils.training.hf_datasets import (
     HF_BUILDS,
     hf_folder,
@@ -17,6 +19,7 @@ from collapse_utils.training.hf_datasets import (
     original_metric_subset,
 )
 from collapse_utils.training.labels import CLASS_NAMES, FLOWERS102
+from collapse_utils.training.zeroshot import prompt_names
 
 SIZE = 24
 
@@ -151,14 +154,14 @@ def test_builds_are_the_originals_with_their_image_and_label_columns():
 
 @pytest.mark.parametrize("name", sorted(FAKE_BUILDS))
 def test_saved_build_loads_uint8_images_int64_labels_and_feature_names(name, disk_root, builds):
-    test = load_hf_split(name, "test", disk_root, size=SIZE, class_names="feature")
+    test = load_hf_split(name, "test", disk_root, size=SIZE)
     source = builds[name]["test"]
     build = HF_BUILDS[name]
     assert test.images.shape == (len(SHAPES), 3, SIZE, SIZE)
     assert test.images.dtype == torch.uint8
     assert test.labels.dtype == torch.int64
     assert test.labels.tolist() == list(source[build.label_column])
-    assert test.class_names == tuple(source.features[build.label_column].names)
+    assert test.build_names == tuple(source.features[build.label_column].names)
     assert test.name == name
 
 
@@ -243,8 +246,8 @@ def test_missing_split_in_a_parquet_folder_raises_file_not_found(parquet_root):
 
 
 def test_flowers_class_numbers_map_to_flower_names_in_label_order(disk_root):
-    readable = load_hf_split("flowers102", "test", disk_root, SIZE).class_names
-    raw = load_hf_split("flowers102", "test", disk_root, SIZE, class_names="feature").class_names
+    flowers = load_hf_split("flowers102", "test", disk_root, SIZE)
+    readable, raw = flowers.class_names, flowers.build_names
     assert raw[:4] == ("1", "10", "100", "101")
     assert readable[:4] == (FLOWERS102[0], FLOWERS102[9], FLOWERS102[99], FLOWERS102[100])
     assert sorted(readable) == sorted(FLOWERS102)
@@ -254,6 +257,29 @@ def test_cifar100_readable_names_have_spaces_for_underscores(disk_root):
     names = load_hf_split("cifar100", "test", disk_root, SIZE).class_names
     assert names == CLASS_NAMES["cifar100"]
     assert names[1] == "aquarium fish"
+
+
+@pytest.mark.parametrize(
+    ("style", "cifar100", "flowers"),
+    [
+        ("build", "aquarium_fish", "10"),  # the report's code: the builds' names as stored
+        ("build_spaced", "aquarium fish", "10"),  # study2's
+        ("readable", "aquarium fish", FLOWERS102[9]),  # ours
+    ],
+)
+def test_prompt_names_follow_eval_class_names(disk_root, style, cifar100, flowers):
+    names = {n: prompt_names(load_hf_split(n, "test", disk_root, SIZE), style)
+             for n in ("cifar100", "flowers102")}  # fmt: skip
+    assert (names["cifar100"][1], names["flowers102"][1]) == (cifar100, flowers)
+    assert len(names["cifar100"]) == len(CLASS_NAMES["cifar100"])
+
+
+def test_prompt_names_fall_back_to_readable_where_the_source_has_none():
+    images = ImageSet("synthetic", torch.zeros(1, 3, 2, 2, dtype=torch.uint8),
+                      torch.zeros(1, dtype=torch.long), ("a thing",))  # fmt: skip
+    assert prompt_names(images, "build") == ("a thing",)
+    with pytest.raises(ValueError, match="eval.class_names"):
+        prompt_names(dataclasses.replace(images, build_names=("x",)), "raw")
 
 
 def test_cifar10_class_names_are_the_builds_in_label_order(disk_root):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import huggingface_hub.constants
 import pytest
 import torch
@@ -13,7 +15,6 @@ from collapse_utils.training.model import (
     count_trainable,
     load_clip,
     merged_clip,
-    model_folder,
     prepare_for_training,
     vision_layers,
     zeroshot_clip,
@@ -231,7 +232,22 @@ def test_model_saved_to_a_folder_loads_by_path_without_the_hub(tmp_path, monkeyp
 
 
 def test_model_name_is_a_folder_when_it_exists_or_looks_like_a_path(tmp_path):
-    assert model_folder("openai/clip-vit-base-patch32") is None
-    assert model_folder(str(tmp_path)) == tmp_path.resolve()
-    assert model_folder(str(tmp_path / "absent")) == (tmp_path / "absent").resolve()
-    assert model_folder("../elsewhere/clip") == (REPO_ROOT / "../elsewhere/clip").resolve()
+    def folder(name: str, **mirrors):
+        return ModelSpec(name=name, mirrors=mirrors).folder()
+
+    assert folder("openai/clip-vit-base-patch32") is None
+    assert folder(str(tmp_path)) == tmp_path.resolve()
+    assert folder(str(tmp_path / "absent")) == (tmp_path / "absent").resolve()
+    assert folder("../elsewhere/clip") == (REPO_ROOT / "../elsewhere/clip").resolve()
+    assert folder("a/b", **{"a/b": str(tmp_path)}) == tmp_path  # a mirror of a hub id
+
+
+def test_a_loaded_model_with_another_patch_size_than_the_spec_is_refused(tmp_path, tiny_spec):
+    load_clip(dataclasses.replace(tiny_spec, patch_size=16)).save_pretrained(tmp_path / "b16")
+    spec = ModelSpec(name=str(tmp_path / "b16"), vision_layers=LAYERS)  # patch 32 expected
+    with pytest.raises(ModelUnavailableError, match="patch size 16 but model.patch_size is 32"):
+        load_clip(spec)
+    b16 = load_clip(dataclasses.replace(spec, patch_size=16))
+    images = torch.zeros(1, 3, 224, 224)
+    tokens = b16.vision_model(pixel_values=images).last_hidden_state.shape[1]
+    assert tokens == 1 + (224 // 16) ** 2  # [CLS] and 14 × 14 patches

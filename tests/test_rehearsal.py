@@ -18,6 +18,7 @@ from collapse_utils.rehearsal import (
     bpe_vocabulary,
     build_fixtures,
     clip_tokenizer_files,
+    model_fixtures,
     save_hf_builds,
     save_torchvision_layouts,
 )
@@ -73,12 +74,10 @@ def test_cifar10_build_can_be_trained_on_and_scored_zero_shot(data_root):
 
 
 def test_a_data_folder_built_before_a_dataset_was_added_is_built_again(tmp_path):
-    model, data = tmp_path / "model", tmp_path / "data"
-    model.mkdir()
-    (model / ".complete").write_text("{}")  # no model needed here
+    data = tmp_path / "data"
     data.mkdir()
     (data / ".complete").write_text(json.dumps({"seed": 0}))  # the marker before cifar10
-    build_fixtures(model, data)
+    build_fixtures({}, data)
     assert (hf_folder(data / "hf", "cifar10") / "dataset_dict.json").is_file()
     marker = json.loads((data / ".complete").read_text())
     assert [name for name, _ in marker["per_class"]] == sorted(PER_CLASS)
@@ -119,12 +118,15 @@ def test_a_full_size_lora_run_of_the_full_profile_rehearses_end_to_end(tmp_path)
 
     shutil.copytree(PARAMS_DIR, tmp_path / "params")
     config = load_config("rehearsal", "E5", params_dir=tmp_path / "params")
-    build_fixtures(Path(config.model.name), Path(config.data.root))
+    build_fixtures(model_fixtures([config]), Path(config.data.root))
     history = run_experiment(config, progress=False).history
     assert history.status == "complete"
     # the report's cadence: after global step 1, every floor(S / 1) steps, and the last
     assert [e.step for e in history.evals] == [0, 1, history.total_steps]
-    assert history.config["model"]["name"] == str(tmp_path / "outputs/rehearsal/fixtures/model")
+    assert history.config["model"]["name"] == "openai/clip-vit-base-patch32"  # from its mirror
+    assert history.config["model"]["mirrors"][config.model.name] == str(
+        tmp_path / "outputs/rehearsal/fixtures/model"
+    )
     assert set(history.zeroshot) == {"cifar100", "flowers102", "eurosat", "pets"}
     assert all(
         z.checkpoint == "best" and z.templates == "original" for z in history.zeroshot.values()

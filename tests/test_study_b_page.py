@@ -10,7 +10,7 @@ from tests.fake_records import GRID_LRS, grid_records, write_study
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
-    params = write_study(tmp_path_factory.mktemp("study_b"), grid_records())
+    params = write_study(tmp_path_factory.mktemp("study_b"), grid_records(b16=True))
     return family_summary("smoke", "study_b", params, show=False)
 
 
@@ -54,3 +54,14 @@ def test_operating_points_are_one_lr_per_dataset_and_method(page):
     points = page.tables["operating_points"]
     assert len(points) == 4 and set(points["lr"]) <= set(GRID_LRS)
     assert "operating points" in page.findings
+
+
+def test_the_b16_arm_is_analysed_apart_and_never_pooled(page):
+    assert len(page.tables["ViTB16_cells"]) == 6  # EuroSAT × 2 methods × 3 lrs, its own table
+    assert set(page.tables["ViTB16_cells"].index.get_level_values("dataset")) == {"eurosat"}
+    polarity = page.tables["polarity"]
+    rho = polarity["rho_d_entropy_pct_sel"]
+    # Entropy falls with forgetting on B/32 and rises on B/16: the sign flips per backbone.
+    assert (rho.xs("openai/clip-vit-base-patch32", level="model") > 0).all()
+    assert (rho.xs("openai/clip-vit-base-patch16", level="model") < 0).all()
+    assert "ViT-B/16" in page.findings

@@ -52,6 +52,7 @@ from collapse_utils.config import REPO_ROOT, read_params_yaml
 
 STUDY2_DIR = REPO_ROOT / "params" / "report" / "study2"
 PRIMARY_MODEL = "openai/clip-vit-base-patch32"
+PRIMARY_PATCH = 32  # ViT-B/32 (and the smoke profile's tiny patch-32 CLIP)
 METHODS = {"full_ft": "full", "lora_r8": "lora", "lora_r8_frozen_proj": "lora_frozen_proj"}
 COLUMNS = {
     "model_name": "model",
@@ -134,6 +135,7 @@ def _to_our_columns(raw: pd.DataFrame) -> pd.DataFrame:
             frame[f"zs_{name}_pretrained"] = frame.pop(f"{name}_pretrained") / 100
             frame[f"retention_{name}"] = frame.pop(f"{name}_retention") / 100
     frame["status"] = "complete"
+    frame["patch_size"] = frame["model"].str.extract(r"patch(\d+)$", expand=False).astype(int)
     order = ["model", "dataset", "method", "lr", "seed"]
     return frame.sort_values(order, kind="stable").reset_index(drop=True)
 
@@ -176,16 +178,18 @@ def short_name(model: str) -> str:
 
 def others(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """The rows of every backbone but the primary one, by model name (analysed apart)."""
-    rest = frame[frame["model"] != PRIMARY_MODEL]
+    if "patch_size" not in frame:
+        return {}
+    rest = frame[frame["patch_size"] != PRIMARY_PATCH]
     return {model: rows.reset_index(drop=True) for model, rows in rest.groupby("model")}
 
 
 def primary(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows of ``frame`` on the primary backbone (ViT-B/32); every row where there is no
-    ``model`` column (our own runs name theirs in it)."""
-    if "model" not in frame:
+    """The rows of ``frame`` on the primary backbone (patch 32: ViT-B/32); every row where
+    there is no ``patch_size`` column."""
+    if "patch_size" not in frame:
         return frame
-    return frame[frame["model"] == PRIMARY_MODEL].reset_index(drop=True)
+    return frame[frame["patch_size"] == PRIMARY_PATCH].reset_index(drop=True)
 
 
 def our_column(theirs: str) -> str:

@@ -78,7 +78,8 @@ def run_summary(histories: Iterable[RunRecord]) -> pd.DataFrame:
     the *selected* checkpoint, the one the zero-shot scored (:func:`selected_epoch`),
     ``selected_epoch``, every ``d_<m>_pct_sel``, ``d_entropy_last_pct_sel`` (last layer) and the
     representation signals with suffix ``_sel``; ``train_loss_f`` (mean training loss of the
-    last epoch); ``model`` (the hub name, or ``tiny``); for each zero-shot dataset ``d``:
+    last epoch); ``model`` (the hub name, or ``tiny-patch<p>``) and ``patch_size`` (the
+    backbone: Study B analyses each apart); for each zero-shot dataset ``d``:
     ``zs_d``, ``zs_d_pretrained``, ``zs_d_merged`` (the trained model's accuracy where ``zs_d``
     scored the report's path) and ``retention_d`` = zs_d / zs_d_pretrained (NaN when the
     pre-trained accuracy is 0); ``corruption_mean_acc`` (mean accuracy over EuroSAT's corruption
@@ -95,6 +96,13 @@ def run_summary(histories: Iterable[RunRecord]) -> pd.DataFrame:
     last = {*zs, *retention, "status"}
     ordered = [c for c in frame.columns if c not in last]
     return frame[ordered + zs + retention + ["status"]]
+
+
+def _model_name(model: dict) -> str:
+    """The hub name a run loaded (a mirror folder keeps it), or ``tiny-patch<p>``."""
+    return (
+        f"tiny-patch{model.get('patch_size', 32)}" if model["source"] == "tiny" else model["name"]
+    )
 
 
 def _summary_row(h: RunRecord) -> dict[str, Any]:
@@ -115,7 +123,8 @@ def _summary_row(h: RunRecord) -> dict[str, Any]:
         "freeze_layers": train.get("freeze_layers", 0),
         "reg_kind": reg["kind"],
         "lam": reg["lam"],
-        "model": "tiny" if config["model"]["source"] == "tiny" else config["model"]["name"],
+        "model": _model_name(config["model"]),
+        "patch_size": config["model"].get("patch_size", 32),
         "best_acc": h.best_val_acc,
         "final_acc": h.final_val_acc,
         "test_acc": h.test_acc,

@@ -11,11 +11,13 @@ published chapter calls them one by one between its own text (its own sections:
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from collapse_utils.analysis import study_b
+from collapse_utils.analysis import published, study_b
 from collapse_utils.analysis.results import run_summary
 from collapse_utils.book import study_b_figures
 from collapse_utils.book.page import Page
@@ -32,7 +34,8 @@ DAMAGED = f"{100 * study_b.DAMAGED:g} %"
 
 def study_b_page(page: Page, runs: FamilyRuns) -> None:
     """The Study B comparison of the complete runs of ``runs`` (any subset renders)."""
-    frame = study_b.grid_frame(run_summary(runs.histories))
+    every = study_b.grid_frame(run_summary(runs.histories))
+    frame = published.primary(every)  # a second backbone is analysed apart (backbones)
     target = transfer_target(frame)
     sentences = [
         cells(page, frame, target),
@@ -44,6 +47,7 @@ def study_b_page(page: Page, runs: FamilyRuns) -> None:
         selection(page, frame, target),
         operating_points(page, frame, target),
         frontier(page, frame, target),
+        backbones(page, every, target),
     ]
     page.conclude(" ".join(s for s in sentences if s))
 
@@ -295,3 +299,51 @@ def _key_first(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 
 def _p(value: float) -> str:
     return "n/a" if pd.isna(value) else format_p(value)
+
+
+def backbones(page: Page, frame: pd.DataFrame, target: str) -> str:
+    """Each backbone beside the primary one (ViT-B/16 beside ViT-B/32), analysed apart and
+    never pooled: its cell table, then the sign of each signal per backbone on EuroSAT (the
+    dataset they share). Empty when ``frame`` holds one backbone."""
+    arms = published.others(frame)
+    for model, arm in arms.items():
+        page.note(f"**The {published.short_name(model)} arm** ({len(arm)} runs), apart:")
+        cells(
+            dataclasses.replace(page, prefix=f"{page.prefix}{backbone_slug(model)}_"), arm, target
+        )
+    if not arms or "patch_size" not in frame:
+        return ""
+    eurosat = frame[frame["dataset"] == "eurosat"]
+    return polarity(page, {model: rows for model, rows in eurosat.groupby("model")}, target)
+
+
+def backbone_slug(model: str) -> str:
+    """``openai/clip-vit-base-patch16`` → ``ViTB16``: a table or figure name's part."""
+    return re.sub(r"[^A-Za-z0-9]+", "", published.short_name(model))
+
+
+def polarity(page: Page, frames: dict[str, pd.DataFrame], target: str) -> str:
+    """The sign of each signal's relation to ``target`` within dataset × method, per backbone
+    (``frames``: model → its runs, EuroSAT only so the backbones share their datasets)."""
+    signals = [ENTROPY, "cka_mean_sel", "weight_drift_sel", "embedding_drift_sel"]
+    table = pd.concat(
+        {model: study_b.polarity(runs, signals, target) for model, runs in frames.items()},
+        names=["model"],
+    )
+    page.table("polarity", table)
+    rho = table[f"rho_{ENTROPY}"].dropna()
+    groups = {"positive": [], "negative": [], "null": []}
+    for (model, _, method), value in rho.items():
+        kind = "null" if abs(value) < 0.005 else ("positive" if value > 0 else "negative")
+        where = f"{METHOD_NAMES.get(method, method)} on {published.short_name(model)}"
+        groups[kind].append(f"{where} ({value:+.2f})")
+    parts = [f"{kind} for {', '.join(found)}" for kind, found in groups.items() if found]
+    steady = [column_spec(s).label for s in signals[1:] if f"rho_{s}" in table
+              and ((table[f"rho_{s}"] > 0).all() or (table[f"rho_{s}"] < 0).all())]  # fmt: skip
+    keep = f"; {', '.join(steady)} keep one sign in every group" if steady else ""
+    return (
+        "Within the EuroSAT runs, Δ entropy's correlation with retention is "
+        + "; ".join(parts)
+        + keep
+        + "."
+    )

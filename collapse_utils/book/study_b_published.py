@@ -5,15 +5,11 @@ analyses it shares with our Study B page are :mod:`~collapse_utils.book.study_b_
 
 from __future__ import annotations
 
-import re
-
 import pandas as pd
 
 from collapse_utils.analysis import published, study_b
 from collapse_utils.book.page import Page
-from collapse_utils.book.study_b_page import ENTROPY, N_BOOT
-from collapse_utils.book.style import METHOD_NAMES
-from collapse_utils.book.tables import column_spec
+from collapse_utils.book.study_b_page import ENTROPY, N_BOOT, backbone_slug
 from collapse_utils.config import profile_output_root
 
 
@@ -22,8 +18,7 @@ def published_page(profile: str, model: str = "", show: bool = True) -> Page:
     tables and figures named ``study2_[<model>_]…`` (figures share the profile's folder with
     our own Study B page), and a note saying where its numbers come from instead of the
     profile's."""
-    slug = re.sub(r"[^A-Za-z0-9]+", "", published.short_name(model)) if model else ""
-    prefix = f"study2_{slug}_" if slug else "study2_"
+    prefix = f"study2_{backbone_slug(model)}_" if model else "study2_"
     about = published.provenance()
     source = (
         "*Real-model data: the report authors' published Study B runs "
@@ -84,32 +79,5 @@ def conclusions_section(page: Page, frame: pd.DataFrame, target: str) -> str:
             "authors read the pooled and within-group correlations together)"
             for claim, row in differ.iterrows()
         )
-        + "."
-    )
-
-
-def polarity_section(page: Page, frames: dict[str, pd.DataFrame], target: str) -> str:
-    """The sign of each signal's relation to ``target`` within dataset × method, per backbone
-    (``frames``: model → its runs, EuroSAT only so the backbones share their datasets)."""
-    signals = [ENTROPY, "cka_mean_sel", "weight_drift_sel", "embedding_drift_sel"]
-    table = pd.concat(
-        {model: study_b.polarity(runs, signals, target) for model, runs in frames.items()},
-        names=["model"],
-    )
-    page.table("polarity", table)
-    rho = table[f"rho_{ENTROPY}"].dropna()
-    groups = {"positive": [], "negative": [], "null": []}
-    for (model, _, method), value in rho.items():
-        kind = "null" if abs(value) < 0.005 else ("positive" if value > 0 else "negative")
-        where = f"{METHOD_NAMES.get(method, method)} on {published.short_name(model)}"
-        groups[kind].append(f"{where} ({value:+.2f})")
-    parts = [f"{kind} for {', '.join(found)}" for kind, found in groups.items() if found]
-    steady = [column_spec(s).label for s in signals[1:] if f"rho_{s}" in table
-              and ((table[f"rho_{s}"] > 0).all() or (table[f"rho_{s}"] < 0).all())]  # fmt: skip
-    keep = f"; {', '.join(steady)} keep one sign in every group" if steady else ""
-    return (
-        "Within the EuroSAT runs, Δ entropy's correlation with retention is "
-        + "; ".join(parts)
-        + keep
         + "."
     )

@@ -33,7 +33,7 @@ from tqdm import tqdm  # text bars: TQDM_DISABLE silences them in executed pages
 from collapse_utils.config import ConfigError, DataSpec
 from collapse_utils.storage import cached
 from collapse_utils.training.labels import CLASS_NAMES
-from collapse_utils.training.needs import EUROSAT_CORRUPTIONS, splits_needed
+from collapse_utils.training.needs import EUROSAT_CORRUPTIONS, decoded_cache, splits_needed
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -45,18 +45,21 @@ class DatasetUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class ImageSet:
-    """images: (N, 3, S, S) uint8; labels: (N,) int64; class_names[label] is readable text."""
+    """images: (N, 3, S, S) uint8; labels: (N,) int64; class_names[label] is readable text;
+    build_names[label] the name as the source stores it ('aquarium_fish', Flowers-102's '1'),
+    which the report's code put in its prompts (empty: the source has none of its own)."""
 
     name: str
     images: Tensor
     labels: Tensor
     class_names: tuple[str, ...]
+    build_names: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: Tensor) -> ImageSet:
-        return ImageSet(self.name, self.images[index], self.labels[index], self.class_names)
+        return dataclasses.replace(self, images=self.images[index], labels=self.labels[index])
 
 
 @dataclass(frozen=True)
@@ -310,7 +313,8 @@ def _unavailable_message(name: str, split: str, root: Path, download: bool, err:
 
 
 def _decode(data: DataSpec, name: str, split: str) -> dict:
-    """{images, labels, class_names (None: labels.py's)} of split 'pool' or 'test'."""
+    """{images, labels, class_names (None: labels.py's), build_names (the source's own, None:
+    it has none)} of split 'pool' or 'test'."""
     root = Path(data.root)
     if data.source == "hf":
         # Imported here: ``datasets`` is slow to import and only this source needs it.
@@ -319,7 +323,7 @@ def _decode(data: DataSpec, name: str, split: str) -> dict:
         hf_split = "train" if split == "pool" else split
         images = load_hf_split(name, hf_split, root / "hf", data.image_size, data.interpolation)
         return {"images": images.images, "labels": images.labels,
-                "class_names": images.class_names}  # fmt: skip
+                "class_names": images.class_names, "build_names": images.build_names}  # fmt: skip
     if name not in TORCHVISION_LAYOUT:
         raise ValueError(f"unknown dataset {name!r}; torchvision: {sorted(TORCHVISION_LAYOUT)}")
     root = root.resolve()
@@ -334,13 +338,12 @@ def _decode(data: DataSpec, name: str, split: str) -> dict:
         images.append(image_to_uint8(image, data.image_size, data.interpolation))
         labels.append(int(label))
     return {"images": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.long),
-            "class_names": None}  # fmt: skip
+            "class_names": None, "build_names": getattr(source, "classes", None)}  # fmt: skip
 
 
 def _cached(data: DataSpec, name: str, split: str) -> dict:
-    """Decode once, then read ``<root>/cache/<source>_<name>_<split>_<size>_<interp>.pt``."""
-    stem = f"{data.source}_{name}_{split}_{data.image_size}_{data.interpolation}"
-    return cached(Path(data.root) / "cache" / f"{stem}.pt", lambda: _decode(data, name, split))
+    """Decode once, then read :func:`~collapse_utils.training.needs.decoded_cache`."""
+    return cached(decoded_cache(data, name, split), lambda: _decode(data, name, split))
 
 
 def _stand_in_seed(name: str, seed: int) -> int:
@@ -363,7 +366,8 @@ def load_images(data: DataSpec, name: str, split: str, seed: int) -> ImageSet:
         return ImageSet(f"{name} (synthetic stand-in)", images, labels, classes)
     blob = _cached(data, name, split)
     names = blob["class_names"] or CLASS_NAMES[name]
-    return ImageSet(name, blob["images"], blob["labels"], tuple(names))
+    build_names = tuple(blob["build_names"] or ())
+    return ImageSet(name, blob["images"], blob["labels"], tuple(names), build_names)
 
 
 def _check_metric_subset(data: DataSpec, available: int) -> None:

@@ -21,7 +21,11 @@ from collapse_utils.storage import cache_key, cached
 from collapse_utils.training.data import ImageSet, normalize
 from collapse_utils.training.environment import autocast
 from collapse_utils.training.model import zeroshot_clip
-from collapse_utils.training.zeroshot import cached_text_classifier, zeroshot_accuracy
+from collapse_utils.training.zeroshot import (
+    cached_text_classifier,
+    prompt_names,
+    zeroshot_accuracy,
+)
 
 EVAL_BATCH = 256
 
@@ -183,11 +187,13 @@ def evaluate_zeroshot(
     cache = Path(config.output_root) / "cache"
     results = {}
     for name, images in test_sets.items():
+        names = prompt_names(images, config.eval.class_names)
         text = cached_text_classifier(
-            base_clip, config.model, images.class_names, config.eval.templates,
-            cache / "text", config.seed,
-        )  # fmt: skip
-        pretrained = _cached_pretrained_zeroshot(base_clip, config, name, images, text, cache)
+            base_clip, config.model, names, config.eval.templates, cache / "text", config.seed
+        )
+        pretrained = _cached_pretrained_zeroshot(
+            base_clip, config, name, images, text, cache, prompts=names
+        )
         merged = None
         if trained is not None:
             merged = zeroshot_accuracy(trained, images, text, desc=f"zero-shot {name} (trained)")
@@ -203,9 +209,11 @@ def evaluate_zeroshot(
     return results
 
 
-def _cached_pretrained_zeroshot(base_clip, config, name, images, weights, cache: Path) -> float:
+def _cached_pretrained_zeroshot(
+    base_clip, config, name, images, weights, cache: Path, *, prompts: tuple[str, ...]
+) -> float:
     # The pre-trained model's accuracy is the same for every run that shares these inputs.
-    key = cache_key(config.model, config.seed, name, config.data, images.class_names,
+    key = cache_key(config.model, config.seed, name, config.data, prompts,
                     config.eval.templates, len(images))  # fmt: skip
     path = cache / "zeroshot_pretrained" / f"{key}.json"
 

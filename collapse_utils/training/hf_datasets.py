@@ -42,7 +42,6 @@ from collapse_utils.training.labels import CLASS_NAMES
 from collapse_utils.training.needs import EUROSAT_CORRUPTIONS
 
 INTERPOLATIONS = ("bilinear", "bicubic")
-CLASS_NAME_STYLES = ("readable", "feature")
 
 
 @dataclass(frozen=True)
@@ -185,15 +184,15 @@ def _decode_images(dataset, column: str, size: int, interpolation: str, desc: st
     return images
 
 
-def _class_names(build: HFBuild, dataset, labels: Tensor, style: str) -> tuple[str, ...]:
+def _build_names(build: HFBuild, dataset, labels: Tensor) -> tuple[str, ...]:
+    """The build's ClassLabel names as stored (what the report's code put in its prompts)."""
     import datasets
 
     feature = dataset.features[build.label_column]
     if isinstance(feature, datasets.ClassLabel):
-        names = tuple(feature.names)
-    else:  # no ClassLabel metadata: the original falls back to the label ids as text
-        names = tuple(str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0))
-    return readable_class_names(build, names) if style == "readable" else names
+        return tuple(feature.names)
+    # No ClassLabel metadata: the original falls back to the label ids as text.
+    return tuple(str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0))
 
 
 def readable_class_names(build: HFBuild, names: tuple[str, ...]) -> tuple[str, ...]:
@@ -213,15 +212,14 @@ def load_hf_split(
     root: str | Path = "data/hf",
     size: int = 224,
     interpolation: str = "bilinear",
-    class_names: str = "readable",
     cache_dir: str | Path | None = None,
 ) -> ImageSet:
     """One split ('train', 'test', …) of the Hugging Face build of ``name`` ('eurosat', 'pets',
     'cifar100', 'cifar10', 'flowers102'), decoded from ``hf_folder(root, name)``.
 
     Returns an :class:`ImageSet`: images uint8 (N, 3, size, size) in the build's row order,
-    labels int64 (N,), class names indexed by label (``class_names="readable"``: see
-    :func:`readable_class_names`; ``"feature"``: the build's ClassLabel names as stored).
+    labels int64 (N,), class names indexed by label: ``class_names`` readable (see
+    :func:`readable_class_names`), ``build_names`` the build's ClassLabel names as stored.
     ``interpolation``: 'bilinear' (the original's, :func:`original_geometry`) or 'bicubic' (this
     project's). ``cache_dir``: where ``datasets`` may write its Arrow cache when reading parquet
     (its default cache when None). Raises :class:`HFDatasetMissingError` (a
@@ -229,15 +227,14 @@ def load_hf_split(
     """
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-    if class_names not in CLASS_NAME_STYLES:
-        raise ValueError(f"class_names must be one of {CLASS_NAME_STYLES}, got {class_names!r}")
     build = _build(name)
     dataset = _open_split(build, hf_folder(root, name), split, cache_dir)
     labels = torch.tensor(list(dataset[build.label_column]), dtype=torch.long)
     images = _decode_images(
         dataset, build.image_column, size, interpolation, desc=f"decode {build.repo}/{split}"
     )
-    return ImageSet(name, images, labels, _class_names(build, dataset, labels, class_names))
+    names = _build_names(build, dataset, labels)
+    return ImageSet(name, images, labels, readable_class_names(build, names), names)
 
 
 def load_hf_splits(

@@ -21,7 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPModel
 
-from collapse_utils.config import REPO_ROOT, LoraSpec, ModelSpec, TrainSpec, local_model_folder
+from collapse_utils.config import REPO_ROOT, LoraSpec, ModelSpec, TrainSpec
 
 # Vocabulary of the offline smoke tokenizer (see ``zeroshot.tiny_tokenizer``): 256 byte symbols,
 # their end-of-word forms and the two special tokens.
@@ -50,7 +50,7 @@ def tiny_clip_config(spec: ModelSpec) -> CLIPConfig:
         },
         vision_config={
             "image_size": 224,
-            "patch_size": 32,
+            "patch_size": spec.patch_size,
             "hidden_size": hidden,
             "intermediate_size": 2 * hidden,
             "num_hidden_layers": spec.vision_layers,
@@ -74,23 +74,20 @@ def load_clip(spec: ModelSpec, seed: int = 0) -> CLIPModel:
             )
     else:
         model = _load_pretrained(spec)
-    layers = model.config.vision_config.num_hidden_layers
-    if layers != spec.vision_layers:
-        raise ModelUnavailableError(
-            f"{spec.name!r} has {layers} vision layers but model.vision_layers is "
-            f"{spec.vision_layers}; fix the profile"
-        )
+    vision = model.config.vision_config
+    for field, value in (("vision_layers", vision.num_hidden_layers),
+                         ("patch_size", vision.patch_size)):  # fmt: skip
+        if value != getattr(spec, field):
+            raise ModelUnavailableError(
+                f"{spec.name!r} has {field.replace('_', ' ')} {value} but model.{field} is "
+                f"{getattr(spec, field)}; fix the profile or the experiment file"
+            )
     return model.eval()
 
 
 # Seconds to wait for the hub to answer before a model missing locally is declared unavailable.
 HUB_PROBE_TIMEOUT_S = 5.0
 _TRUE = {"1", "on", "yes", "true"}
-
-
-def model_folder(name: str) -> Path | None:
-    """The local folder ``model.name`` means, or None for a hub id (``config``'s one rule)."""
-    return local_model_folder(name)
 
 
 def hub_offline() -> bool:
@@ -115,12 +112,12 @@ def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
         return f"{hub.ENDPOINT} cannot be reached ({type(err).__name__}: {err})"
 
 
-def _model_message(name: str, looked: Path | str, reason: str) -> str:
+def _model_message(spec: ModelSpec, looked: Path | str, reason: str) -> str:
     """What is missing, where it was looked for, and the commands that fetch it."""
-    folder = model_folder(name)
-    hub_id = ModelSpec().name if folder else name
+    name, folder = spec.name, spec.folder()
+    hub_id = name if name in spec.mirrors or not folder else ModelSpec().name
     target = folder or REPO_ROOT / "models" / name.split("/")[-1]
-    then = "" if folder else f" and set model.name: {target} in params/profiles/<profile>.yaml"
+    then = "" if folder else f" and list it under model.mirrors ({name}: {target}) in the profile"
     return (
         f"CLIP {name!r} is not available: looked in {looked}; {reason}. On a machine with hub "
         f"access run\n"
@@ -138,15 +135,15 @@ def _load_pretrained(spec: ModelSpec) -> CLIPModel:
     import huggingface_hub.constants as hub
 
     kwargs = {"attn_implementation": spec.attn_implementation}
-    folder = model_folder(spec.name)
+    folder = spec.folder()
     if folder is not None:
         if not folder.is_dir():
-            raise ModelUnavailableError(_model_message(spec.name, folder, "no such folder"))
+            raise ModelUnavailableError(_model_message(spec, folder, "no such folder"))
         try:
             return CLIPModel.from_pretrained(folder, local_files_only=True, **kwargs)
         except OSError as err:
             reason = f"{type(err).__name__}: {err}"
-            raise ModelUnavailableError(_model_message(spec.name, folder, reason)) from err
+            raise ModelUnavailableError(_model_message(spec, folder, reason)) from err
     cache, near = Path(hub.HF_HUB_CACHE).resolve(), (REPO_ROOT / spec.name).resolve()
     looked = f"the Hugging Face cache {cache} and for a folder {near}"
     try:
@@ -155,12 +152,12 @@ def _load_pretrained(spec: ModelSpec) -> CLIPModel:
         missing = err
     reason = "HF_HUB_OFFLINE is set" if hub_offline() else hub_unreachable()
     if reason is not None:
-        raise ModelUnavailableError(_model_message(spec.name, looked, reason)) from missing
+        raise ModelUnavailableError(_model_message(spec, looked, reason)) from missing
     try:
         return CLIPModel.from_pretrained(spec.name, **kwargs)
     except OSError as err:
         reason = f"the hub download failed ({type(err).__name__}: {err})"
-        raise ModelUnavailableError(_model_message(spec.name, looked, reason)) from err
+        raise ModelUnavailableError(_model_message(spec, looked, reason)) from err
 
 
 class CLIPClassifier(nn.Module):

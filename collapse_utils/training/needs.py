@@ -3,7 +3,9 @@ follows and that ``doctor`` checks. No torch here, so the doctor stays fast."""
 
 from __future__ import annotations
 
-from collapse_utils.config import RunConfig
+from pathlib import Path
+
+from collapse_utils.config import DataSpec, RunConfig
 
 # The seven corrupted copies of EuroSAT's test split in the Hugging Face build (study2's).
 EUROSAT_CORRUPTIONS = (
@@ -26,3 +28,11 @@ def splits_needed(config: RunConfig) -> list[tuple[str, str]]:
     if config.eval.corruption_images and data.dataset == "eurosat" and data.source == "hf":
         needs += [("eurosat", c) for c in EUROSAT_CORRUPTIONS]
     return [need for need in dict.fromkeys(needs) if need[0] != "synthetic"]
+
+
+def decoded_cache(data: DataSpec, name: str, split: str) -> Path:
+    """Where ``training.data`` keeps one decoded split: ``<root>/cache/<stem>.pt`` (and its
+    ``.sha256``). ``data.root`` is absolute once the config is loaded."""
+    # v2: the blobs also hold the source's own class names (build_names).
+    stem = f"v2_{data.source}_{name}_{split}_{data.image_size}_{data.interpolation}"
+    return Path(data.root) / "cache" / f"{stem}.pt"

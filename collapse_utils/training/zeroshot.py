@@ -38,6 +38,20 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
+def prompt_names(images: ImageSet, style: str) -> tuple[str, ...]:
+    """The class names that fill the prompts (``eval.class_names``): ``readable`` (CLIP's
+    authors' names, labels.py), ``build`` (the source's own, as stored: 'aquarium_fish' and
+    Flowers-102's '1'…'102', the report's code) or ``build_spaced`` (those with underscores as
+    spaces, study2's). A source with no names of its own gives the readable ones."""
+    if style == "readable" or not images.build_names:
+        return images.class_names
+    if style == "build":
+        return images.build_names
+    if style == "build_spaced":
+        return tuple(name.replace("_", " ") for name in images.build_names)
+    raise ValueError(f"eval.class_names must be readable, build or build_spaced, got {style!r}")
+
+
 def tiny_tokenizer() -> CLIPTokenizer:
     """An offline CLIP tokenizer for the tiny model: byte-level symbols (and their end-of-word
     forms) with no merges, so any text tokenises to bytes. Ids match ``model.TINY_VOCAB_SIZE``."""
@@ -50,7 +64,9 @@ def tiny_tokenizer() -> CLIPTokenizer:
 
 
 def load_tokenizer(spec: ModelSpec):
-    return tiny_tokenizer() if spec.source == "tiny" else AutoTokenizer.from_pretrained(spec.name)
+    if spec.source == "tiny":
+        return tiny_tokenizer()
+    return AutoTokenizer.from_pretrained(spec.folder() or spec.name)
 
 
 @torch.no_grad()
