@@ -191,6 +191,8 @@ class EvalSpec:
     # (data.source: hf) has them: other sources measure nothing.
     corruption_images: int | None = None
     map_images: int = 8  # metric-subset images whose full [CLS] maps are kept per eval
+    # WiSE-FT page: α evenly spaced from 0 (pre-trained) to 1 (fine-tuned), this many points
+    interpolation_points: int = 11
     # per_image: head diversity of each image's maps, averaged; batch_mean: of the maps
     # averaged over each metric batch (the original).
     head_diversity: str = "per_image"
@@ -268,11 +270,11 @@ class RunConfig:
 # --- loading -------------------------------------------------------------------------------
 
 _PROFILE_KEYS = {
-    "about", "extends", "output_root", "seed", "max_seeds", "model", "data", "train", "lora",
-    "reg", "eval", "defaults",
+    "about", "extends", "output_root", "seed", "max_seeds", "max_grid_values", "model", "data",
+    "train", "lora", "reg", "eval", "defaults",
 }  # fmt: skip
 _EXPERIMENT_KEYS = {"id", "family", "description", "seed", "seeds", "grid"} | (
-    _PROFILE_KEYS - {"defaults", "about", "extends", "max_seeds"}
+    _PROFILE_KEYS - {"defaults", "about", "extends", "max_seeds", "max_grid_values"}
 )
 _SECTIONS = {
     "model": ModelSpec,
@@ -524,19 +526,45 @@ def config_seeds(
     _, exp = _experiment_source(experiment_id, Path(params_dir))
     if "seeds" not in exp:
         return (load_config(profile, experiment_id, params_dir).seed,)
-    return tuple(exp["seeds"][: profile_max_seeds(profile, params_dir)])
+    return tuple(exp["seeds"][: profile_limit(profile, "max_seeds", params_dir)])
 
 
-def profile_max_seeds(profile: str, params_dir: Path | str = PARAMS_DIR) -> int | None:
-    """``max_seeds`` of a profile: a configuration runs at most its first this many seeds
-    (the smoke profile keeps grids small); None: all of them."""
+def profile_limit(profile: str, key: str, params_dir: Path | str = PARAMS_DIR) -> int | None:
+    """A profile's ``max_seeds`` (a configuration runs at most its first this many seeds) or
+    ``max_grid_values`` (a grid keeps each axis's first this many values); None: all."""
     value, where = None, Path(params_dir)
     for source, raw in profile_sources(profile, params_dir):
-        if "max_seeds" in raw:
-            value, where = raw["max_seeds"], source
+        if key in raw:
+            value, where = raw[key], source
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ConfigError(f"{where}: field 'max_seeds' must be an integer >= 1, got {value!r}")
+        raise ConfigError(f"{where}: field {key!r} must be an integer >= 1, got {value!r}")
     return value
+
+
+def profile_experiments(profile: str, params_dir: Path | str = PARAMS_DIR) -> list[str]:
+    """The configuration ids ``profile`` runs: :func:`available_experiments`, with each grid
+    cut to a corner by the profile's ``max_grid_values`` (every non-seed axis keeps its first
+    values; the smoke profile checks each code path without the whole grid)."""
+    limit = profile_limit(profile, "max_grid_values", params_dir)
+    if limit is None:
+        return available_experiments(params_dir)
+    ids = []
+    for stem in experiment_files(params_dir):
+        path = Path(params_dir) / "experiments" / f"{stem}.yaml"
+        exp = _read_experiment(path)
+        if "grid" not in exp:
+            ids.append(stem)
+            continue
+        kept = {axis: values[:limit] for axis, values in _grid_axes(path, exp).items()}
+        for point_id, point in grid_points(path, exp):
+            if all(_get(point, axis) in values for axis, values in kept.items()):
+                ids.append(point_id)
+    return ids
+
+
+def _get(fields: dict[str, Any], dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return fields[section][key]
 
 
 def plan_runs(
@@ -545,7 +573,7 @@ def plan_runs(
     """Every run of the study: each configuration once per seed (its own seeds, or ``seeds``
     for every configuration), all validated before anything runs; in id order, then seed."""
     runs = []
-    for i in available_experiments(params_dir):
+    for i in profile_experiments(profile, params_dir):
         config = load_config(profile, i, params_dir)
         runs += [config.with_seed(s) for s in seeds or config_seeds(profile, i, params_dir)]
     return runs
@@ -616,7 +644,9 @@ def _resolve_paths(config: RunConfig, root: Path) -> RunConfig:
 def load_family(profile: str, family: str, params_dir: Path | str = PARAMS_DIR) -> list[RunConfig]:
     """All experiment configs of one family, in id order."""
     _check_family(family, Path(params_dir) / "families.yaml", params_dir)
-    configs = [load_config(profile, i, params_dir) for i in available_experiments(Path(params_dir))]
+    configs = [
+        load_config(profile, i, params_dir) for i in profile_experiments(profile, params_dir)
+    ]
     return [c for c in configs if c.family == family]
 
 
@@ -789,6 +819,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "model.vision_layers": (1, None, True, True),
     "model.patch_size": (1, None, True, True),
+    "eval.interpolation_points": (2, None, True, True),
     "model.tiny_hidden": (1, None, True, True),
     "model.tiny_heads": (1, None, True, True),
     "model.tiny_init_factor": (0, None, False, True),

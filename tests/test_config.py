@@ -340,7 +340,13 @@ def test_the_study_plans_every_configuration_once_per_seed():
     # and 18 ViT-B/16 runs
     assert len(study_b) == 66 + 18
     assert len(full) == 23 + 66 + 18
-    assert len(plan_runs("smoke")) == 23 + 56  # two seeds each under smoke's max_seeds
+    # smoke: a 2-value corner of every grid axis, two seeds (max_grid_values, max_seeds):
+    # B 2 × 2 × 2, probe 2, last block 2, frozen projection 2, ViT-B/16 2 × 2, each × 2 seeds
+    smoke = plan_runs("smoke")
+    assert len(smoke) == 23 + 2 * (8 + 2 + 2 + 2 + 4)
+    b = {c.id for c in smoke if c.id.startswith("B_") and c.description == "Study B matched grid"}
+    assert b == {f"B_{d}_{m}_lr{lr}" for d in ("eurosat", "pets") for m in ("full", "lora")
+                 for lr in ("3e-6", "1e-5")}  # fmt: skip
     assert {c.seed for c in plan_runs("smoke", seeds=(1, 2))} == {1, 2}
     assert len({(c.id, c.seed) for c in full}) == len(full)
 

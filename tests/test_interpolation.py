@@ -91,13 +91,13 @@ def test_alpha_one_is_the_run_at_its_checkpoint(runs, method):
 
 
 def test_the_path_table_has_one_row_per_alpha_and_the_history_names(runs):
-    table = interpolation_path(runs["full"])
-    assert table["alpha"].tolist() == pytest.approx([k / 10 for k in range(11)])
+    table = interpolation_path(runs["full"])  # α: eval.interpolation_points, 5 under smoke
+    assert table["alpha"].tolist() == pytest.approx([0, 0.25, 0.5, 0.75, 1])
     assert list(table.columns) == ["alpha", *METRICS, "kl_to_initial", "task_acc",
                                    "task_acc_zeroshot_head", "zs_cifar100"]  # fmt: skip
     assert table[["task_acc", "task_acc_zeroshot_head", "zs_cifar100"]].stack().between(0, 1).all()
     record = measure_path(runs["full"])
-    assert record.layers("entropy").shape == (11, SMALL["model"]["vision_layers"])
+    assert record.layers("entropy").shape == (5, SMALL["model"]["vision_layers"])
     assert record.eval_split == "test"  # the smoke profile's 'original' split
 
 

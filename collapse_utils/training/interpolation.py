@@ -236,14 +236,18 @@ def stored_path(config: RunConfig, alphas=None, checkpoint: str = "best"):
     except DamagedFileError as err:
         warnings.warn(f"{err}; measuring the path again", stacklevel=2)
         return None
-    key = _key(config, _alphas(alphas), checkpoint)
+    key = _key(config, _alphas(alphas, config), checkpoint)
     if any(data.get(field) != value for field, value in key.items()):
         return None
     return InterpolationRecord.from_dict(data)
 
 
-def _alphas(alphas) -> tuple[float, ...]:
-    values = tuple(round(float(a), 10) for a in (DEFAULT_ALPHAS if alphas is None else alphas))
+def _alphas(alphas, config: RunConfig) -> tuple[float, ...]:
+    """``alphas``, or (None) ``eval.interpolation_points`` evenly spaced from 0 to 1."""
+    if alphas is None:
+        n = config.eval.interpolation_points
+        alphas = DEFAULT_ALPHAS if n == len(DEFAULT_ALPHAS) else [k / (n - 1) for k in range(n)]
+    values = tuple(round(float(a), 10) for a in alphas)
     if not values or not all(math.isfinite(a) for a in values):
         raise ValueError(f"alphas must be a non-empty list of finite numbers, got {alphas!r}")
     return values
@@ -255,8 +259,8 @@ def _alphas(alphas) -> tuple[float, ...]:
 def interpolation_path(
     config: RunConfig, alphas=None, checkpoint: str = "best", progress: bool = False
 ) -> pd.DataFrame:
-    """The WiSE-FT path of a complete run (module docstring): one row per α (default 0, 0.1,
-    …, 1), see :meth:`InterpolationRecord.table`."""
+    """The WiSE-FT path of a complete run (module docstring): one row per α (default:
+    ``eval.interpolation_points`` from 0 to 1), see :meth:`InterpolationRecord.table`."""
     return measure_path(config, alphas, checkpoint, progress).table()
 
 
@@ -265,7 +269,7 @@ def measure_path(
 ) -> InterpolationRecord:
     """The stored path of these inputs, else measured under the run folder's lock and
     written to ``interpolation.json``."""
-    alphas = _alphas(alphas)
+    alphas = _alphas(alphas, config)
     record = stored_path(config, alphas, checkpoint)  # checks the checkpoint name too
     if record is not None:
         return record
