@@ -31,7 +31,14 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--profile", required=True, choices=available_profiles())
     _execution_options(r)
-    r.add_argument("--force", action="store_true", help="re-execute even up-to-date notebooks")
+    again = r.add_mutually_exclusive_group()
+    again.add_argument("--force", action="store_true", help="re-execute even up-to-date notebooks")
+    again.add_argument(
+        "--stale",
+        action="store_true",
+        help="train again the complete runs that other training or measurement code made (their "
+        "run pages say so) and re-execute their pages and the pages that read them",
+    )
     r.add_argument(
         "--seeds",
         type=_seeds,
@@ -148,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(err))
     # Imported here: the runner imports torch, which `doctor` on a CPU profile never needs.
     from collapse_utils.book.dispatch import DispatchError
-    from collapse_utils.book.runner import RunnerError, run_book
+    from collapse_utils.book.runner import STALE, RunnerError, run_book
     from collapse_utils.rehearsal import RehearsalError, rehearse
     from collapse_utils.storage import LockedError
 
@@ -159,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             report = rehearse(only=only, jobs=args.jobs, build=not args.no_build, check=check)
         else:
             report = run_book(args.profile, only=only, jobs=args.jobs, build=not args.no_build,
-                              force=args.force, seeds=args.seeds, gpus=args.gpus,
+                              force=STALE if args.stale else args.force, seeds=args.seeds,
+                              gpus=args.gpus,
                               ray=args.ray)  # fmt: skip
     except (RunnerError, ConfigError, LockedError, RehearsalError, DispatchError) as err:
         p.error(str(err))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 from pathlib import Path
@@ -22,12 +23,14 @@ from collapse_utils.book.runner import (
     stamp_of,
     write_build_config,
 )
+from collapse_utils.code_hash import PACKAGE_ROOT
 from collapse_utils.config import (
     PARAMS_DIR,
     ConfigError,
     available_experiments,
     config_seeds,
     load_config,
+    profile_experiments,
 )
 from collapse_utils.families import FAMILIES_FILE, load_families
 from collapse_utils.storage import LockedError, locked
@@ -103,8 +106,8 @@ def test_every_family_has_a_notebook_and_every_experiment_a_family():
 def test_plan_runs_each_family_notebook_per_run_then_summaries_then_study_notebooks(tmp_path):
     paths = make_book(tmp_path, experiments=None)
     plan = build_plan("smoke", paths)
-    runs = [(i, seed) for i in available_experiments() for seed in config_seeds("smoke", i)]
-    assert len(runs) == 23 + 22 * 2  # the report's configurations; Study B's 22 × 2 seeds
+    runs = [(i, seed) for i in profile_experiments("smoke") for seed in config_seeds("smoke", i)]
+    assert len(runs) == 23 + 18 * 2  # the report's configurations; Study B's corner × 2 seeds
     n = len(runs)
     assert len(plan) == n + len(FAMILIES) + len(PROFILE_NOTEBOOKS)
     assert [e.phase for e in plan] == (
@@ -159,6 +162,39 @@ def test_second_run_skips_every_current_execution(tmp_path):
 
     second, calls = fake_run(paths)
     assert calls == [] and len(second.skipped) == 3 + 2 + len(PROFILE_NOTEBOOKS)
+
+
+def test_an_edit_to_a_pages_module_reruns_that_page_and_no_other(tmp_path):
+    library = tmp_path / "collapse_utils"
+    shutil.copytree(PACKAGE_ROOT, library, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "book").mkdir()
+    paths = dataclasses.replace(make_book(tmp_path / "book"), library=library)
+    for stem in NOTEBOOK_STEMS:  # the real notebooks: their imports name the page modules
+        shutil.copy(REPO / "notebooks" / f"{stem}.ipynb", paths.notebooks)
+    fake_run(paths)
+    page = library / "book" / "interpolation_page.py"
+    page.write_text(page.read_text().replace("frontier(paths),", "frontier(paths),  # edited"))
+    _, calls = fake_run(paths)
+    assert calls == ["11_interpolation"]
+    metrics = library / "measurement" / "metrics.py"  # training code: its runs go stale instead
+    metrics.write_text(metrics.read_text() + "\n# edited\n")
+    assert fake_run(paths)[1] == []
+    tables = library / "book" / "tables.py"  # the one formatter of every page with tables
+    tables.write_text(tables.read_text() + "\n# edited\n")
+    calls = fake_run(paths)[1]
+    assert len(calls) == 3 + 2 + len(PROFILE_NOTEBOOKS) - 1 and "09_explore" not in calls
+
+
+def test_the_run_prints_its_wall_time_and_its_slowest_pages(tmp_path, capsys):
+    paths = make_book(tmp_path)
+    report, _ = fake_run(paths)
+    seconds = stamp_of(paths.executed / "02_full_ft_vs_lora" / "E2.ipynb")["seconds"]
+    assert isinstance(seconds, float) and 0 <= seconds < 60
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("wall time"))
+    assert line.split("slowest pages: ")[1].count(" s") == 5  # five pages, slowest first
+    assert runner.timing(report, 200.4, 70).startswith(
+        "wall time 4 min 30 s (pages 200 s, book 70 s)"
+    )
 
 
 def test_changed_config_reruns_its_page_every_summary_and_the_study_notebooks(tmp_path):

@@ -12,6 +12,7 @@ from collapse_utils.book import figures
 from collapse_utils.book.page import Page
 from collapse_utils.book.style import DATASET_NAMES, METRIC_NAMES
 from collapse_utils.book.tables import format_lr
+from collapse_utils.code_hash import run_code, training_code_hash
 from collapse_utils.config import PARAMS_DIR, RunConfig, load_config, profile_output_root
 from collapse_utils.run_record import RunRecord
 
@@ -73,6 +74,7 @@ def run_page(
     page = Page(profile, profile_output_root(profile, params_dir), show)
     page.table("config", config_table(config))
     history = run_experiment(config, progress=False).history
+    page.note(code_note([history], profile))
     first, last = history.evals[0], history.evals[-1]
     values = {m: (first.layer_mean(m), last.layer_mean(m)) for m in METRIC_NAMES}
     dataset = DATASET_NAMES.get(config.data.dataset, config.data.dataset)
@@ -142,3 +144,25 @@ def _percent(accuracy: float) -> str:
 
 def _pct(pair: tuple[float, float]) -> str:
     return f"{pct_change(*pair):+.2f} %"
+
+
+def code_note(histories: list[RunRecord], profile: str) -> str:
+    """Which training code made ``histories`` (:mod:`collapse_utils.code_hash`), and a warning
+    when they were made by different code, or by other code than this checkout's."""
+    current = training_code_hash()
+    ids = [h.id for h in histories]
+    codes = {h.id if ids.count(h.id) == 1 else f"{h.id}_s{h.seed}": run_code(h) for h in histories}
+    stale = [name for name, code in codes.items() if code != current]
+    retrain = f"`python -m collapse_utils run --profile {profile} --stale` trains them again"
+    if len(set(codes.values())) > 1:
+        made = ", ".join(f"{name} `{code}`" for name, code in codes.items())
+        return (
+            f"**Warning: these runs were made by different training code** ({made}; this "
+            f"checkout's is `{current}`): their differences may be the code's. {retrain}."
+        )
+    if stale:
+        return (
+            f"**Warning: made by other training code** (`{codes[stale[0]]}`) than this "
+            f"checkout's (`{current}`). {retrain}."
+        )
+    return f"Made by this checkout's training and measurement code (`{current}`)."

@@ -15,12 +15,14 @@ with its id and description (the family's heading and intro stay on the family p
 injected parameters cell is hidden and its values appear in a small "built with" line.
 
 An execution is skipped when its output notebook carries, in ``metadata["collapse_runner"]``,
-status ``ok`` and the same key: a hash of the notebook source bytes, the profile, and the
-config hashes it depends on (its own for a configuration page; every config for a summary, which
-also shows other families' reference runs, and for the cross-study notebooks). The families, their
-notebooks and titles come from ``params/families.yaml``. A failing execution keeps papermill's
-notebook with its error cell, so the book shows the failure; the others still run, and the
-run exits non-zero after the toc and the book are still written.
+status ``ok`` and the same key: a hash of the notebook source bytes, the profile, the library
+code the page runs (:mod:`collapse_utils.code_hash`: an edit to a page's module re-executes
+that page and the pages that import it, no other), and the config hashes it depends on (its
+own for a configuration page; every config for a summary, which also shows other families'
+reference runs, and for the cross-study notebooks). The families, their notebooks and titles
+come from ``params/families.yaml``. A failing execution keeps papermill's notebook with its
+error cell, so the book shows the failure; the others still run, and the run exits non-zero
+after the toc and the book are still written.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -50,6 +52,13 @@ from collapse_utils.book.dispatch import (
     kernel_manager_with,
     resolve_gpus,
 )
+from collapse_utils.code_hash import (
+    PACKAGE_ROOT,
+    RETRAIN_STALE,
+    is_stale,
+    notebook_code_hash,
+    training_code_hash,
+)
 from collapse_utils.config import (
     PARAMS_DIR,
     PARAMS_ENV,
@@ -63,11 +72,12 @@ from collapse_utils.config import (
     run_name,
 )
 from collapse_utils.families import load_families
-from collapse_utils.run_record import RunFiles, find_runs
+from collapse_utils.run_record import RecordError, RunFiles, find_runs, read_record
 from collapse_utils.storage import LockedError, locked
 from collapse_utils.training.data import prepare_datasets
 
 KERNEL = "python3"
+STALE = "stale"  # run_book(force=STALE): retrain the runs other training code made
 METADATA_KEY = "collapse_runner"
 PHASES = ("config", "summary", "profile")
 
@@ -124,6 +134,7 @@ class BookPaths:
     notebooks: Path
     params: Path
     book: Path
+    library: Path = PACKAGE_ROOT  # the collapse_utils whose code the page keys hash
 
     @classmethod
     def repo(cls) -> BookPaths:
@@ -194,12 +205,14 @@ class Report:
 # --- plan ------------------------------------------------------------------------------------
 
 
-def execution_key(source: Path, profile: str, configs: Iterable[RunConfig]) -> str:
-    """Hash of the notebook source bytes, the profile and ``(id, config_hash)`` of ``configs``."""
+def execution_key(source: Path, profile: str, configs: Iterable[RunConfig], code: str = "") -> str:
+    """Hash of the notebook source bytes, the profile, ``(id, config_hash)`` of ``configs`` and
+    ``code``, the hash of the library code the page runs (:mod:`collapse_utils.code_hash`)."""
     payload = {
         "notebook": hashlib.sha256(source.read_bytes()).hexdigest(),
         "profile": profile,
         "configs": sorted((c.id, c.config_hash()) for c in configs),
+        "code": code,
     }
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
@@ -221,6 +234,12 @@ def build_plan(
     files = set(experiment_files(paths.params))
     runs_per_id = Counter(c.id for c in configs)
     several = {i for i, n in runs_per_id.items() if n > 1}  # their pages are named <id>_s<seed>
+    codes: dict[Path, str] = {}
+
+    def key(source: Path, configs: Sequence[RunConfig]) -> str:
+        if source not in codes:  # one import walk per notebook, not per page
+            codes[source] = notebook_code_hash(source, paths.library)
+        return execution_key(source, profile, configs, codes[source])
 
     plan: list[Execution] = []
     for family, stem, axis in ((f.name, f.notebook, f.axis) for f in families.values()):
@@ -237,7 +256,7 @@ def build_plan(
                     source=source,
                     output=paths.executed / stem / f"{name}.ipynb",
                     parameters=parameters | ({"seed": c.seed} if c.id in several else {}),
-                    key=execution_key(source, profile, [c]),
+                    key=key(source, [c]),
                     title=f"{name}: {c.description}" if c.description else name,
                     family=family,
                     config_id=c.id,
@@ -256,7 +275,7 @@ def build_plan(
                 parameters={"profile": profile, "config_id": ""},
                 # Summaries compare against other families' runs (their references), and the
                 # statistics too: every summary depends on every configuration.
-                key=execution_key(source, profile, configs),
+                key=key(source, configs),
                 title="Family comparison",
                 family=family,
                 runs_root=runs_root,
@@ -270,7 +289,7 @@ def build_plan(
                 source=source,
                 output=paths.executed / f"{stem}.ipynb",
                 parameters={"profile": profile},
-                key=execution_key(source, profile, configs),
+                key=key(source, configs),
                 title=title,
                 runs_root=runs_root,
             )
@@ -322,9 +341,9 @@ def is_current(execution: Execution) -> bool:
     return stamp.get("status") == "ok" and stamp.get("key") == execution.current_key()
 
 
-def _stamp_output(execution: Execution, error: str | None) -> None:
-    """Stamp the output with key and status; write a stub page if a failure left none. The
-    stamped page replaces the output at once (:func:`_write_page`)."""
+def _stamp_output(execution: Execution, error: str | None, seconds: float | None = None) -> None:
+    """Stamp the output with key, status and the execution's wall time; write a stub page if
+    a failure left none. The stamped page replaces the output at once (:func:`_write_page`)."""
     if error is not None and not execution.output.exists():
         nb = nbformat.v4.new_notebook()
         nb.cells.append(nbformat.v4.new_markdown_cell(f"# {execution.title}"))
@@ -340,6 +359,7 @@ def _stamp_output(execution: Execution, error: str | None) -> None:
         "status": "ok" if error is None else "failed",
         "error": error,
         "parameters": execution.parameters,
+        "seconds": None if seconds is None else round(seconds, 1),
     }
     _write_page(nb, execution.output)
 
@@ -427,8 +447,9 @@ def execute_and_stamp(
     """One execution where it runs (this process, a pool worker, a Ray worker): the executor,
     then the stamp, so a finished execution leaves a complete, stamped page."""
     _wait_for_run_folder(execution, env)
+    start = time.monotonic()
     error = executor(execution, cwd, env)
-    _stamp_output(execution, error)
+    _stamp_output(execution, error, time.monotonic() - start)
     return error
 
 
@@ -436,7 +457,7 @@ def execute_plan(
     selected: Sequence[Execution],
     cwd: Path,
     jobs: int = 1,
-    force: bool = False,
+    force: bool | Collection[str] = False,
     executor: Executor = papermill_execute,
     report: Report | None = None,
     env: Mapping[str, str] | None = None,
@@ -471,7 +492,8 @@ def execute_plan(
             for phase in PHASES:
                 todo = []
                 for e in (e for e in selected if e.phase == phase):
-                    if not force and is_current(e):
+                    forced = force is True or (force is not False and e.name in force)
+                    if not forced and is_current(e):
                         report.skipped.append(e)
                         bar.update()
                     else:
@@ -672,13 +694,15 @@ def run_book(
     only: Sequence[str] | None = None,
     jobs: int = 1,
     build: bool = True,
-    force: bool = False,
+    force: bool | str = False,
     executor: Executor = papermill_execute,
     seeds: Sequence[int] | None = None,
     gpus: str | Sequence[str] | None = None,
     ray: str | None = None,
 ) -> Report:
-    """Plan, execute, write the toc and (``build``) the book; print what failed. ``seeds``
+    """Plan, execute, write the toc and (``build``) the book; print what failed. ``force``:
+    re-execute every page (True), or (:data:`STALE`) retrain the runs that other training code
+    made (:mod:`collapse_utils.code_hash`) and re-execute their pages. ``seeds``
     overrides every configuration's seeds. ``gpus`` (``auto``, ``N``, device ids; see
     :func:`~collapse_utils.book.dispatch.parse_gpus`): one kernel per GPU for the pages that run
     a model, ``jobs`` at a time for the others (and for all of them where there is no GPU).
@@ -691,7 +715,38 @@ def run_book(
         return _run_book(profile, paths, only, jobs, build, force, executor, seeds, gpus, ray)
 
 
+def timing(report: Report, executing: float, building: float, slowest: int = 5) -> str:
+    """Wall time of the run (executing, then dressing and building the book) and its
+    ``slowest`` executions by their stamped wall time."""
+    seconds = {e.name: stamp_of(e.output).get("seconds") for e in report.executed}
+    ranked = sorted(((s, n) for n, s in seconds.items() if s is not None), reverse=True)
+    pages = ", ".join(f"{name} {s:.0f} s" for s, name in ranked[:slowest])
+    total = executing + building
+    return (
+        f"wall time {total // 60:.0f} min {total % 60:.0f} s (pages {executing:.0f} s, book "
+        f"{building:.0f} s)" + (f"; slowest pages: {pages}" if pages else "")
+    )
+
+
+def stale_pages(plan: Sequence[Execution], paths: BookPaths) -> set[str]:
+    """Names of the run pages of ``plan`` whose run is complete and was made by other training
+    code than this checkout's."""
+    current, stale = training_code_hash(), set()
+    for e in (e for e in plan if e.phase == "config"):
+        config = load_config(e.parameters["profile"], e.config_id, paths.params,
+                             seed=e.parameters.get("seed"))  # fmt: skip
+        history = RunFiles(config.run_dir).history
+        try:
+            record = read_record(history) if history.is_file() else None
+        except RecordError:
+            continue  # damaged: the page trains it again anyway
+        if record is not None and record.status == "complete" and is_stale(record, current):
+            stale.add(e.name)
+    return stale
+
+
 def _run_book(profile, paths, only, jobs, build, force, executor, seeds, gpus, ray) -> Report:
+    start = time.monotonic()
     plan = build_plan(profile, paths, seeds)
     if only:
         check_ids(only, plan)
@@ -707,10 +762,15 @@ def _run_book(profile, paths, only, jobs, build, force, executor, seeds, gpus, r
         for problem in prepare_datasets(configs):
             print(f"data: {problem}", file=sys.stderr)
     env = kernel_environment(paths, None if ray is not None else jobs + len(devices))
+    if force == STALE:
+        force = stale_pages(selected, paths)
+        env[RETRAIN_STALE] = "1"
+        print(f"{len(force)} run page(s) made by other training code: training them again")
     shared = (profile_output_root(profile, paths.params), paths.executed)
     report = execute_plan(
         selected, paths.root, jobs, force, executor, env=env, gpus=devices, ray=ray, shared=shared
     )
+    executed_at = time.monotonic()
     dress_pages(plan, paths)
     write_toc(plan, paths)
     if build:
@@ -719,6 +779,7 @@ def _run_book(profile, paths, only, jobs, build, force, executor, seeds, gpus, r
         f"{len(report.executed)} executed, {len(report.skipped)} up to date, "
         f"{len(report.failed)} failed"
     )
+    print(timing(report, executed_at - start, time.monotonic() - executed_at))
     for execution, error in report.failed:
         print(f"FAILED {execution.output.relative_to(paths.root)}: {error}")
     if report.build_returncode:

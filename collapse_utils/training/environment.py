@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from collapse_utils.code_hash import TRAINING_CODE, training_code_hash
 from collapse_utils.config import ConfigError
 
 
@@ -74,10 +75,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def package_versions() -> dict[str, str]:
-    """Versions of the packages that shape a run; "not installed" for one imported from a
-    checkout on the path instead (a run must not fail for want of package metadata)."""
+    """Versions of the packages that shape a run ("not installed" for one imported from a
+    checkout on the path instead: a run must not fail for want of package metadata), and the
+    hash of this checkout's training and measurement code (``code_hash.TRAINING_CODE``)."""
     names = ("torch", "torchvision", "transformers", "peft", "collapse_utils")
-    return {name: _version(name) for name in names} | {"python": platform.python_version()}
+    return {name: _version(name) for name in names} | {
+        "python": platform.python_version(),
+        TRAINING_CODE: training_code_hash(),
+    }
 
 
 def _version(name: str) -> str:

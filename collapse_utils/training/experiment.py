@@ -20,6 +20,7 @@ written atomically; a killed run resumes bit-identically from its last checkpoin
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from collapse_utils.code_hash import RETRAIN_STALE, is_stale
 from collapse_utils.config import ConfigError, RunConfig
 from collapse_utils.run_record import (
     EpochRecord,
@@ -218,8 +220,10 @@ class MapLog:
 def run_experiment(config: RunConfig, progress: bool = True) -> RunResult:
     """Run one configuration end to end and return its record.
 
-    A complete run with the same config hash is not retrained; a run with a ``resume.pt`` of the
-    same hash continues after its last finished epoch; a changed config starts fresh.
+    A complete run with the same config hash is not retrained (unless the environment sets
+    :data:`RETRAIN_STALE` and other training code made it: ``run --stale``); a run with a
+    ``resume.pt`` of the same hash continues after its last finished epoch; a changed config
+    starts fresh.
     Raises ``TrainingFailedError`` on a non-finite loss (the record says step and reason),
     and fails before training if a dataset or the model cannot be loaded.
     """
@@ -531,7 +535,8 @@ def _load_resume(path: Path, config_hash: str) -> dict[str, Any] | None:
 
 def completed_record(config: RunConfig) -> RunRecord | None:
     """The record of a complete run of this exact config whose files are intact, if any. A
-    damaged history or checkpoint is named in a warning and the run is trained again."""
+    damaged history or checkpoint is named in a warning and the run is trained again; so is,
+    with :data:`RETRAIN_STALE` set, a run that other training code made."""
     files = RunFiles(config.run_dir)
     if not files.history.exists():
         return None
@@ -541,6 +546,11 @@ def completed_record(config: RunConfig) -> RunRecord | None:
         warnings.warn(f"{err}; training this run again", stacklevel=2)
         return None
     if record.status != "complete" or record.config_hash != config.config_hash():
+        return None
+    if os.environ.get(RETRAIN_STALE) and is_stale(record):
+        warnings.warn(
+            f"{config.run_dir}: made by other training code; training it again", stacklevel=2
+        )
         return None
     written = [files.maps] if record.method == "none" else [files.maps, files.best, files.final]
     damaged = [path for path in written if not verify(path)]
