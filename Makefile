@@ -7,7 +7,7 @@ PROFILE ?= smoke
 JOBS ?= 2
 LAB_ARGS ?=
 
-.PHONY: venv test lint browser book book-assets bench lab doctor rehearsal clean
+.PHONY: venv test test-fast lint browser book book-assets bench lab doctor rehearsal clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,11 @@ lint: venv
 
 test: lint browser
 	$(BIN)/python -m pytest -q
+
+# The inner loop: every test but the end-to-end ones marked slow (book builds, kill/resume,
+# the full-size rehearsal, the Ray cluster).
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The browser check of the built book (tests/test_book_browser.py) opens it in headless Chromium:
 # Debian's package, installed here when it is missing and apt-get can run (as root or through

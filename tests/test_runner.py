@@ -523,3 +523,39 @@ def test_failure_is_reported_others_run_and_the_book_shows_the_error_page(tmp_pa
     again = run_book("smoke", paths, build=False)
     assert len(again.skipped) == 2 + len(PROFILE_NOTEBOOKS)
     assert len(again.failed) == 2 and not again.executed
+
+
+@pytest.mark.slow
+def test_pages_share_a_warm_kernel_with_a_fresh_namespace_and_a_failure_replaces_it(tmp_path):
+    def page(name: str, *sources: str) -> runner.Execution:
+        nb = nbformat.v4.new_notebook()
+        nb.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "P"}
+        nb.cells = [nbformat.v4.new_code_cell("profile = 'smoke'")]
+        nb.cells[0].metadata["tags"] = ["parameters"]
+        nb.cells += [nbformat.v4.new_code_cell(s) for s in sources]
+        nbformat.write(nb, tmp_path / f"{name}.ipynb")
+        source, output = tmp_path / f"{name}.ipynb", tmp_path / f"{name}.out.ipynb"
+        return runner.Execution("profile", source, output, {"profile": "smoke"}, "k", name)
+
+    pid = "import os\nprint(os.getpid())"
+    first = page("first", "leftover = 1", pid)
+    second = page("second", "assert 'leftover' not in dir()", pid)
+    failing = page("failing", pid, "raise ValueError('boom')")
+    try:
+        assert runner.warm_execute(first, tmp_path, {}) is None
+        assert runner.warm_execute(second, tmp_path, {}) is None
+        assert "ValueError: boom" in runner.warm_execute(failing, tmp_path, {})
+        assert runner.warm_execute(first, tmp_path, {}) is None
+    finally:
+        runner.shutdown_warm_kernels()
+
+    def kernel_pid(execution) -> str:
+        cells = nbformat.read(execution.output, as_version=4).cells
+        code = [c for c in cells if c.cell_type == "code"]
+        return next(o["text"] for c in code for o in c.outputs if o.get("name") == "stdout")
+
+    assert kernel_pid(second) == kernel_pid(failing)  # one kernel for both pages
+    assert kernel_pid(first) != kernel_pid(second)  # after the failure: a fresh one
+    cells = nbformat.read(second.output, as_version=4).cells
+    counts = [c.execution_count for c in cells if c.cell_type == "code"]
+    assert counts == list(range(1, len(counts) + 1))  # numbered as in a fresh kernel

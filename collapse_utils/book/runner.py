@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing.util
 import os
 import shutil
 import subprocess
@@ -391,14 +392,18 @@ def needs_gpu(execution: Execution) -> bool:
     return execution.phase == "config" or execution.source.stem in GPU_NOTEBOOKS
 
 
-def papermill_execute(execution: Execution, cwd: Path, env: Mapping[str, str]) -> str | None:
+def papermill_execute(
+    execution: Execution, cwd: Path, env: Mapping[str, str], km: Any = None
+) -> str | None:
     """Run one notebook with papermill in ``cwd``, its kernel's environment this process's plus
-    ``env``; return ``None`` or a one-line error. Papermill saves the notebook as it goes into
-    :func:`partial_path`, which replaces the output at the end (also after a failure, so the
-    page shows the error): a killed execution never leaves a half-written page."""
+    ``env`` (or in ``km``'s running kernel); return ``None`` or a one-line error. Papermill
+    saves the notebook as it goes into :func:`partial_path`, which replaces the output at the
+    end (also after a failure, so the page shows the error): a killed execution never leaves a
+    half-written page."""
     import papermill
 
     partial = partial_path(execution.output)
+    kernel = {"km": km} if km is not None else {"kernel_manager_class": kernel_manager_with(env)}
     try:
         papermill.execute_notebook(
             execution.source,
@@ -409,7 +414,7 @@ def papermill_execute(execution: Execution, cwd: Path, env: Mapping[str, str]) -
             progress_bar=False,
             extra_arguments=_KERNEL_ARGS,
             execution_timeout=CELL_TIMEOUT_S.get(execution.parameters["profile"], 4 * 3600),
-            kernel_manager_class=kernel_manager_with(env),
+            **kernel,
         )
     except papermill.PapermillExecutionError as err:
         return f"{err.ename}: {err.evalue} (cell [{err.exec_count}])"
@@ -419,6 +424,82 @@ def papermill_execute(execution: Execution, cwd: Path, env: Mapping[str, str]) -
         if partial.exists():
             os.replace(partial, execution.output)
     return None
+
+
+# A running kernel per environment, kept by the process that executes the pages (the runner, or
+# each worker of its pool) so that one kernel's imports serve many pages.
+_WARM: dict[tuple[tuple[str, str], ...], Any] = {}
+# Before each page after the first: an empty namespace and no open figure, as a fresh kernel.
+_RESET = (
+    "get_ipython().run_line_magic('reset', '-f')\n"
+    "import matplotlib.pyplot\n"
+    "matplotlib.pyplot.close('all')\n"
+    "get_ipython().execution_count = 1"
+)
+
+
+def warm_execute(execution: Execution, cwd: Path, env: Mapping[str, str]) -> str | None:
+    """:func:`papermill_execute` in a kernel kept running between the pages this process
+    executes with the same ``env``: torch, transformers and the page modules are imported once
+    per kernel instead of once per page (half of a smoke page's time). Each page still runs
+    every cell of its notebook through papermill, in a namespace reset as a fresh kernel's; a
+    kernel that failed a page or died is replaced."""
+    from jupyter_core.utils import run_sync
+
+    key = tuple(sorted(env.items()))
+    km = _WARM.get(key)
+    if km is not None and not run_sync(km.is_alive)():
+        shutdown_warm_kernels([key])
+        km = None
+    if km is None:  # nbclient starts its kernel at the first page
+        if not _WARM:  # a pool worker exits without atexit: multiprocessing's finalizers run
+            multiprocessing.util.Finalize(None, shutdown_warm_kernels, exitpriority=10)
+        km = _WARM[key] = _warm_manager(env)(kernel_name=KERNEL)
+    else:
+        km.reset_namespace()
+    try:
+        error = papermill_execute(execution, cwd, env, km=km)
+    finally:
+        km.close_clients()
+    if error is not None:
+        shutdown_warm_kernels([key])
+    return error
+
+
+def _warm_manager(env: Mapping[str, str]) -> type:
+    """:func:`kernel_manager_with` that also closes the clients nbclient leaves open on a
+    kernel it does not own, and resets the kernel's namespace between pages."""
+    from jupyter_core.utils import run_sync
+
+    class WarmKernelManager(kernel_manager_with(env)):
+        def client(self, **kw: Any) -> Any:
+            kc = super().client(**kw)
+            self.__dict__.setdefault("_clients", []).append(kc)
+            return kc
+
+        def close_clients(self) -> None:
+            for kc in self.__dict__.pop("_clients", []):
+                kc.stop_channels()
+
+        def reset_namespace(self) -> None:
+            kc = self.client()
+            kc.start_channels()
+            try:
+                run_sync(kc.execute_interactive)(_RESET, timeout=60, store_history=False)
+            finally:
+                self.close_clients()
+
+    return WarmKernelManager
+
+
+def shutdown_warm_kernels(keys: Iterable[tuple] | None = None) -> None:
+    """Shut down this process's warm kernels (of ``keys``; all by default)."""
+    from jupyter_core.utils import run_sync
+
+    for key in list(_WARM if keys is None else keys):
+        km = _WARM.pop(key, None)
+        if km is not None and km.has_kernel:
+            run_sync(km.shutdown_kernel)(now=True)
 
 
 def _wait_for_run_folder(execution: Execution, env: Mapping[str, str]) -> None:
@@ -695,7 +776,7 @@ def run_book(
     jobs: int = 1,
     build: bool = True,
     force: bool | str = False,
-    executor: Executor = papermill_execute,
+    executor: Executor | None = None,
     seeds: Sequence[int] | None = None,
     gpus: str | Sequence[str] | None = None,
     ray: str | None = None,
@@ -706,7 +787,9 @@ def run_book(
     overrides every configuration's seeds. ``gpus`` (``auto``, ``N``, device ids; see
     :func:`~collapse_utils.book.dispatch.parse_gpus`): one kernel per GPU for the pages that run
     a model, ``jobs`` at a time for the others (and for all of them where there is no GPU).
-    ``ray`` (``local``, ``auto``, an address): every execution as a Ray task instead. One runner
+    ``ray`` (``local``, ``auto``, an address): every execution as a Ray task instead. Pages run
+    in warm kernels here (:func:`warm_execute`), in a fresh kernel each as Ray tasks; ``executor``
+    replaces both (tests). One runner
     per profile at a time: a second one raises :class:`~collapse_utils.storage.LockedError`."""
     paths = paths or BookPaths.repo()
     output_root = profile_output_root(profile, paths.params)
@@ -767,9 +850,12 @@ def _run_book(profile, paths, only, jobs, build, force, executor, seeds, gpus, r
         env[RETRAIN_STALE] = "1"
         print(f"{len(force)} run page(s) made by other training code: training them again")
     shared = (profile_output_root(profile, paths.params), paths.executed)
-    report = execute_plan(
-        selected, paths.root, jobs, force, executor, env=env, gpus=devices, ray=ray, shared=shared
-    )
+    executor = executor or (papermill_execute if ray is not None else warm_execute)
+    try:
+        report = execute_plan(selected, paths.root, jobs, force, executor, env=env, gpus=devices,
+                              ray=ray, shared=shared)  # fmt: skip
+    finally:
+        shutdown_warm_kernels()  # those of this process (jobs 1); pool workers close theirs
     executed_at = time.monotonic()
     dress_pages(plan, paths)
     write_toc(plan, paths)
