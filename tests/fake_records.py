@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 
+from collapse_utils.code_hash import TRAINING_CODE, training_code_hash
 from collapse_utils.config import DataSpec, LoraSpec, RegSpec, RunConfig, TrainSpec
 from collapse_utils.run_record import (
     EpochRecord,
@@ -63,7 +64,7 @@ def record(
         seed=config.seed,
         config=config.to_dict(),
         config_hash=config.config_hash(),
-        versions={},
+        versions={TRAINING_CODE: training_code_hash()},  # made by this checkout's code
         device="cpu",
         steps_per_epoch=10,
         total_steps=40,
@@ -174,12 +175,16 @@ def study_tables() -> dict:
 
 def write_study(root: Path, records: Iterable[RunRecord]) -> Path:
     """A params copy in ``root`` whose smoke output root (beside it) holds ``records``; returns
-    the params folder."""
+    the params folder. Its smoke profile plans every grid point (no ``max_grid_values``), so
+    records of the whole grid belong to the study."""
     import shutil
 
     from collapse_utils.config import PARAMS_DIR
 
     shutil.copytree(PARAMS_DIR, root / "params")
+    smoke = root / "params" / "profiles" / "smoke.yaml"
+    lines = smoke.read_text().splitlines(keepends=True)
+    smoke.write_text("".join(x for x in lines if not x.startswith("max_grid_values:")))
     write_records(root / "outputs" / "smoke", records)
     return root / "params"
 

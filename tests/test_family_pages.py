@@ -3,6 +3,7 @@ params folder with one more experiment file (E5_r32) and fake records stand in f
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -11,8 +12,10 @@ import pytest
 
 from collapse_utils.book.family_pages import family_summary
 from collapse_utils.book.statistics_chapter import StatisticsChapter
+from collapse_utils.code_hash import TRAINING_CODE, training_code_hash
 from collapse_utils.config import PARAMS_DIR, load_config
 from collapse_utils.families import comparison_ids, load_families
+from collapse_utils.run_record import read_record
 from tests.fake_records import LAYERS, START, record, write_records
 
 E5_R32 = """id: E5_r32
@@ -118,6 +121,11 @@ def test_every_family_page_renders_with_no_run_and_with_any_single_run(params, f
         shutil.rmtree(outputs, ignore_errors=True)
         write_runs(params, [run])
         page = family_summary("smoke", family, params, show=False)
+        if run.startswith("B_b16"):  # a second backbone alone: its own table, nothing pooled
+            assert "None of the 1 complete runs is on the primary backbone" in page.findings
+            assert page.tables["tinypatch16_cells"]["seeds"].sum() == 1  # smoke: a tiny patch-16
+            assert "cells" not in page.tables
+            continue
         assert page.findings and page.figures, (family, run)
         if load_families(params)[family].study == "report":  # Study B tables are per cell
             assert all(run in table.index.get_level_values(0) for table in page.tables.values())
@@ -132,3 +140,16 @@ def test_baseline_page_tables_the_seed_mean_profile(params):
     assert table.loc[("E1_eurosat", "Entropy"), "mean"] == pytest.approx(np.mean(START), abs=1e-4)
     assert table.loc[("E1_pets", "Entropy"), "seeds"] == 1
     assert "most concentrated layer is layer 1" in page.findings
+
+
+def test_runs_made_by_different_training_code_are_named_on_the_comparison(params):
+    write_runs(params, ["E2", "E4"])
+    assert not any("training code" in n for n in family_summary("smoke", "full_vs_lora", params,
+                                                                show=False).notes)  # fmt: skip
+    history = params.parent / "outputs" / "runs" / "E4" / "seed42" / "history.json"
+    old = dataclasses.replace(read_record(history), versions={TRAINING_CODE: "0ld"})
+    old.write(history)
+    notes = family_summary("smoke", "full_vs_lora", params, show=False).notes
+    warning = next(n for n in notes if "different training code" in n)
+    assert "E4 `0ld`" in warning and f"E2 `{training_code_hash()}`" in warning
+    assert "--profile smoke --stale" in warning

@@ -23,7 +23,7 @@ from collapse_utils.book.runner import (
     stamp_of,
     write_build_config,
 )
-from collapse_utils.code_hash import PACKAGE_ROOT
+from collapse_utils.code_hash import PACKAGE_ROOT, RETRAIN_STALE, TRAINING_CODE, training_code_hash
 from collapse_utils.config import (
     PARAMS_DIR,
     ConfigError,
@@ -31,9 +31,11 @@ from collapse_utils.config import (
     config_seeds,
     load_config,
     profile_experiments,
+    profile_output_root,
 )
 from collapse_utils.families import FAMILIES_FILE, load_families
 from collapse_utils.storage import LockedError, locked
+from tests.fake_records import LAYERS, record, write_records
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -80,10 +82,12 @@ class FakeExecutor:
 
     def __init__(self):
         self.calls: list[str] = []
+        self.envs: list[dict] = []
 
     def __call__(self, execution, cwd, env):
         nbformat.write(nbformat.read(execution.source, as_version=4), execution.output)
         self.calls.append(execution.name)
+        self.envs.append(dict(env))
         return None
 
 
@@ -183,6 +187,24 @@ def test_an_edit_to_a_pages_module_reruns_that_page_and_no_other(tmp_path):
     tables.write_text(tables.read_text() + "\n# edited\n")
     calls = fake_run(paths)[1]
     assert len(calls) == 3 + 2 + len(PROFILE_NOTEBOOKS) - 1 and "09_explore" not in calls
+
+
+def test_stale_retrains_only_the_runs_other_training_code_made(tmp_path):
+    paths = make_book(tmp_path)
+    made = {"E2": "0ld", "E4": training_code_hash()}  # E2 by other training code
+    records = [
+        dataclasses.replace(record(load_config("smoke", i, paths.params), [0.0] * LAYERS),
+                            versions={TRAINING_CODE: code})
+        for i, code in made.items()
+    ]  # fmt: skip
+    write_records(profile_output_root("smoke", paths.params), records)
+    fake_run(paths)
+    assert runner.stale_pages(build_plan("smoke", paths), paths) == {"02_full_ft_vs_lora/E2"}
+    fake = FakeExecutor()
+    run_book("smoke", paths, build=False, executor=fake, force=runner.STALE)
+    assert fake.calls == ["02_full_ft_vs_lora/E2"]  # its readers follow once it is retrained
+    assert fake.envs[0][RETRAIN_STALE] == "1"  # the kernel's run_experiment trains it again
+    assert fake_run(paths)[1] == []  # plain runs leave stale runs as they are
 
 
 def test_the_run_prints_its_wall_time_and_its_slowest_pages(tmp_path, capsys):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 import collapse_utils.training.evaluation as evaluation
 import collapse_utils.training.experiment as train
 import collapse_utils.training.step as step_module
+from collapse_utils.code_hash import RETRAIN_STALE, TRAINING_CODE, training_code_hash
 from collapse_utils.config import TrainSpec, load_config
 from collapse_utils.measurement.metrics import cls_to_patch
 from collapse_utils.run_record import Failure, read_record
@@ -236,6 +238,14 @@ def test_complete_run_is_not_retrained_but_a_changed_config_is(tmp_path, monkeyp
     changed = config.with_overrides(train={"lr": 5e-4})
     with pytest.raises(AssertionError, match="must not reload"):
         run_experiment(changed, progress=False)
+    # The run names the training code that made it; other code's run is kept unless asked.
+    assert first.history.versions[TRAINING_CODE] == training_code_hash()
+    history = config.run_dir / "history.json"
+    dataclasses.replace(first.history, versions={TRAINING_CODE: "0ld"}).write(history)
+    assert run_experiment(config, progress=False).history.versions[TRAINING_CODE] == "0ld"
+    monkeypatch.setenv(RETRAIN_STALE, "1")
+    with pytest.warns(UserWarning, match="other training code"), pytest.raises(AssertionError):
+        run_experiment(config, progress=False)  # trains again: reloads the data
 
 
 def test_missing_dataset_fails_before_training(tmp_path):

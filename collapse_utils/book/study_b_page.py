@@ -36,7 +36,11 @@ def study_b_page(page: Page, runs: FamilyRuns) -> None:
     """The Study B comparison of the complete runs of ``runs`` (any subset renders)."""
     every = study_b.grid_frame(run_summary(runs.histories))
     frame = published.primary(every)  # a second backbone is analysed apart (backbones)
-    target = transfer_target(frame)
+    target = transfer_target(every)
+    if frame.empty:
+        lead = f"None of the {len(every)} complete runs is on the primary backbone (patch 32) yet."
+        page.conclude(" ".join(s for s in (lead, backbones(page, every, target)) if s))
+        return
     sentences = [
         cells(page, frame, target),
         paired(page, frame, target),
@@ -311,9 +315,9 @@ def backbones(page: Page, frame: pd.DataFrame, target: str) -> str:
         cells(
             dataclasses.replace(page, prefix=f"{page.prefix}{backbone_slug(model)}_"), arm, target
         )
-    if not arms or "patch_size" not in frame:
-        return ""
     eurosat = frame[frame["dataset"] == "eurosat"]
+    if not target or eurosat["patch_size"].nunique() < 2:  # nothing to set side by side
+        return ""
     return polarity(page, {model: rows for model, rows in eurosat.groupby("model")}, target)
 
 
