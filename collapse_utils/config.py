@@ -270,11 +270,11 @@ class RunConfig:
 # --- loading -------------------------------------------------------------------------------
 
 _PROFILE_KEYS = {
-    "about", "extends", "output_root", "seed", "max_seeds", "max_grid_values", "model", "data",
-    "train", "lora", "reg", "eval", "defaults",
+    "about", "extends", "output_root", "seed", "max_seeds", "max_grid_values", "caps", "model",
+    "data", "train", "lora", "reg", "eval", "defaults",
 }  # fmt: skip
 _EXPERIMENT_KEYS = {"id", "family", "description", "seed", "seeds", "grid"} | (
-    _PROFILE_KEYS - {"defaults", "about", "extends", "max_seeds", "max_grid_values"}
+    _PROFILE_KEYS - {"defaults", "about", "extends", "max_seeds", "max_grid_values", "caps"}
 )
 _SECTIONS = {
     "model": ModelSpec,
@@ -375,9 +375,43 @@ def load_config(
     elif "seeds" in exp:
         top["seed"] = exp["seeds"][0]
     built["train"] = _fill_defaults(built["train"], built["data"], defaults, origin)
-    config = RunConfig(**top, **built)
+    config = _apply_caps(RunConfig(**top, **built), profiles)
     _validate(config, origin, experiment_file)
     return _resolve_paths(config, params_root(params_dir))
+
+
+# Numeric fields a profile may cap (``caps:``): an experiment's larger value is lowered to it.
+CAPPABLE = ("train.epochs", "eval.corruption_images", "eval.zeroshot_max_images")
+
+
+def _apply_caps(config: RunConfig, profiles: list[Source]) -> RunConfig:
+    """``config`` with each field the profiles' ``caps`` names lowered to its cap where the
+    experiment asks for more (the smoke profile runs Study B's 6 epochs as 3); the run's
+    config records the value it ran with."""
+    caps: dict[str, Any] = {}
+    for source, raw in profiles:
+        block = raw.get("caps") or {}
+        if not isinstance(block, dict):
+            raise ConfigError(f"{source}: field 'caps' must be a mapping of field to a number")
+        for field_name, cap in block.items():
+            if field_name not in CAPPABLE:
+                raise ConfigError(
+                    f"{source}: field 'caps.{field_name}' is not one of {list(CAPPABLE)}"
+                )
+            if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+                raise ConfigError(
+                    f"{source}: field 'caps.{field_name}' must be an integer >= 1, got {cap!r}"
+                )
+            caps[field_name] = cap
+    for field_name, cap in caps.items():
+        section, name = field_name.split(".")
+        part = getattr(config, section)
+        value = getattr(part, name)
+        if value is not None and value > cap:
+            config = dataclasses.replace(
+                config, **{section: dataclasses.replace(part, **{name: cap})}
+            )
+    return config
 
 
 def _experiment_source(experiment_id: str, params_dir: Path) -> Source:

@@ -251,6 +251,22 @@ def test_study_b_grid_expands_into_readable_ids_with_every_point_valid():
     assert load_config("smoke", "B_b16_eurosat_full_lr3e-5").model.source == "tiny"
 
 
+def test_a_profiles_caps_lower_what_an_experiment_asks_and_bad_caps_are_named(tmp_path: Path):
+    b = load_config("smoke", "B_eurosat_full_lr1e-5")
+    assert (b.train.epochs, b.eval.corruption_images) == (3, 50)  # B.yaml: 6 and 1000
+    assert load_config("full", "B_eurosat_full_lr1e-5").train.epochs == 6  # full: no caps
+    assert load_config("smoke", "E2").train.epochs == 3  # at the cap already
+    shutil.copytree(PARAMS_DIR, tmp_path / "params")
+    smoke = tmp_path / "params" / "profiles" / "smoke.yaml"
+    text = smoke.read_text()
+    smoke.write_text(text.replace("  train.epochs: 3", "  train.lr: 3"))
+    with pytest.raises(ConfigError, match=r"smoke.yaml: field 'caps.train.lr' is not one of"):
+        load_config("smoke", "E2", tmp_path / "params")
+    smoke.write_text(text.replace("  train.epochs: 3", "  train.epochs: 0"))
+    with pytest.raises(ConfigError, match=r"'caps.train.epochs' must be an integer >= 1, got 0"):
+        load_config("smoke", "E2", tmp_path / "params")
+
+
 def test_a_mirror_loads_a_hub_id_from_a_folder_and_a_bad_patch_size_is_named(tmp_path: Path):
     shutil.copytree(PARAMS_DIR, tmp_path / "params")
     profile = tmp_path / "params" / "profiles" / "full.yaml"

@@ -189,7 +189,9 @@ def test_rq5b_with_too_few_runs_names_them():
 
 
 def test_findings_add_the_matched_grid_evidence_for_rq2_and_rq3(tmp_path):
-    chapter = FindingsChapter("smoke", write_study(tmp_path, histories() + grid_records()), False)
+    chapter = FindingsChapter(
+        "smoke", write_study(tmp_path, histories() + grid_records(b16=True)), False
+    )
     assert set(chapter.matched) == {"RQ2", "RQ3"}
     assert chapter.matched["RQ2"].n == 16  # 2 datasets × 4 lrs × 2 seeds
     assert chapter.matched["RQ3"].n == 32

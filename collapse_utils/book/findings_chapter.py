@@ -369,15 +369,14 @@ def _signed(value: float, unit: str = "%") -> str:
 
 def matched_verdicts(profile: str, params_dir: Path | str = PARAMS_DIR) -> dict[str, Verdict]:
     """RQ2 and RQ3 on this build's matched grid of Study B (families whose ``study`` is not the
-    report's), judged per group (``study_b.verdicts``): {} when none of its runs is
-    complete."""
+    report's), judged per group (``study_b.verdicts``) on the primary backbone (a second one
+    is analysed apart, on the Study B page): {} when none of those runs is complete."""
     families = load_families(params_dir)
     ids = {c.id for f in families.values() if f.study != REPORT_STUDY
            for c in load_family(profile, f.name, params_dir)}  # fmt: skip
     runs = load_histories(profile_output_root(profile, params_dir), ids=ids)
-    if not runs:
-        return {}
-    return study_b.verdicts(study_b.grid_frame(run_summary(runs)))
+    frame = published.primary(study_b.grid_frame(run_summary(runs))) if runs else None
+    return study_b.verdicts(frame) if frame is not None and not frame.empty else {}
 
 
 def published_verdicts() -> dict[str, Verdict]:
