@@ -379,6 +379,6 @@ def test_overrides_are_typed_like_params_files():
 @pytest.mark.parametrize("counts", [{"pets": [1, 1, 1]}, {"eurosat": [0, 1, 1]}, {"eurosat": [1]}])
 def test_a_fixed_split_needs_three_positive_counts_for_its_dataset(counts):
     config = load_config("smoke", "B_eurosat_full_lr1e-5")
-    assert config.data.split == "fixed" and config.data.fixed_per_class["eurosat"] == (12, 6, 4)
+    assert config.data.split == "fixed" and config.data.fixed_per_class["eurosat"] == (6, 4, 4)
     with pytest.raises(ConfigError, match=r"field 'data.fixed_per_class' needs \[train, val"):
         config.with_overrides(data={"fixed_per_class": counts})

@@ -176,14 +176,21 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, dtype=None) -> fl
 
 
 def evaluate_zeroshot(
-    model: nn.Module, base_clip, config: RunConfig, test_sets: dict[str, ImageSet]
+    model: nn.Module,
+    base_clip,
+    config: RunConfig,
+    test_sets: dict[str, ImageSet],
+    trained_too: bool = True,
 ) -> dict[str, ZeroShotRecord]:
     """Zero-shot accuracy of the fine-tuned vision tower (``eval.zeroshot_weights``: LoRA
-    merged, or the report's vision-base-only path, then also the trained model's) with the
-    original text tower, and of the pre-trained CLIP, per dataset."""
+    merged, or the report's vision-base-only path, then with ``trained_too`` also the trained
+    model's, ``merged_accuracy``) with the original text tower, and of the pre-trained CLIP,
+    per dataset."""
     weights = config.eval.zeroshot_weights
     clip = zeroshot_clip(model, base_clip, weights)
-    trained = zeroshot_clip(model, base_clip, "merged") if weights != "merged" else None
+    trained = None
+    if trained_too and weights != "merged":
+        trained = zeroshot_clip(model, base_clip, "merged")
     cache = Path(config.output_root) / "cache"
     results = {}
     for name, images in test_sets.items():

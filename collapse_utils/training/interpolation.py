@@ -296,8 +296,9 @@ def _measure(config, alphas, checkpoint, progress) -> InterpolationRecord:
         started = time.perf_counter()
         model = ends.at(alpha)
         snap = snapshot(model, setup.metric_images, initial, 0, setup.eval_dtype, config.eval)
-        zeroshot = {n: r.accuracy for n, r in evaluate_zeroshot(model, setup.base_clip,
-                                                                config, sets).items()}  # fmt: skip
+        # The path is scored as the run's zero-shot was (eval.zeroshot_weights), once.
+        scored = evaluate_zeroshot(model, setup.base_clip, config, sets, trained_too=False)
+        zeroshot = {n: r.accuracy for n, r in scored.items()}
         points.append(
             PathPoint(
                 alpha=alpha,
