@@ -1,6 +1,7 @@
 """Execute every notebook × configuration with papermill, write ``_toc.yml``, build the book.
 
-The plan (:func:`build_plan`) has three phases, run in order:
+The plan (:func:`build_plan`) has three phases; the first runs before the other two, which run
+together (:data:`STAGES`), each stage longest page first (:func:`longest_first`):
 
 1. ``config``: each family notebook once per configuration of its family
    (parameters ``profile``, ``config_id``) → ``book/executed/<notebook>/<id>.ipynb``;
@@ -80,7 +81,6 @@ from collapse_utils.training.data import prepare_datasets
 KERNEL = "python3"
 STALE = "stale"  # run_book(force=STALE): retrain the runs other training code made
 METADATA_KEY = "collapse_runner"
-PHASES = ("config", "summary", "profile")
 
 # Family notebooks and their titles: params/families.yaml (collapse_utils.families).
 # cross-study notebooks (parameter ``profile`` only) → toc title, in book order
@@ -387,6 +387,27 @@ GPU_NOTEBOOKS = ("11_interpolation",)
 RUN_LOCK_WAIT_S = 30.0  # see _wait_for_run_folder
 
 
+# Run pages first; then the pages that read their runs (family comparisons and cross-study
+# pages read runs, not each other's pages), together so that no slot idles between them.
+STAGES = (("config",), ("summary", "profile"))
+
+
+def longest_first(todo: Sequence[Execution], params: str | None = None) -> list[Execution]:
+    """``todo`` ordered by expected cost, longest first, so that parallel slots end together:
+    the seconds its last execution took (its stamp), else model pages before the others and
+    run pages by the work of their configuration in ``params`` (epochs × image tokens)."""
+
+    def cost(e: Execution) -> tuple[float, bool, int]:
+        seconds = stamp_of(e.output).get("seconds") or 0.0
+        work = 0
+        if e.config_id and params:
+            c = load_config(e.parameters["profile"], e.config_id, params)
+            work = c.train.epochs * (c.data.image_size // c.model.patch_size) ** 2
+        return seconds, needs_gpu(e), work
+
+    return sorted(todo, key=cost, reverse=True)
+
+
 def needs_gpu(execution: Execution) -> bool:
     """Whether ``execution`` runs a model: a training page or a :data:`GPU_NOTEBOOKS` page."""
     return execution.phase == "config" or execution.source.stem in GPU_NOTEBOOKS
@@ -570,17 +591,19 @@ def execute_plan(
     with dispatcher:
         bar = tqdm(total=len(selected), unit="notebook", desc="notebooks", dynamic_ncols=True)
         try:
-            for phase in PHASES:
+            for phases in STAGES:
                 todo = []
-                for e in (e for e in selected if e.phase == phase):
+                for e in (e for e in selected if e.phase in phases):
                     forced = force is True or (force is not False and e.name in force)
                     if not forced and is_current(e):
                         report.skipped.append(e)
                         bar.update()
                     else:
-                        e.output.parent.mkdir(parents=True, exist_ok=True)
-                        e.output.unlink(missing_ok=True)  # a failure must not leave an old page
                         todo.append(e)
+                todo = longest_first(todo, (env or {}).get(PARAMS_ENV))  # reads the old stamps
+                for e in todo:
+                    e.output.parent.mkdir(parents=True, exist_ok=True)
+                    e.output.unlink(missing_ok=True)  # a failure must not leave an old page
                 dispatcher.run(todo, work)
         finally:
             bar.close()
