@@ -19,6 +19,7 @@ from collapse_utils.book.runner import (
     RunnerError,
     build_plan,
     dress_page,
+    longest_first,
     run_book,
     stamp_of,
     write_build_config,
@@ -205,6 +206,19 @@ def test_stale_retrains_only_the_runs_other_training_code_made(tmp_path):
     assert fake.calls == ["02_full_ft_vs_lora/E2"]  # its readers follow once it is retrained
     assert fake.envs[0][RETRAIN_STALE] == "1"  # the kernel's run_experiment trains it again
     assert fake_run(paths)[1] == []  # plain runs leave stale runs as they are
+
+
+def test_pages_run_longest_first_by_their_last_time_else_by_their_work(tmp_path):
+    paths = make_book(tmp_path, experiments=None)  # the real params: every configuration
+    plan = build_plan("smoke", paths)
+    runs = longest_first([e for e in plan if e.phase == "config"], str(paths.params))
+    assert runs[0].config_id.startswith("B_b16")  # 196 patches × 3 epochs: the most work
+    assert runs[-1].config_id.startswith("E1_")  # the baselines train nothing
+    later = [e for e in plan if e.phase != "config"]
+    assert longest_first(later)[0].source.stem == "11_interpolation"  # the one model page
+    fake_run(paths, only=["E2"])
+    e2 = next(e for e in plan if e.config_id == "E2")
+    assert longest_first(plan[-3:] + [e2], str(paths.params))[0] is e2  # stamped seconds first
 
 
 def test_the_run_prints_its_wall_time_and_its_slowest_pages(tmp_path, capsys):

@@ -402,7 +402,7 @@ def longest_first(todo: Sequence[Execution], params: str | None = None) -> list[
         work = 0
         if e.config_id and params:
             c = load_config(e.parameters["profile"], e.config_id, params)
-            work = c.train.epochs * (c.data.image_size // c.model.patch_size) ** 2
+            work = (c.train.epochs or 0) * (c.data.image_size // c.model.patch_size) ** 2
         return seconds, needs_gpu(e), work
 
     return sorted(todo, key=cost, reverse=True)
