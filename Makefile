@@ -24,7 +24,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 
 test: lint browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=12
 
 # The inner loop: every test but the end-to-end ones marked slow (book builds, kill/resume,
 # the full-size rehearsal, the Ray cluster).
