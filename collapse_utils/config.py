@@ -564,12 +564,37 @@ def config_seeds(
 
 
 def profile_limit(profile: str, key: str, params_dir: Path | str = PARAMS_DIR) -> int | None:
-    """A profile's ``max_seeds`` (a configuration runs at most its first this many seeds) or
-    ``max_grid_values`` (a grid keeps each axis's first this many values); None: all."""
+    """A profile's ``max_seeds`` (a configuration runs at most its first this many seeds);
+    None: all."""
+    value, where = _profile_value(profile, key, params_dir)
+    return _positive_int(value, key, where)
+
+
+def grid_limits(profile: str, params_dir: Path | str = PARAMS_DIR) -> dict[str, Any]:
+    """A profile's ``max_grid_values`` as {experiment file stem or ``*``: limit}: an integer
+    for every grid, or a mapping by file with ``*`` for the rest (a file this params folder
+    lacks is no error: profiles serve several). A limit is the number of values every axis of
+    that grid keeps, or a mapping {axis: number} (the other axes whole). {} when unset."""
+    value, where = _profile_value(profile, "max_grid_values", params_dir)
+    if value is None:
+        return {}
+    limits = value if isinstance(value, dict) else {"*": value}
+    for stem, limit in limits.items():
+        name = f"max_grid_values.{stem}" if stem != "*" else "max_grid_values"
+        for axis, n in limit.items() if isinstance(limit, dict) else [("", limit)]:
+            _positive_int(n, f"{name}.{axis}" if axis else name, where)
+    return limits
+
+
+def _profile_value(profile: str, key: str, params_dir: Path | str) -> tuple[Any, Path]:
     value, where = None, Path(params_dir)
     for source, raw in profile_sources(profile, params_dir):
         if key in raw:
             value, where = raw[key], source
+    return value, where
+
+
+def _positive_int(value: Any, key: str, where: Path) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ConfigError(f"{where}: field {key!r} must be an integer >= 1, got {value!r}")
     return value
@@ -577,19 +602,23 @@ def profile_limit(profile: str, key: str, params_dir: Path | str = PARAMS_DIR) -
 
 def profile_experiments(profile: str, params_dir: Path | str = PARAMS_DIR) -> list[str]:
     """The configuration ids ``profile`` runs: :func:`available_experiments`, with each grid
-    cut to a corner by the profile's ``max_grid_values`` (every non-seed axis keeps its first
-    values; the smoke profile checks each code path without the whole grid)."""
-    limit = profile_limit(profile, "max_grid_values", params_dir)
-    if limit is None:
+    cut to a corner by the profile's ``max_grid_values`` (:func:`grid_limits`: every non-seed
+    axis keeps its first values; the smoke profile checks each code path without the whole
+    grid)."""
+    limits = grid_limits(profile, params_dir)
+    if not limits:
         return available_experiments(params_dir)
     ids = []
     for stem in experiment_files(params_dir):
         path = Path(params_dir) / "experiments" / f"{stem}.yaml"
         exp = _read_experiment(path)
-        if "grid" not in exp:
-            ids.append(stem)
+        limit = limits.get(stem, limits.get("*"))
+        if "grid" not in exp or limit is None:
+            ids += [i for i, _ in grid_points(path, exp)] if "grid" in exp else [stem]
             continue
-        kept = {axis: values[:limit] for axis, values in _grid_axes(path, exp).items()}
+        axes = _grid_axes(path, exp)
+        per_axis = limit if isinstance(limit, dict) else dict.fromkeys(axes, limit)
+        kept = {axis: values[: per_axis.get(axis)] for axis, values in axes.items()}
         for point_id, point in grid_points(path, exp):
             if all(_get(point, axis) in values for axis, values in kept.items()):
                 ids.append(point_id)

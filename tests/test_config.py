@@ -11,9 +11,11 @@ from collapse_utils.config import (
     ConfigError,
     available_experiments,
     config_seeds,
+    grid_limits,
     load_config,
     load_family,
     plan_runs,
+    profile_experiments,
     profile_output_root,
 )
 
@@ -251,6 +253,18 @@ def test_study_b_grid_expands_into_readable_ids_with_every_point_valid():
     assert load_config("smoke", "B_b16_eurosat_full_lr3e-5").model.source == "tiny"
 
 
+def test_grid_limits_are_per_file_with_a_default_and_a_bad_limit_is_named(tmp_path: Path):
+    assert grid_limits("smoke") == {"*": 2, "B_b16": {"train.lr": 1}}
+    assert grid_limits("full") == {}
+    b16 = [i for i in profile_experiments("smoke") if i.startswith("B_b16")]
+    assert b16 == ["B_b16_eurosat_full_lr1e-5", "B_b16_eurosat_lora_lr1e-5"]
+    shutil.copytree(PARAMS_DIR, tmp_path / "params")
+    smoke = tmp_path / "params" / "profiles" / "smoke.yaml"
+    smoke.write_text(smoke.read_text().replace("{train.lr: 1}", "{train.lr: 0}"))
+    with pytest.raises(ConfigError, match=r"'max_grid_values.B_b16.train.lr' must be an integer"):
+        profile_experiments("smoke", tmp_path / "params")
+
+
 def test_a_profiles_caps_lower_what_an_experiment_asks_and_bad_caps_are_named(tmp_path: Path):
     b = load_config("smoke", "B_eurosat_full_lr1e-5")
     assert (b.train.epochs, b.eval.corruption_images) == (3, 50)  # B.yaml: 6 and 1000
@@ -357,9 +371,9 @@ def test_the_study_plans_every_configuration_once_per_seed():
     assert len(study_b) == 66 + 18
     assert len(full) == 23 + 66 + 18
     # smoke: a 2-value corner of every grid axis, two seeds (max_grid_values, max_seeds):
-    # B 2 × 2 × 2, probe 2, last block 2, frozen projection 2, ViT-B/16 2 × 2, each × 2 seeds
+    # B 2 × 2 × 2, probe 2, last block 2, frozen projection 2, ViT-B/16 2 × 1, each × 2 seeds
     smoke = plan_runs("smoke")
-    assert len(smoke) == 23 + 2 * (8 + 2 + 2 + 2 + 4)
+    assert len(smoke) == 23 + 2 * (8 + 2 + 2 + 2 + 2)
     b = {c.id for c in smoke if c.id.startswith("B_") and c.description == "Study B matched grid"}
     assert b == {f"B_{d}_{m}_lr{lr}" for d in ("eurosat", "pets") for m in ("full", "lora")
                  for lr in ("3e-6", "1e-5")}  # fmt: skip

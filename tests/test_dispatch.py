@@ -242,10 +242,17 @@ class AttemptRecorder:
         record = {"name": execution.output.stem, "pid": os.getpid(), "start": time.time()}
         record["device"] = os.environ.get("CUDA_VISIBLE_DEVICES") if execution.config_id else None
         attempt = self.log / f"{execution.output.stem}.{os.getpid()}.json"
-        attempt.write_text(json.dumps(record))
+        _write_whole(attempt, record)
         error = papermill_execute(execution, cwd, env)
-        attempt.write_text(json.dumps(record | {"end": time.time()}))
+        _write_whole(attempt, record | {"end": time.time()})
         return error
+
+
+def _write_whole(path: Path, record: dict) -> None:
+    # Replaced at once: the killer thread reads these files while workers write them.
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(record))
+    os.replace(partial, path)
 
 
 def kill_one_training_worker(paths: BookPaths, log: Path, stop: threading.Event) -> dict:

@@ -112,7 +112,7 @@ def test_plan_runs_each_family_notebook_per_run_then_summaries_then_study_notebo
     paths = make_book(tmp_path, experiments=None)
     plan = build_plan("smoke", paths)
     runs = [(i, seed) for i in profile_experiments("smoke") for seed in config_seeds("smoke", i)]
-    assert len(runs) == 23 + 18 * 2  # the report's configurations; Study B's corner × 2 seeds
+    assert len(runs) == 23 + 16 * 2  # the report's configurations; Study B's corner × 2 seeds
     n = len(runs)
     assert len(plan) == n + len(FAMILIES) + len(PROFILE_NOTEBOOKS)
     assert [e.phase for e in plan] == (
