@@ -183,8 +183,12 @@ def write_study(root: Path, records: Iterable[RunRecord]) -> Path:
 
     shutil.copytree(PARAMS_DIR, root / "params")
     smoke = root / "params" / "profiles" / "smoke.yaml"
-    lines = smoke.read_text().splitlines(keepends=True)
-    smoke.write_text("".join(x for x in lines if not x.startswith("max_grid_values:")))
+    kept, inside = [], False
+    for line in smoke.read_text().splitlines(keepends=True):
+        # The max_grid_values block: its line and the indented lines under it.
+        inside = line.startswith("max_grid_values:") or (inside and line.startswith(" "))
+        kept += [] if inside else [line]
+    smoke.write_text("".join(kept))
     write_records(root / "outputs" / "smoke", records)
     return root / "params"
 
