@@ -166,3 +166,16 @@ def test_the_published_page_states_the_authors_revised_answers(runs):
         "study2_study_b_retention_vs_entropy",
         "study2_study_b_signal_ranking",
     }
+
+
+def test_polarity_without_a_single_correlation_says_why():
+    from collapse_utils.book import study_b_page as sections
+    from collapse_utils.book import study_b_published as chapter
+
+    runs = study_b.add_derived(published.load_study2(all_backbones=True))
+    eurosat = runs[runs["dataset"] == "eurosat"].groupby(["model", "method"]).head(1)  # 1 each
+    frames = {model: rows for model, rows in eurosat.groupby("model")}
+    text = sections.polarity(chapter.published_page("smoke", show=False), frames,
+                             "retention_cifar100")  # fmt: skip
+    assert text.endswith("has no value in any dataset × method group of any backbone: too few "
+                         "runs that differ.")  # fmt: skip

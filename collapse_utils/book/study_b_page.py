@@ -342,6 +342,11 @@ def polarity(page: Page, frames: dict[str, pd.DataFrame], target: str) -> str:
         where = f"{METHOD_NAMES.get(method, method)} on {published.short_name(model)}"
         groups[kind].append(f"{where} ({value:+.2f})")
     parts = [f"{kind} for {', '.join(found)}" for kind, found in groups.items() if found]
+    if not parts:
+        return (
+            "Within the EuroSAT runs, Δ entropy's correlation with retention has no value in any "
+            "dataset × method group of any backbone: too few runs that differ."
+        )
     steady = [column_spec(s).label for s in signals[1:] if f"rho_{s}" in table
               and ((table[f"rho_{s}"] > 0).all() or (table[f"rho_{s}"] < 0).all())]  # fmt: skip
     keep = f"; {', '.join(steady)} keep one sign in every group" if steady else ""
