@@ -325,11 +325,8 @@ def profile_sources(profile: str, params_dir: Path | str = PARAMS_DIR) -> list[S
 
 def _profile_field(profile: str, key: str, default: str, params_dir: Path | str) -> str:
     """A top-level text field of a profile, following ``extends``."""
-    value, where = default, Path(params_dir)
-    for source, raw in profile_sources(profile, params_dir):
-        if key in raw:
-            value, where = raw[key], source
-    return _check_type(value, str, key, where)
+    value, where = _profile_value(profile, key, params_dir)
+    return _check_type(default if value is None else value, str, key, where)
 
 
 def profile_about(profile: str, params_dir: Path | str = PARAMS_DIR) -> str:
@@ -587,6 +584,8 @@ def grid_limits(profile: str, params_dir: Path | str = PARAMS_DIR) -> dict[str, 
 
 
 def _profile_value(profile: str, key: str, params_dir: Path | str) -> tuple[Any, Path]:
+    """A top-level field of a profile after its ``extends`` chain (None: unset) and the file
+    that set it."""
     value, where = None, Path(params_dir)
     for source, raw in profile_sources(profile, params_dir):
         if key in raw:

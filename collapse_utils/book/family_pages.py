@@ -25,7 +25,7 @@ from collapse_utils.analysis.results import (
 )
 from collapse_utils.book import figures
 from collapse_utils.book.page import Page, failure_findings
-from collapse_utils.book.run_pages import code_note, run_page
+from collapse_utils.book.run_pages import code_warning, run_page
 from collapse_utils.book.study_b_page import study_b_page
 from collapse_utils.book.style import (
     DATASET_NAMES,
@@ -300,9 +300,8 @@ def family_summary(
     if runs.summary.empty:
         page.conclude(f"No run of this comparison is complete yet ({', '.join(runs.ids)}).")
         return page
-    code = code_note(runs.histories, profile)
-    if code.startswith("**Warning"):
-        page.note(code)
+    if warning := code_warning(runs.histories, profile):
+        page.note(warning)
     if family in FAMILY_PAGES:
         FAMILY_PAGES[family](page, runs)
     else:

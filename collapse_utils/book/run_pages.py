@@ -74,7 +74,8 @@ def run_page(
     page = Page(profile, profile_output_root(profile, params_dir), show)
     page.table("config", config_table(config))
     history = run_experiment(config, progress=False).history
-    page.note(code_note([history], profile))
+    page.note(code_warning([history], profile) or f"Made by this checkout's training and "
+              f"measurement code (`{training_code_hash()}`).")  # fmt: skip
     first, last = history.evals[0], history.evals[-1]
     values = {m: (first.layer_mean(m), last.layer_mean(m)) for m in METRIC_NAMES}
     dataset = DATASET_NAMES.get(config.data.dataset, config.data.dataset)
@@ -146,9 +147,9 @@ def _pct(pair: tuple[float, float]) -> str:
     return f"{pct_change(*pair):+.2f} %"
 
 
-def code_note(histories: list[RunRecord], profile: str) -> str:
-    """Which training code made ``histories`` (:mod:`collapse_utils.code_hash`), and a warning
-    when they were made by different code, or by other code than this checkout's."""
+def code_warning(histories: list[RunRecord], profile: str) -> str:
+    """A warning when ``histories`` were made by different training code, or by other code than
+    this checkout's (:mod:`collapse_utils.code_hash`); empty when this checkout made them all."""
     current = training_code_hash()
     ids = [h.id for h in histories]
     codes = {h.id if ids.count(h.id) == 1 else f"{h.id}_s{h.seed}": run_code(h) for h in histories}
@@ -165,4 +166,4 @@ def code_note(histories: list[RunRecord], profile: str) -> str:
             f"**Warning: made by other training code** (`{codes[stale[0]]}`) than this "
             f"checkout's (`{current}`). {retrain}."
         )
-    return f"Made by this checkout's training and measurement code (`{current}`)."
+    return ""

@@ -206,7 +206,7 @@ class Report:
 # --- plan ------------------------------------------------------------------------------------
 
 
-def execution_key(source: Path, profile: str, configs: Iterable[RunConfig], code: str = "") -> str:
+def execution_key(source: Path, profile: str, configs: Iterable[RunConfig], code: str) -> str:
     """Hash of the notebook source bytes, the profile, ``(id, config_hash)`` of ``configs`` and
     ``code``, the hash of the library code the page runs (:mod:`collapse_utils.code_hash`)."""
     payload = {
