@@ -8,8 +8,9 @@ Two paths, side by side in one process, on the same synthetic images and weights
   AdamW), each batch copied host → device.
 * **ours** — each split decoded once into a uint8 tensor on the device; per batch only indexing
   and :func:`~collapse_utils.training.data.normalize`; sdpa attention; the training step is
-  ``training.experiment.batch_loss`` + ``apply_gradients``, the capture hooks run only for
-  regularizers and in ``training.experiment.snapshot``.
+  ``training.step.TrainingLoss`` (eager or compiled, ``--compile``) + ``Optimization.step``,
+  with nothing read back per step; the capture hooks run only for regularizers and in
+  ``training.evaluation.snapshot``.
 
 Measured: images/s of preprocessing and of a training step; the overhead of tracking (five
 ``snapshot`` calls per epoch on the 200-image metric subset, amortised over the epoch); the
@@ -43,7 +44,14 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, get_cosine_schedule_with_warmup
 
-from collapse_utils.config import REPO_ROOT, RegSpec, TrainSpec, load_config, plan_runs
+from collapse_utils.config import (
+    COMPILE_MODES,
+    REPO_ROOT,
+    RegSpec,
+    TrainSpec,
+    load_config,
+    plan_runs,
+)
 from collapse_utils.measurement.metrics import layer_metrics
 from collapse_utils.storage import write_json
 from collapse_utils.training.data import image_to_uint8, normalize, synthetic_images
@@ -55,7 +63,8 @@ from collapse_utils.training.step import (
     Optimization,
     RegularizerInputs,
     StepPlan,
-    batch_loss,
+    StepSums,
+    TrainingLoss,
     classification_loss,
 )
 
@@ -330,15 +339,16 @@ def _rig(size: str, args: argparse.Namespace, device: torch.device) -> _Rig:
 
 def _step_functions(rig: _Rig, args: argparse.Namespace, device) -> dict[str, Callable]:
     """One training step of the report's path and of ours with each regularizer, each on the
-    next batch; ours is the training code's own ``batch_loss`` + ``Optimization.step``."""
+    next batch; ours is what ``run_experiment`` runs per step: ``TrainingLoss`` (compiled per
+    ``--compile``), the device-side sums, ``Optimization.step``; nothing read back."""
     train = TrainSpec(lr=1e-5, warmup_fraction=0.0)
     images, labels = rig.pool
     # Step-0 references, as run_experiment prepares them.
     floor = layer_metrics(rig.initial)["entropy"].to(device)
-    forward = torch.compile(rig.model) if args.compile else rig.model
     ours = Optimization.of(rig.model, train, 10**6, rig.dtype)
     report = _report_optimization(rig, train, device)
     counter = itertools.count(1)
+    sums = StepSums(device)
 
     def report_step() -> None:
         k = next(counter) % len(rig.batches)
@@ -347,17 +357,18 @@ def _step_functions(rig: _Rig, args: argparse.Namespace, device) -> dict[str, Ca
         with torch.autocast(device.type, dtype=torch.float16, enabled=half):
             logits = report_logits(rig.report_model, pixels)
             loss = classification_loss(logits, labels[rig.batches[k]])
-        loss.item()
+        loss.item()  # the report's loop reads its loss every step
         report.step(loss)
 
     def our_step(spec: RegSpec) -> Callable[[], None]:
         reg = RegularizerInputs.prepare(spec, rig.model, floor, images, rig.dtype)
+        loss_fn = TrainingLoss(rig.model, reg, rig.dtype, args.compile)
 
         def step() -> None:
             index = rig.batches[next(counter) % len(rig.batches)]
             batch = Batch.take(images, labels, index, flips=None)
-            loss, _, _ = batch_loss(rig.model, forward, batch, reg, rig.dtype)
-            loss.item()
+            loss, logits, penalty = loss_fn(batch)
+            sums.add(1, loss, logits, batch.labels, penalty)
             ours.step(loss)
 
         return step
@@ -602,7 +613,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prep-passes", type=int, default=3, help="timed preprocessing passes")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (report path)")
     p.add_argument("--threads", type=int, default=available_cpus(), help="torch CPU threads")
-    p.add_argument("--compile", action="store_true", help="torch.compile our untracked forward")
+    p.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default="off",
+        help="train.compile for our steps: off (eager), or a torch.compile mode",
+    )
     p.add_argument("--peak-tflops", type=float, help="override the GPU peak (TFLOP/s) for MFU")
     p.add_argument(
         "--quick", action="store_true", help=f"tiny counts (defaults {QUICK}), for tests"

@@ -38,6 +38,10 @@ METRICS = ("entropy", "erf", "gini", "head_diversity")
 DATASETS = ("eurosat", "pets", "cifar100", "cifar10", "flowers102", "synthetic")
 # linear_probe: frozen encoder, head only; last_block: the last vision layer, its post-LayerNorm
 # and the head (study2's baselines).
+# torch.compile modes of train.compile ("off": eager). reduce-overhead adds CUDA graphs.
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+# TrainSpec fields that choose how a step runs, not what it computes: outside the config hash.
+EXECUTION_ONLY = ("compile", "cache_frozen")
 METHODS = ("none", "full", "lora", "linear_probe", "last_block")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 REGULARIZERS = ("none", "apr", "entropy_floor")
@@ -142,7 +146,13 @@ class TrainSpec:
     eval_cadence: str = "epoch"
     # With freeze_layers > 0: also freeze the patch/position embeddings and the pre-LayerNorm.
     freeze_embeddings: bool = True
-    compile: bool = False
+    # How the training step runs (not what it computes: neither field enters the config hash).
+    # compile: off (eager) or a torch.compile mode; the whole loss is compiled, the capture
+    # hooks of a regularizer included. cache_frozen: a linear probe trains on cached image
+    # features and last-block runs on the cached inputs of the last layer (without a
+    # regularizer), the frozen tower run once per image and orientation.
+    compile: str = "off"
+    cache_frozen: bool = True
     device: str = "auto"
     checkpoint_every: int = 1  # epochs between resume checkpoints (the last epoch always)
 
@@ -237,11 +247,14 @@ class RunConfig:
 
     def config_hash(self) -> str:
         """Stable 12-hex-digit hash of everything that changes results: not the description,
-        nor where outputs and data live (a moved repository keeps its runs)."""
+        nor where outputs and data live (a moved repository keeps its runs), nor how a step runs
+        (:data:`EXECUTION_ONLY`: a compiled run reuses an eager one's results)."""
         payload = self.to_dict()
         payload.pop("description")
         payload.pop("output_root")
         payload["data"].pop("root")
+        for name in EXECUTION_ONLY:
+            payload["train"].pop(name)
         text = json.dumps(payload, sort_keys=True, default=list)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -862,6 +875,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.method": METHODS,
     "train.precision": PRECISIONS,
     "train.eval_cadence": ("epoch", "global"),
+    "train.compile": COMPILE_MODES,
     "lora.targets": LORA_TARGETS,
     "reg.kind": REGULARIZERS,
     "reg.reference": ("cache", "frozen"),
@@ -966,9 +980,6 @@ def _validate_combinations(c: RunConfig, fail) -> None:
         fail("train.freeze_layers", "only applies to method 'full'")
     if not c.lora.targets:
         fail("lora.targets", "must name at least one module")
-    if c.train.compile and c.reg.kind != "none":
-        # Regularized steps run the eager model (the capture hooks need it): say so up front.
-        fail("train.compile", "cannot be combined with a regularizer (reg.kind)")
     if c.reg.kind != "none" and c.train.method == "none":
         fail("reg.kind", "needs a training method")
     if c.data.split == "original" and not c.data.has_test_split(c.data.dataset):

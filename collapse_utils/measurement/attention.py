@@ -37,12 +37,34 @@ def vision_attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 class ClsAttention:
-    """Holds what the last forward pass projected; see :func:`capture_cls_attention`."""
+    """Forward hooks on every vision layer's ``q_proj`` and ``k_proj``, registered once.
 
-    def __init__(self, modules: list[nn.Module]):
-        self._modules = modules
-        self._q_cls: list[Tensor | None] = [None] * len(modules)
-        self._keys: list[Tensor | None] = [None] * len(modules)
+    While ``enabled``, each forward of the model keeps the [CLS] query and the keys;
+    :attr:`tensor` (or :meth:`take`, which also lets them go) turns them into the [CLS] rows.
+    A training run builds one for its whole life and enables it around each step's forward,
+    so the hooks are found and registered once, and ``torch.compile`` traces them as part of
+    the model (the flag is a guard: the compiled step always runs with it on)."""
+
+    def __init__(self, model: nn.Module, enabled: bool = False):
+        self._modules = vision_attention_modules(model)
+        self.enabled = enabled
+        self._q_cls: list[Tensor | None] = [None] * len(self._modules)
+        self._keys: list[Tensor | None] = [None] * len(self._modules)
+        self._handles = []
+        for index, module in enumerate(self._modules):
+            self._handles.append(
+                module.q_proj.register_forward_hook(self._keeper(self._q_cls, index, 1))
+            )
+            self._handles.append(
+                module.k_proj.register_forward_hook(self._keeper(self._keys, index))
+            )
+
+    def _keeper(self, store: list, index: int, tokens: int | None = None):
+        def keep(module, args, output):
+            if self.enabled:
+                store[index] = output if tokens is None else output[:, :tokens]
+
+        return keep
 
     @property
     def tensor(self) -> Tensor:
@@ -54,6 +76,19 @@ class ClsAttention:
             for module, q, k in zip(self._modules, self._q_cls, self._keys, strict=True)
         ]
         return torch.stack(rows, dim=1)
+
+    def take(self) -> Tensor:
+        """:attr:`tensor`, then drop the kept projections (their memory goes with the step)."""
+        rows = self.tensor
+        self._q_cls[:] = [None] * len(self._modules)
+        self._keys[:] = [None] * len(self._modules)
+        return rows
+
+    def remove(self) -> None:
+        """Unregister the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
 
 def _cls_row(module: nn.Module, q_cls: Tensor, keys: Tensor) -> Tensor:
@@ -78,21 +113,8 @@ def capture_cls_attention(model: nn.Module) -> Iterator[ClsAttention]:
     ...     classifier(pixels)
     >>> cap.tensor.shape   # (images, layers, heads, tokens)
     """
-    modules = vision_attention_modules(model)
-    captured = ClsAttention(modules)
-    handles = []
-    for index, module in enumerate(modules):
-
-        def keep_query(mod, args, output, index=index):
-            captured._q_cls[index] = output[:, :1]
-
-        def keep_keys(mod, args, output, index=index):
-            captured._keys[index] = output
-
-        handles.append(module.q_proj.register_forward_hook(keep_query))
-        handles.append(module.k_proj.register_forward_hook(keep_keys))
+    captured = ClsAttention(model, enabled=True)
     try:
         yield captured
     finally:
-        for handle in handles:
-            handle.remove()
+        captured.remove()

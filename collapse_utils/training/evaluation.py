@@ -49,14 +49,15 @@ def eval_pass(model: nn.Module, images: Tensor, dtype=None, features: bool = Fal
     was_training = model.training
     model.eval()
     attention, tokens, embeddings = [], [], []
-    for start in range(0, len(images), EVAL_BATCH):
-        pixels = normalize(images[start : start + EVAL_BATCH])
-        with capture_cls_attention(model) as cap, autocast(images.device, dtype):
-            out = base.vision_model(pixel_values=pixels, output_hidden_states=features)
-            if features:
-                embeddings.append(base.visual_projection(out.pooler_output).float())
-                tokens.append(torch.stack([h[:, 0] for h in out.hidden_states[1:]]).float())
-        attention.append(cap.tensor)
+    with capture_cls_attention(model) as cap:
+        for start in range(0, len(images), EVAL_BATCH):
+            pixels = normalize(images[start : start + EVAL_BATCH])
+            with autocast(images.device, dtype):
+                out = base.vision_model(pixel_values=pixels, output_hidden_states=features)
+                if features:
+                    embeddings.append(base.visual_projection(out.pooler_output).float())
+                    tokens.append(torch.stack([h[:, 0] for h in out.hidden_states[1:]]).float())
+            attention.append(cap.take())
     model.train(was_training)
     if not features:
         return EvalPass(torch.cat(attention))

@@ -19,7 +19,6 @@ written atomically; a killed run resumes bit-identically from its last checkpoin
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
@@ -76,13 +75,16 @@ from collapse_utils.training.evaluation import (
     evaluate_zeroshot,
     snapshot,
 )
+from collapse_utils.training.frozen import FrozenInputs
 from collapse_utils.training.model import CLIPClassifier, load_clip, prepare_for_training
 from collapse_utils.training.step import (
     Batch,
     Optimization,
     RegularizerInputs,
     StepPlan,
-    batch_loss,
+    StepSums,
+    TrainingLoss,
+    Window,
 )
 
 
@@ -250,6 +252,11 @@ def _train(config: RunConfig, progress: bool) -> RunResult:
     reg = RegularizerInputs.prepare(
         config.reg, setup.model, floor, setup.train[0], setup.eval_dtype
     )
+    frozen = None
+    if config.train.cache_frozen and config.reg.kind == "none":
+        frozen = FrozenInputs.prepare(setup.model, config.train.method, setup.train[0],
+                                      config.data.flip, setup.dtype)  # fmt: skip
+    loss = TrainingLoss(setup.model, reg, setup.dtype, config.train.compile, frozen)
     opt = Optimization.of(setup.model, config.train, setup.plan.total_steps, setup.dtype)
     # 3. resume or start
     record, maps, start_epoch = _resume(setup, opt, progress)
@@ -258,7 +265,7 @@ def _train(config: RunConfig, progress: bool) -> RunResult:
         maps.add(0, first.maps)
         record.write(setup.files.history)
     # 4. epochs
-    loop = _Loop(setup, opt, reg, record, maps, reference, progress)
+    loop = _Loop(setup, opt, loss, record, maps, reference, progress)
     for epoch in range(start_epoch, setup.plan.epochs):
         started = loop.train_epoch(epoch, started)
     # 5. finish
@@ -310,15 +317,18 @@ def _evaluate_baseline(setup: Setup, first: Snapshot, started: float) -> RunResu
 
 
 class _Loop:
-    """The epoch loop's state: the step counter, the progress bar and TensorBoard."""
+    """The epoch loop's state: the step counter, the progress bar and TensorBoard.
 
-    def __init__(self, setup, opt, reg, record, maps, reference, progress):
-        self.setup, self.opt, self.reg = setup, opt, reg
+    A step reads nothing back from the device: loss, accuracy and the regularizer are summed
+    there (:class:`StepSums`) and read once per tracking point and at each epoch's end, where
+    a non-finite loss is also noticed (the record names the step it first appeared)."""
+
+    def __init__(self, setup, opt, loss, record, maps, reference, progress):
+        self.setup, self.opt, self.loss = setup, opt, loss
         self.record, self.maps, self.reference = record, maps, reference
         self.progress = progress
         plan = setup.plan
         self.step = len(record.epochs) * plan.steps_per_epoch
-        self.forward = torch.compile(setup.model) if setup.config.train.compile else setup.model
         self.writer = SummaryWriter(setup.files.tensorboard, purge_step=self.step)
         self.bar = tqdm(total=plan.total_steps, initial=self.step, desc=setup.config.id,
                         disable=not progress, unit="step")  # fmt: skip
@@ -333,38 +343,42 @@ class _Loop:
         order, flips = epoch_order(len(images), setup.config.seed, epoch, setup.config.data.flip)
         order = order.to(setup.device)
         flips = None if flips is None else flips.to(setup.device)
-        window, epoch_stats = _Window(), _Window()
+        sums, epoch_stats = StepSums(setup.device), Window()
         size = setup.config.train.batch_size
         setup.model.train()
+        tick = time.perf_counter()
         for local in range(1, plan.steps_per_epoch + 1):
             index = order[(local - 1) * size : local * size]
-            tick = time.perf_counter()
             batch = Batch.take(images, labels, index, flips)
-            loss, logits, penalty = batch_loss(setup.model, self.forward, batch, self.reg,
-                                               setup.dtype)  # fmt: skip
+            loss, logits, penalty = self.loss(batch)
             self.step += 1
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise self._failure(f"non-finite loss {loss_value}", started)
+            sums.add(self.step, loss, logits, batch.labels, penalty)
             self.opt.step(loss)
-            epoch_stats.seconds += time.perf_counter() - tick
-            correct = (logits.argmax(-1) == batch.labels).sum().item()
-            window.add(loss_value, correct, len(index))
-            epoch_stats.add(loss_value, correct, len(index))
-            self._log_step(loss_value, penalty)
+            self.bar.update(1)
             if plan.tracks(self.step):
+                window = self._read(sums, tick, started)
+                epoch_stats.merge(window)
                 self._track(window)
-                window = _Window()
+                tick = time.perf_counter()
+        if sums.seen:  # steps after the epoch's last tracking point (global cadence)
+            epoch_stats.merge(self._read(sums, tick, started))
         return self._end_epoch(epoch, epoch_stats, started)
 
-    def _log_step(self, loss_value: float, penalty: Tensor | None) -> None:
-        self.bar.update(1)
-        self.writer.add_scalar("train/loss", loss_value, self.step)
+    def _read(self, sums: StepSums, tick: float, started: float) -> Window:
+        """The window's sums on the host (the one wait for the device), its training time, and
+        TensorBoard's train scalars at this step; a non-finite loss ends the run here."""
+        window, failure = sums.read()
+        window.seconds = time.perf_counter() - tick
+        if failure is not None:
+            raise self._failure(*failure, started)
+        self.writer.add_scalar("train/loss", window.mean_loss, self.step)
+        self.writer.add_scalar("train/accuracy", window.accuracy, self.step)
         self.writer.add_scalar("train/lr", self.opt.lr, self.step)
-        if penalty is not None:  # already computed: .item() after loss.item() costs no sync
-            self.writer.add_scalar("train/regularizer", penalty.item(), self.step)
+        if window.penalty is not None:
+            self.writer.add_scalar("train/regularizer", window.penalty / window.seen, self.step)
+        return window
 
-    def _track(self, window: _Window) -> None:
+    def _track(self, window: Window) -> None:
         """A tracking point: the four metrics (and representation signals) on the metric subset,
         maps, TensorBoard."""
         snap = _snapshot(self.setup, self.reference)
@@ -380,7 +394,7 @@ class _Loop:
         )
         self.record.write(self.setup.files.history)
 
-    def _end_epoch(self, epoch: int, stats: _Window, started: float) -> float:
+    def _end_epoch(self, epoch: int, stats: Window, started: float) -> float:
         setup, record = self.setup, self.record
         val_acc = accuracy(setup.model, *setup.val, setup.eval_dtype)
         samples_per_s = stats.seen / stats.seconds
@@ -402,15 +416,16 @@ class _Loop:
             _write_resume(setup, self.opt, record, self.maps, epoch + 1)
         return time.perf_counter()
 
-    def _failure(self, reason: str, started: float) -> TrainingFailedError:
+    def _failure(self, step: int, reason: str, started: float) -> TrainingFailedError:
         """Record the failure in ``history.json`` and return the error to raise."""
         record, path = self.record, self.setup.files.history
         record.status = "failed"
-        record.failure = Failure(self.step, reason)
+        record.failure = Failure(step, reason)
         record.wall_time_s = _elapsed(record, started)
         record.write(path)
+        self.close_quietly()
         return TrainingFailedError(
-            f"{record.id}: training stopped at step {self.step}: {reason}. Lower train.lr or "
+            f"{record.id}: training stopped at step {step}: {reason}. Lower train.lr or "
             f"use precision fp32; details in {path}"
         )
 
@@ -422,31 +437,12 @@ class _Loop:
                                    self.step)  # fmt: skip
         if record.test_acc is not None:
             self.writer.add_scalar("test/acc", record.test_acc, self.step)
+        self.close_quietly()
+
+    def close_quietly(self) -> None:
+        self.loss.close()
         self.bar.close()
         self.writer.close()
-
-
-@dataclass
-class _Window:
-    """Running sums of loss (per image), correct predictions and images seen."""
-
-    loss: float = 0.0
-    correct: int = 0
-    seen: int = 0
-    seconds: float = 0.0
-
-    def add(self, loss: float, correct: int, n: int) -> None:
-        self.loss += loss * n
-        self.correct += correct
-        self.seen += n
-
-    @property
-    def mean_loss(self) -> float:
-        return self.loss / self.seen
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.seen
 
 
 def epoch_order(n: int, seed: int, epoch: int, flip: bool = False) -> tuple[Tensor, Tensor | None]:
