@@ -1,5 +1,5 @@
 """``python -m collapse_utils run --profile smoke|full [--only IDS] [--jobs N] [--seeds S,S]
-[--gpus auto|N|0,1,…] [--ray [ADDRESS]] [--no-build]``;
+[--gpus auto|N|0,1,…] [--runs-per-gpu K] [--ray [ADDRESS]] [--no-build]``;
 ``python -m collapse_utils doctor --profile full [--jobs N] [--allow-cpu]`` (preflight, see
 doctor.py); ``python -m collapse_utils rehearse [--only IDS] [--no-build]`` (the full profile's
 code path on full-size fixtures, see rehearsal.py)."""
@@ -52,6 +52,14 @@ def parser() -> argparse.ArgumentParser:
         help="one training page per GPU at a time, each kernel seeing only its GPU: every "
         "visible GPU (auto), the first N, or these device ids; --jobs pages at a time for the "
         "rest, and for everything where auto finds no GPU",
+    )
+    r.add_argument(
+        "--runs-per-gpu",
+        type=_positive,
+        default=1,
+        metavar="K",
+        help="training pages sharing each GPU at once (with --gpus, or --ray: num_gpus=1/K); "
+        "the runner checks each GPU's free memory first",
     )
     r.add_argument(
         "--ray",
@@ -120,6 +128,8 @@ def _check_dispatch(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                     f"argument --ray: not allowed with --{option} (Ray runs as many notebooks "
                     "as the cluster has CPUs and GPUs; declare them with `ray start`)"
                 )
+    if getattr(args, "runs_per_gpu", 1) > 1 and args.gpus is None and args.ray is None:
+        p.error("argument --runs-per-gpu: needs --gpus or --ray (the GPUs it packs runs on)")
     args.jobs = args.jobs or 1
 
 
@@ -167,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report = run_book(args.profile, only=only, jobs=args.jobs, build=not args.no_build,
                               force=STALE if args.stale else args.force, seeds=args.seeds,
-                              gpus=args.gpus,
-                              ray=args.ray)  # fmt: skip
+                              gpus=args.gpus, ray=args.ray,
+                              runs_per_gpu=args.runs_per_gpu)  # fmt: skip
     except (RunnerError, ConfigError, LockedError, RehearsalError, DispatchError) as err:
         p.error(str(err))
     return 0 if report is not None and report.ok else 1

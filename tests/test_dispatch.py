@@ -25,12 +25,14 @@ from collapse_utils.book import dispatch
 from collapse_utils.book.dispatch import DispatchError, parse_gpus, resolve_gpus
 from collapse_utils.book.runner import (
     GPU_NOTEBOOKS,
+    INDUCTOR_CACHE_ENV,
     METADATA_KEY,
     BookPaths,
     Execution,
     build_plan,
     execute_and_stamp,
     execute_plan,
+    kernel_environment,
     papermill_execute,
     run_book,
     stamp_of,
@@ -126,6 +128,39 @@ def test_gpu_slots_run_one_model_page_per_device_and_the_rest_on_cpu_slots(tmp_p
     assert {n for n, a in attempts.items() if a["device"] is not None} == model_pages
     assert_running_executions_had_distinct_devices(list(attempts.values()), {"0", "1"})
     assert {a["params"] for a in attempts.values()} == {str(paths.params.resolve())}
+
+
+def test_runs_per_gpu_packs_k_model_pages_on_each_device_after_a_memory_check(
+    tmp_path, monkeypatch
+):
+    (tmp_path / "book").mkdir()
+    paths = make_book(tmp_path / "book", experiments=("E2", "E4", "A1_lr1e-4", "A1_lr1e-6"))
+    log = tmp_path / "log"
+    log.mkdir()
+    monkeypatch.setattr(dispatch, "gpu_free_memory_gb", lambda device: 30.0)
+
+    report = run_book("smoke", paths, build=False, executor=SlotRecorder(log), gpus="0,",
+                      runs_per_gpu=2)  # fmt: skip
+
+    assert report.ok
+    on_gpu = [a for a in (json.loads(p.read_text()) for p in log.iterdir()) if a["device"]]
+    assert {a["device"] for a in on_gpu} == {"0"}
+    # Pages running at each page's start: two share GPU 0 at some point, never three.
+    most = max(sum(b["start"] <= a["start"] < b["end"] for b in on_gpu) for a in on_gpu)
+    assert most == 2
+    # 30 GB free holds two runs of RUN_GPU_MEMORY_GB, not three: refused before anything runs.
+    with pytest.raises(DispatchError, match=r"--runs-per-gpu 3 needs about 36 GB .*GPU 0 has 30"):
+        run_book("smoke", paths, build=False, executor=SlotRecorder(log), gpus="0,",
+                 runs_per_gpu=3)  # fmt: skip
+
+
+def test_runs_per_gpu_needs_gpus_or_ray_and_kernels_share_one_inductor_cache(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["run", "--profile", "smoke", "--runs-per-gpu", "2", "--no-build"])
+    assert "--runs-per-gpu: needs --gpus or --ray" in capsys.readouterr().err
+    paths = make_book(tmp_path, experiments=("E2",))
+    env = kernel_environment(paths, 1, tmp_path / "outputs" / "smoke")
+    assert env[INDUCTOR_CACHE_ENV] == str((tmp_path / "outputs/smoke/.inductor-cache").resolve())
 
 
 DEVICE_PAGE = [

@@ -139,17 +139,62 @@ def resolve_gpus(spec: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(spec)
 
 
+# Device memory one training run of the full profile may need: ViT-B/32 weights, gradients and
+# AdamW state (1.4 GB in fp32), bf16 activations at batch 64, the uint8 image caches (EuroSAT
+# train + val + the zero-shot test sets, ≈ 6 GB) and the CUDA context. bench.py --study
+# records each run's measured peak beside it.
+RUN_GPU_MEMORY_GB = 12.0
+
+
+def gpu_free_memory_gb(device: str) -> float | None:
+    """Free memory of GPU ``device`` (an id as ``CUDA_VISIBLE_DEVICES`` names it) from
+    ``nvidia-smi``; None where the tool is missing or does not answer."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    query = [smi, "--query-gpu=memory.free", "--format=csv,noheader,nounits", f"--id={device}"]
+    answer = subprocess.run(query, capture_output=True, text=True, check=False)
+    try:
+        return float(answer.stdout.strip().splitlines()[0]) / 1024
+    except (IndexError, ValueError):
+        return None
+
+
+def check_gpu_memory(
+    devices: Sequence[str], runs_per_gpu: int, per_run_gb: float = RUN_GPU_MEMORY_GB
+) -> list[str]:
+    """Before packing ``runs_per_gpu`` runs on each device: raises :class:`DispatchError` naming
+    the devices whose free memory is below ``runs_per_gpu × per_run_gb``; returns notes for the
+    devices it could not query."""
+    notes, short = [], []
+    for device in devices:
+        free = gpu_free_memory_gb(device)
+        if free is None:
+            notes.append(f"GPU {device}: free memory unknown (no nvidia-smi); not checked")
+        elif free < runs_per_gpu * per_run_gb:
+            short.append(f"GPU {device} has {free:.1f} GB free")
+    if short:
+        fits = ", ".join(short)
+        raise DispatchError(
+            f"--runs-per-gpu {runs_per_gpu} needs about {runs_per_gpu * per_run_gb:.0f} GB per "
+            f"GPU ({per_run_gb:.0f} GB a run) but {fits}: lower --runs-per-gpu or free the GPU"
+        )
+    return notes
+
+
 # --- here: processes and GPU slots -----------------------------------------------------------
 
 
 class LocalSlots:
-    """Runs executions on this machine: ``jobs`` at a time, plus one per device in ``devices``
-    for those that need a GPU. One execution per device at a time, its kernel started with
+    """Runs executions on this machine: ``jobs`` at a time, plus ``runs_per_gpu`` per device in
+    ``devices`` for those that need a GPU, each kernel started with
     ``CUDA_VISIBLE_DEVICES=<device>``. Without devices the GPU pages take CPU slots too (the
     ``--jobs`` fallback). Spawned worker processes live as long as the ``with`` block."""
 
-    def __init__(self, jobs: int = 1, devices: Sequence[str] = ()):
-        self.jobs, self.devices = jobs, tuple(devices)
+    def __init__(self, jobs: int = 1, devices: Sequence[str] = (), runs_per_gpu: int = 1):
+        self.jobs = jobs
+        # A device listed k times is k slots: the study's small runs share a GPU.
+        self.devices = tuple(d for d in devices for _ in range(runs_per_gpu))
         self._pool: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> LocalSlots:
@@ -252,12 +297,14 @@ class RayCluster:
     """Runs executions as Ray tasks on the cluster at ``address`` (``auto``, ``host:port``,
     ``ray://…``) or on a local one started here (``local``); a cluster already initialised in
     this process is used as it is. Each phase's executions are submitted at once and Ray
-    schedules them by resources: ``num_gpus=1`` for those that need a GPU (when the cluster has
-    GPUs), one CPU otherwise. Entering checks, on every node, that ``shared`` folders are the
-    driver's (:func:`write_markers`), and raises :class:`DispatchError` if not."""
+    schedules them by resources: ``num_gpus=1/runs_per_gpu`` for those that need a GPU (when
+    the cluster has GPUs), one CPU otherwise. Entering checks, on every node, that ``shared``
+    folders are the driver's (:func:`write_markers`), and raises :class:`DispatchError` if
+    not."""
 
-    def __init__(self, address: str, shared: Sequence[Path]):
+    def __init__(self, address: str, shared: Sequence[Path], runs_per_gpu: int = 1):
         self.address, self.shared = address, tuple(shared)
+        self.gpu_share = 1 / runs_per_gpu  # Ray's fractional num_gpus: k tasks per GPU
         self._started = False
         self._markers: list[tuple[str, str]] = []
         self._gpus = False
@@ -324,7 +371,8 @@ class RayCluster:
         submitted = {}
         for execution in todo:
             gpu = self._gpus and work.needs_gpu(execution)
-            options = {"num_cpus": 1, "num_gpus": 1 if gpu else 0, "name": execution.name}
+            options = {"num_cpus": 1, "num_gpus": self.gpu_share if gpu else 0,
+                       "name": execution.name}  # fmt: skip
             ref = task.options(max_retries=MAX_RETRIES, retry_exceptions=False, **options)
             submitted[ref.remote(job, execution, env, self._markers)] = execution
         pending = list(submitted)

@@ -51,6 +51,7 @@ from collapse_utils.book.dispatch import (
     LocalSlots,
     RayCluster,
     Work,
+    check_gpu_memory,
     kernel_manager_with,
     resolve_gpus,
 )
@@ -81,6 +82,7 @@ from collapse_utils.training.data import prepare_datasets
 KERNEL = "python3"
 STALE = "stale"  # run_book(force=STALE): retrain the runs other training code made
 METADATA_KEY = "collapse_runner"
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # torch.compile's on-disk cache, shared by a study
 
 # Family notebooks and their titles: params/families.yaml (collapse_utils.families).
 # cross-study notebooks (parameter ``profile`` only) → toc title, in book order
@@ -566,14 +568,18 @@ def execute_plan(
     gpus: Sequence[str] = (),
     ray: str | None = None,
     shared: Sequence[Path] = (),
+    runs_per_gpu: int = 1,
 ) -> Report:
     """Run ``selected`` phase by phase, skipping current outputs, each kernel with ``env`` added
-    to its environment. Here: ``jobs`` at a time, plus one per device of ``gpus`` for the pages
-    that run a model (:func:`needs_gpu`). With ``ray`` (an address, ``auto`` or ``local``): as
-    Ray tasks, after checking that every node sees the ``shared`` folders. See
+    to its environment. Here: ``jobs`` at a time, plus ``runs_per_gpu`` per device of ``gpus``
+    for the pages that run a model (:func:`needs_gpu`). With ``ray`` (an address, ``auto`` or
+    ``local``): as Ray tasks, after checking that every node sees the ``shared`` folders. See
     :mod:`collapse_utils.book.dispatch`."""
     report = report or Report()
-    dispatcher = RayCluster(ray, shared) if ray is not None else LocalSlots(jobs, gpus)
+    if ray is not None:
+        dispatcher = RayCluster(ray, shared, runs_per_gpu)
+    else:
+        dispatcher = LocalSlots(jobs, gpus, runs_per_gpu)
 
     def done(execution: Execution, error: str | None) -> None:
         if error is not None and stamp_of(execution.output).get("status") != "failed":
@@ -781,12 +787,17 @@ def build_book(profile: str, paths: BookPaths) -> int:
     return subprocess.run(command, cwd=paths.root, check=False).returncode
 
 
-def kernel_environment(paths: BookPaths, parallel: int | None) -> dict[str, str]:
+def kernel_environment(
+    paths: BookPaths, parallel: int | None, output_root: Path | None = None
+) -> dict[str, str]:
     """Variables every kernel gets added to its environment: the params folder its load_config
-    reads, no tqdm bars (a saved page would keep an empty progress widget), and unless set
-    here, a share of the cores per kernel running at once (``parallel``; ``None``: Ray gives
-    each task its own count)."""
+    reads, no tqdm bars (a saved page would keep an empty progress widget), one Inductor cache
+    for every run of the study under ``output_root`` (a configuration's
+    compiled graphs serve the next one of the same shapes), and a share of the cores per
+    kernel running at once (``parallel``; ``None``: Ray gives each task its own count)."""
     env = {PARAMS_ENV: str(paths.params.resolve()), "TQDM_DISABLE": "1"}
+    if output_root is not None:  # always: torch sets a default in any process importing it
+        env[INDUCTOR_CACHE_ENV] = str((output_root / ".inductor-cache").resolve())
     if parallel is not None and os.environ.get("OMP_NUM_THREADS") is None:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
     return env
@@ -803,13 +814,15 @@ def run_book(
     seeds: Sequence[int] | None = None,
     gpus: str | Sequence[str] | None = None,
     ray: str | None = None,
+    runs_per_gpu: int = 1,
 ) -> Report:
     """Plan, execute, write the toc and (``build``) the book; print what failed. ``force``:
     re-execute every page (True), or (:data:`STALE`) retrain the runs that other training code
     made (:mod:`collapse_utils.code_hash`) and re-execute their pages. ``seeds``
     overrides every configuration's seeds. ``gpus`` (``auto``, ``N``, device ids; see
     :func:`~collapse_utils.book.dispatch.parse_gpus`): one kernel per GPU for the pages that run
-    a model, ``jobs`` at a time for the others (and for all of them where there is no GPU).
+    a model (``runs_per_gpu`` per GPU, after a free-memory check), ``jobs`` at a time for the
+    others (and for all of them where there is no GPU).
     ``ray`` (``local``, ``auto``, an address): every execution as a Ray task instead. Pages run
     in warm kernels here (:func:`warm_execute`), in a fresh kernel each as Ray tasks; ``executor``
     replaces both (tests). One runner
@@ -818,7 +831,8 @@ def run_book(
     output_root = profile_output_root(profile, paths.params)
     output_root.mkdir(parents=True, exist_ok=True)
     with locked(output_root / ".runner.lock", f"the {profile} book runner ({output_root})"):
-        return _run_book(profile, paths, only, jobs, build, force, executor, seeds, gpus, ray)
+        return _run_book(profile, paths, only, jobs, build, force, executor, seeds, gpus, ray,
+                         runs_per_gpu)  # fmt: skip
 
 
 def timing(report: Report, executing: float, building: float, slowest: int = 5) -> str:
@@ -851,7 +865,9 @@ def stale_pages(plan: Sequence[Execution], paths: BookPaths) -> set[str]:
     return stale
 
 
-def _run_book(profile, paths, only, jobs, build, force, executor, seeds, gpus, ray) -> Report:
+def _run_book(
+    profile, paths, only, jobs, build, force, executor, seeds, gpus, ray, runs_per_gpu
+) -> Report:
     start = time.monotonic()
     plan = build_plan(profile, paths, seeds)
     if only:
@@ -862,12 +878,16 @@ def _run_book(profile, paths, only, jobs, build, force, executor, seeds, gpus, r
     devices = resolve_gpus(gpus)
     if gpus is not None and not devices:
         print(f"note: no GPU found; running {jobs} notebook(s) at a time (--jobs)")
+    if runs_per_gpu > 1 and devices:
+        for note in check_gpu_memory(devices, runs_per_gpu):
+            print(f"note: {note}")
     if ray is not None or jobs > 1 or len(devices) > 1:
         # Parallel runs must not download or decode the same dataset at once.
         configs = [load_config(profile, e.config_id, paths.params) for e in selected if e.config_id]
         for problem in prepare_datasets(configs):
             print(f"data: {problem}", file=sys.stderr)
-    env = kernel_environment(paths, None if ray is not None else jobs + len(devices))
+    parallel = None if ray is not None else jobs + runs_per_gpu * len(devices)
+    env = kernel_environment(paths, parallel, profile_output_root(profile, paths.params))
     if force == STALE:
         force = stale_pages(selected, paths)
         env[RETRAIN_STALE] = "1"
@@ -876,7 +896,7 @@ def _run_book(profile, paths, only, jobs, build, force, executor, seeds, gpus, r
     executor = executor or (papermill_execute if ray is not None else warm_execute)
     try:
         report = execute_plan(selected, paths.root, jobs, force, executor, env=env, gpus=devices,
-                              ray=ray, shared=shared)  # fmt: skip
+                              ray=ray, shared=shared, runs_per_gpu=runs_per_gpu)  # fmt: skip
     finally:
         shutdown_warm_kernels()  # those of this process (jobs 1); pool workers close theirs
     executed_at = time.monotonic()
