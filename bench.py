@@ -42,7 +42,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, get_cosine_schedule_with_warmup
+from transformers import CLIPImageProcessor, get_cosine_schedule_with_warmup
 
 from collapse_utils.config import (
     COMPILE_MODES,
@@ -53,11 +53,20 @@ from collapse_utils.config import (
     plan_runs,
 )
 from collapse_utils.measurement.metrics import layer_metrics
+from collapse_utils.projection import (
+    POOL_SIZES,
+    TEST_SIZES,
+    peak_flops,
+    project_study,
+    random_clip,
+    split_sizes,
+    study_work,
+)
 from collapse_utils.storage import write_json
 from collapse_utils.training.data import image_to_uint8, normalize, synthetic_images
 from collapse_utils.training.environment import autocast_dtype, device_name, package_versions
 from collapse_utils.training.evaluation import accuracy, cls_attention, snapshot
-from collapse_utils.training.model import CLIPClassifier, load_clip
+from collapse_utils.training.model import CLIPClassifier
 from collapse_utils.training.step import (
     Batch,
     Optimization,
@@ -68,21 +77,6 @@ from collapse_utils.training.step import (
     classification_loss,
 )
 
-# Dense 16-bit tensor-core peak FLOP/s (no sparsity), from the vendors' data sheets. Matched
-# against torch.cuda.get_device_name(); more specific names first.
-PEAK_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H200", 989e12),
-    ("H100", 989e12),  # SXM
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("A40", 149.7e12),
-)
-# Images the study trains on: EuroSAT has no official split (train/val are cut from all 27 000
-# images); Pets uses its 3 680-image trainval split. Test sets for zero-shot; EuroSAT's is its
-# val split.
-POOL_SIZES = {"eurosat": 27000, "pets": 3680}
-TEST_SIZES = {"cifar100": 10000, "cifar10": 10000, "flowers102": 6149, "pets": 3669}
 # Training-step variants of our path: (name, regularizer).
 OUR_STEPS = (
     ("ours", RegSpec()),
@@ -100,17 +94,17 @@ MAP_IMAGES = 8
 
 def study_workload(profile: str = "full") -> dict[str, Any]:
     """What the study computes, from ``params/experiments`` under ``profile``: training images
-    per step kind (epochs × train split), snapshots, evaluation forwards (val accuracy each epoch,
-    zero-shot test sets; the pre-trained model's zero-shot once per dataset) and the images APR's
-    cached reference is computed for. Splits are taken as ``pool × (1 − val_fraction)``."""
+    and optimizer steps per step kind (epochs × train split, at each run's batch size),
+    snapshots, evaluation forwards (val accuracy each epoch, zero-shot test sets; the
+    pre-trained model's zero-shot once per dataset) and the images APR's cached reference is
+    computed for. Splits: :func:`~collapse_utils.projection.split_sizes`."""
     train = {name: 0 for name, _ in OUR_STEPS}
+    steps = {name: 0 for name, _ in OUR_STEPS}
     work = {"profile": profile, "runs": 0, "trained_runs": 0, "train_images": train}
-    work |= {"snapshots": 0, "eval_images": 0, "reference_images": 0}
+    work |= {"train_steps": steps, "snapshots": 0, "eval_images": 0, "reference_images": 0}
     zeroshot_sets: dict[str, int] = {}
     for c in plan_runs(profile):  # every configuration once per seed
-        pool = POOL_SIZES[c.data.dataset]
-        n_val = round(pool * c.data.val_fraction)
-        n_train = pool - n_val
+        n_train, n_val = split_sizes(c)
         tests = {n: TEST_SIZES[n] if n in TEST_SIZES else n_val for n in c.eval.zeroshot_datasets}
         zeroshot_sets |= tests
         work["runs"] += 1
@@ -124,12 +118,14 @@ def study_workload(profile: str = "full") -> dict[str, Any]:
         )
         work["trained_runs"] += 1
         train[kind] += plan.epochs * n_train
+        steps[kind] += plan.total_steps
         work["snapshots"] += plan.n_evals
         work["eval_images"] += plan.epochs * n_val
         if c.reg.kind == "apr" and c.reg.reference == "cache":
             work["reference_images"] += n_train
     work["eval_images"] += sum(zeroshot_sets.values())
     work["total_train_images"] = sum(train.values())
+    work["total_train_steps"] = sum(steps.values())
     return work
 
 
@@ -154,31 +150,12 @@ def implied_study_s(
 # --- models -----------------------------------------------------------------------------------
 
 
-def build_clip(size: str, attn_implementation: str, seed: int = 0) -> CLIPModel:
-    """smoke: the smoke profile's tiny CLIP. full: random-init ViT-B/32 (``CLIPConfig()``)."""
-    if size == "smoke":
-        spec = load_config("smoke", "E2").model
-        return load_clip(replace(spec, attn_implementation=attn_implementation), seed=seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return CLIPModel._from_config(CLIPConfig(), attn_implementation=attn_implementation)
-
-
 def report_logits(classifier: CLIPClassifier, pixels: Tensor) -> Tensor:
     """The report's forward: every layer's full attention returned (and kept) every step."""
     out = classifier.vision_model(pixel_values=pixels, output_attentions=True)
     if len(out.attentions) != classifier.vision_model.config.num_hidden_layers:
         raise RuntimeError("the eager model returned no attention maps")
     return classifier.head(classifier.visual_projection(out.pooler_output))
-
-
-def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
-    if override_tflops is not None:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_FLOPS if key in name), None)
 
 
 # --- timing -----------------------------------------------------------------------------------
@@ -210,6 +187,36 @@ def time_round_robin(
         for name, fn in fns.items():
             times[name].append(_timed(fn, device))
     return times
+
+
+def profile_step(step: Callable[[], Any], device: torch.device, steps: int = 3) -> dict:
+    """Where a step's time goes (``torch.profiler``, after one warm-up step): device kernels
+    launched per step and the share of the wall time the device is busy (the union of its
+    kernels' intervals); on CPU only the operator count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    tick = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    wall_us = (time.perf_counter() - tick) * 1e6
+    events = prof.events()
+    kernels = [e for e in events if e.device_type.name == "CUDA"]
+    busy, end = 0.0, -math.inf
+    for e in sorted(kernels, key=lambda e: e.time_range.start):
+        start, stop = e.time_range.start, e.time_range.end
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    top_level = [e for e in events if e.device_type.name == "CPU" and e.cpu_parent is None]
+    return {
+        "ops_per_step": len(top_level) / steps,
+        "kernels_per_step": len(kernels) / steps if device.type == "cuda" else None,
+        "device_busy_share": busy / wall_us if device.type == "cuda" else None,
+    }
 
 
 def _stats(seconds: list[float], images: int) -> dict[str, float]:
@@ -317,8 +324,8 @@ class _Rig:
 def _rig(size: str, args: argparse.Namespace, device: torch.device) -> _Rig:
     batch = args.batch_size
     dtype = autocast_dtype("auto", device)
-    model = CLIPClassifier(build_clip(size, "sdpa"), N_CLASSES).to(device).train()
-    report_model = CLIPClassifier(build_clip(size, "eager"), N_CLASSES).to(device).train()
+    model = CLIPClassifier(random_clip(size, attn="sdpa"), N_CLASSES).to(device).train()
+    report_model = CLIPClassifier(random_clip(size, attn="eager"), N_CLASSES).to(device).train()
     # Training images and the metric subset: synthetic, 224 px, uint8 on the device.
     pool = synthetic_images(N_CLASSES, math.ceil(4 * batch / N_CLASSES), seed=1, size=224)
     pool = tuple(t.to(device) for t in pool)
@@ -422,7 +429,9 @@ def bench_size(size: str, args: argparse.Namespace, device: torch.device) -> dic
     snapshot_s = min(evals["snapshot"])
     eval_ips = len(metric_images) / min(evals["eval"])
     vision = model.vision_model.config
+    profile = {name: profile_step(steps[name], device) for name in ("report", "ours")}
     return {
+        "step_profile": profile,
         "model": {
             "size": size,
             "vision_hidden": vision.hidden_size,
@@ -467,6 +476,28 @@ def _implied(step: dict, snapshot_s: float, eval_ips: float, n_metric: int) -> d
         "regularizer_overhead_pct": regularizers,
         "implied_study_s": study,
         "implied_report_train_s": work["total_train_images"] / step["report"]["images_per_s"],
+    }
+
+
+# --- the study end to end ---------------------------------------------------------------------
+
+
+def bench_study(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The down-scaled real study (:mod:`collapse_utils.projection`) once per ``--runs-per-gpu``
+    value: every trained run of the profile, ``--study-scale`` of its work, packed K at a time."""
+    works = study_work(args.study_profile)
+    if args.study_runs:
+        works = works[: args.study_runs]
+    # The profile's own train.compile on CUDA; eager on CPU, where compiling costs minutes a run.
+    mode = args.study_compile or (None if device.type == "cuda" else "off")
+    if mode is not None:
+        train = {"compile": mode}
+        works = [replace(w, config=w.config.with_overrides(train=train)) for w in works]
+    size = "full" if device.type == "cuda" else "smoke"
+    peak = peak_flops(device, args.peak_tflops)
+    return {
+        str(k): project_study(works, args.study_scale, k, size, str(device), peak)
+        for k in args.runs_per_gpu
     }
 
 
@@ -532,6 +563,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "preprocessing": preprocessing,
         "sizes": {size: bench_size(size, args, device) for size in sizes},
     }
+    if args.study:
+        result["study"] = bench_study(args, device)
     if cpu_before is not None:
         own, busy = (
             after - before for after, before in zip(_cpu_seconds(), cpu_before, strict=True)
@@ -573,6 +606,13 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(
             f"step speed-up ours/report {s['step_speedup']:.2f}×; snapshot {s['snapshot_s']:.3f} s"
         )
+        for name, prof in s["step_profile"].items():
+            busy = prof["device_busy_share"]
+            lines.append(
+                f"{name} step: {prof['ops_per_step']:.0f} top-level ops"
+                + ("" if busy is None else f", {prof['kernels_per_step']:.0f} kernels, "
+                   f"device busy {100 * busy:.0f}%")
+            )  # fmt: skip
         lines.append("tracking overhead " + ", ".join(f"{k} {v:.2f}%" for k, v in t.items()))
         lines.append("regularizer overhead " + ", ".join(f"{k} {v:+.1f}%" for k, v in r.items()))
         study = s["implied_study_s"]
@@ -581,6 +621,16 @@ def format_table(result: dict[str, Any]) -> str:
             f"images, estimate): {study['total'] / 60:.1f} min ours ("
             + ", ".join(f"{k} {v / 60:.1f}" for k, v in study.items() if k != "total")
             + f"); report-path training alone {s['implied_report_train_s'] / 60:.1f} min"
+        )
+    for k, study in result.get("study", {}).items():
+        mfu = "-" if study["mfu"] is None else f"{100 * study['mfu']:.1f}%"
+        lines.append(
+            f"study projection, {k} run(s) per device, scale {study['scale']}: "
+            f"{study['projected_study_s'] / 60:.1f} min projected ({len(study['runs'])} runs, "
+            f"measured {study['measured_wall_s']:.0f} s), MFU {mfu}; "
+            + ", ".join(
+                f"{b} {v / 60:.1f} min" for b, v in study["projected_by_backbone_s"].items()
+            )
         )
     return "\n".join(lines)
 
@@ -618,6 +668,27 @@ def parser() -> argparse.ArgumentParser:
         choices=COMPILE_MODES,
         default="off",
         help="train.compile for our steps: off (eager), or a torch.compile mode",
+    )
+    p.add_argument(
+        "--study",
+        action="store_true",
+        help="also rehearse the whole study down-scaled and project its wall time",
+    )
+    p.add_argument("--study-profile", default="full", help="the profile whose runs --study takes")
+    p.add_argument("--study-scale", type=float, default=0.02, help="share of each run's work")
+    p.add_argument("--study-runs", type=int, help="only the first N runs (a quick check)")
+    p.add_argument(
+        "--study-compile",
+        choices=COMPILE_MODES,
+        help="train.compile of every --study run (default: the profile's on CUDA, off on CPU)",
+    )
+    p.add_argument(
+        "--runs-per-gpu",
+        type=int,
+        nargs="+",
+        default=[1],
+        metavar="K",
+        help="--study once per value: K runs at once on the device",
     )
     p.add_argument("--peak-tflops", type=float, help="override the GPU peak (TFLOP/s) for MFU")
     p.add_argument(

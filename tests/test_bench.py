@@ -3,10 +3,12 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 import bench
 from collapse_utils.config import available_experiments, plan_runs
+from collapse_utils.projection import pack_longest_first, split_sizes, study_work
 from collapse_utils.storage import verify
 
 
@@ -16,6 +18,8 @@ def _positive_numbers(mapping: dict) -> bool:
 
 def test_quick_cpu_benchmark_writes_well_formed_json(tmp_path, capsys):
     argv = ["--quick", "--device", "cpu", "--size", "smoke", "--out", str(tmp_path)]
+    # The study projection on the first two runs of the full profile, packed two at a time.
+    argv += ["--study", "--study-scale", "0.0005", "--study-runs", "2", "--runs-per-gpu", "2"]
     result = bench.main(argv + ["--threads", str(torch.get_num_threads())])
 
     written = sorted(p.name for p in tmp_path.glob("*.json"))
@@ -55,22 +59,40 @@ def test_quick_cpu_benchmark_writes_well_formed_json(tmp_path, capsys):
     study = smoke["implied_study_s"]
     assert _positive_numbers(study)
     assert study["total"] == sum(v for k, v in study.items() if k != "total")
-    assert "implied study" in capsys.readouterr().out
+    assert set(smoke["step_profile"]) == {"report", "ours"}
+    assert all(p["ops_per_step"] > 0 and p["kernels_per_step"] is None
+               for p in smoke["step_profile"].values())  # fmt: skip
+
+    (projection,) = result["study"].values()
+    assert projection["runs_per_gpu"] == 2 and len(projection["runs"]) == 2
+    for run in projection["runs"]:
+        assert run["scaled_steps"] >= 1 and run["fixed_s"] > 0 and run["scaled_s"] > 0
+        assert run["projected_s"] == pytest.approx(run["fixed_s"] + run["scaled_s"] / 0.0005)
+    longest = max(r["projected_s"] for r in projection["runs"])
+    assert projection["projected_study_s"] == pytest.approx(longest)  # two runs, two slots
+    out = capsys.readouterr().out
+    assert "implied study" in out and "study projection, 2 run(s) per device" in out
 
 
-def test_study_workload_is_epochs_times_train_split_of_every_trained_run():
+def test_study_workload_counts_every_trained_run_at_its_own_split_and_batch_size():
     work = bench.study_workload("full")
     configs = plan_runs("full")  # every configuration once per seed
     assert len(configs) > len(available_experiments())
     trained = [c for c in configs if c.train.method != "none"]
-    expected = sum(
-        c.train.epochs * round(bench.POOL_SIZES[c.data.dataset] * (1 - c.data.val_fraction))
-        for c in trained
-    )
     assert work["runs"] == len(configs) and work["trained_runs"] == len(trained)
-    assert work["total_train_images"] == expected == sum(work["train_images"].values())
-    apr_cached = [c for c in trained if c.reg.kind == "apr" and c.reg.reference == "cache"]
-    assert work["train_images"]["ours_apr_cache"] == sum(
-        c.train.epochs * round(bench.POOL_SIZES[c.data.dataset] * (1 - c.data.val_fraction))
-        for c in apr_cached
-    )
+    images = sum(c.train.epochs * split_sizes(c)[0] for c in trained)
+    steps = sum(c.train.epochs * math.ceil(split_sizes(c)[0] / c.train.batch_size) for c in trained)
+    assert work["total_train_images"] == images == sum(work["train_images"].values())
+    assert work["total_train_steps"] == steps == sum(work["train_steps"].values())
+    # Study B trains on study2's 1 600 EuroSAT images (160 per class), not the 21 600 pool.
+    b = next(c for c in trained if c.id.startswith("B_") and c.data.dataset == "eurosat")
+    assert split_sizes(b) == (1600, 300)
+    assert [w.steps for w in study_work("full")] == [
+        c.train.epochs * math.ceil(split_sizes(c)[0] / c.train.batch_size) for c in trained
+    ]
+
+
+def test_longest_first_packing_fills_the_first_free_slot():
+    assert pack_longest_first([5, 4, 3, 3], slots=2) == 8  # 5 | 4; 3 → 4 + 3; 3 → 5 + 3
+    assert pack_longest_first([5, 4, 3], slots=1) == 12
+    assert pack_longest_first([5, 1, 1], slots=4) == 5
