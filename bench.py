@@ -59,6 +59,7 @@ from collapse_utils.projection import (
     peak_flops,
     project_study,
     random_clip,
+    sample_by_kind,
     split_sizes,
     study_work,
 )
@@ -485,9 +486,11 @@ def _implied(step: dict, snapshot_s: float, eval_ips: float, n_metric: int) -> d
 def bench_study(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """The down-scaled real study (:mod:`collapse_utils.projection`) once per ``--runs-per-gpu``
     value: every trained run of the profile, ``--study-scale`` of its work, packed K at a time."""
-    works = study_work(args.study_profile)
+    works, stands_for = study_work(args.study_profile), None
     if args.study_runs:
         works = works[: args.study_runs]
+    if args.study_sample:
+        works, stands_for = sample_by_kind(works)
     # The profile's own train.compile on CUDA; eager on CPU, where compiling costs minutes a run.
     mode = args.study_compile or (None if device.type == "cuda" else "off")
     if mode is not None:
@@ -496,7 +499,7 @@ def bench_study(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     size = "full" if device.type == "cuda" else "smoke"
     peak = peak_flops(device, args.peak_tflops)
     return {
-        str(k): project_study(works, args.study_scale, k, size, str(device), peak)
+        str(k): project_study(works, args.study_scale, k, size, str(device), peak, stands_for)
         for k in args.runs_per_gpu
     }
 
@@ -677,6 +680,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--study-profile", default="full", help="the profile whose runs --study takes")
     p.add_argument("--study-scale", type=float, default=0.02, help="share of each run's work")
     p.add_argument("--study-runs", type=int, help="only the first N runs (a quick check)")
+    p.add_argument(
+        "--study-sample",
+        action="store_true",
+        help="rehearse one run per kind of step, weighted by how many runs it stands for",
+    )
     p.add_argument(
         "--study-compile",
         choices=COMPILE_MODES,

@@ -124,6 +124,20 @@ def study_work(profile: str = "full", params_dir=None) -> list[RunWork]:
     return works
 
 
+def sample_by_kind(works: Sequence[RunWork]) -> tuple[list[RunWork], list[list[float]]]:
+    """One run per kind of step (method, regularizer, batch and patch size, dataset, LoRA rank,
+    frozen layers) and, per run of the study it stands for, that run's steps over its own: a
+    projection that rehearses each kind once instead of every seed and learning rate."""
+    kinds: dict[tuple, list[RunWork]] = {}
+    for w in works:
+        t, r = w.config.train, w.config.reg
+        key = (t.method, r.kind, r.reference, t.batch_size, w.config.model.patch_size,
+               w.config.data.dataset, w.config.lora.rank, t.freeze_layers)  # fmt: skip
+        kinds.setdefault(key, []).append(w)
+    groups = list(kinds.values())
+    return [g[0] for g in groups], [[w.steps / g[0].steps for w in g] for g in groups]
+
+
 def random_clip(size: str, patch_size: int = 32, attn: str = "sdpa", seed: int = 0) -> CLIPModel:
     """smoke: the smoke profile's tiny CLIP; full: a random-init ViT-B/``patch_size``
     (``CLIPConfig()`` is exactly ViT-B/32)."""
@@ -269,9 +283,13 @@ def project_study(
     size: str = "full",
     device: str = "cuda",
     peak: float | None = None,
+    stands_for: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """Rehearse ``works`` × ``scale``, ``runs_per_gpu`` processes at once (spawned: each its
-    own CUDA context, as the runner's kernels), and project the whole study."""
+    own CUDA context, as the runner's kernels), and project the whole study; with
+    ``stands_for`` (:func:`sample_by_kind`) each rehearsed run stands for runs of those
+    multiples of its steps."""
+    stands_for = list(stands_for or [[1.0]] * len(works))
     context = get_context("spawn")
     n, threads = len(works), max(1, (os.cpu_count() or 1) // runs_per_gpu)
     tick = time.perf_counter()
@@ -279,17 +297,20 @@ def project_study(
         args = ([scale] * n, [size] * n, [device] * n, [threads] * n)
         runs = list(pool.map(rehearse_run, works, *args))
     measured = time.perf_counter() - tick
-    for r in runs:
+    for r, multiples in zip(runs, stands_for, strict=True):
         r["projected_s"] = r["fixed_s"] + r["scaled_s"] / scale
-    wall = pack_longest_first([r["projected_s"] for r in runs], runs_per_gpu)
-    flops = sum(r["flops_per_image"] * r["train_images"] for r in runs)
+        r["stands_for"] = list(multiples)
+
+    def wall_of(selected: list[dict]) -> float:
+        durations = [r["fixed_s"] + r["scaled_s"] / scale * q
+                     for r in selected for q in r["stands_for"]]  # fmt: skip
+        return pack_longest_first(durations, runs_per_gpu)
+
+    wall = wall_of(runs)
+    flops = sum(r["flops_per_image"] * r["train_images"] * sum(r["stands_for"]) for r in runs)
     # Each backbone's runs on their own (the ViT-B/16 arm is costed apart).
-    backbones = {
-        f"ViT-B/{p}": pack_longest_first(
-            [r["projected_s"] for r in runs if r["patch_size"] == p], runs_per_gpu
-        )
-        for p in sorted({r["patch_size"] for r in runs}, reverse=True)
-    }
+    patches = sorted({r["patch_size"] for r in runs}, reverse=True)
+    backbones = {f"ViT-B/{p}": wall_of([r for r in runs if r["patch_size"] == p]) for p in patches}
     return {
         "scale": scale, "runs_per_gpu": runs_per_gpu, "size": size, "device": device,
         "runs": runs, "measured_wall_s": measured, "projected_study_s": wall,

@@ -8,7 +8,12 @@ import torch
 
 import bench
 from collapse_utils.config import available_experiments, plan_runs
-from collapse_utils.projection import pack_longest_first, split_sizes, study_work
+from collapse_utils.projection import (
+    pack_longest_first,
+    sample_by_kind,
+    split_sizes,
+    study_work,
+)
 from collapse_utils.storage import verify
 
 
@@ -96,3 +101,15 @@ def test_longest_first_packing_fills_the_first_free_slot():
     assert pack_longest_first([5, 4, 3, 3], slots=2) == 8  # 5 | 4; 3 → 4 + 3; 3 → 5 + 3
     assert pack_longest_first([5, 4, 3], slots=1) == 12
     assert pack_longest_first([5, 1, 1], slots=4) == 5
+
+
+def test_a_sample_by_kind_stands_for_every_run_of_the_study_once():
+    works = study_work("full")
+    sample, stands_for = sample_by_kind(works)
+    assert len(sample) < len(works) and sum(map(len, stands_for)) == len(works)
+    pairs = zip(sample, stands_for, strict=True)
+    steps = sorted(round(rep.steps * q) for rep, qs in pairs for q in qs)
+    assert steps == sorted(w.steps for w in works)
+    methods = {(w.config.train.method, w.config.reg.kind, w.config.model.patch_size) for w in works}
+    assert {(w.config.train.method, w.config.reg.kind, w.config.model.patch_size)
+            for w in sample} == methods  # fmt: skip
