@@ -504,6 +504,28 @@ def bench_study(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     }
 
 
+# Issue 24's targets: (what, limit, which side is met).
+TRACKING_MAX_PCT, REGULARIZER_MAX_PCT = 3.0, 10.0
+STUDY_MAX_S, STUDY_MIN_MFU = 20 * 60, 0.35
+
+
+def targets(result: dict[str, Any]) -> dict[str, bool]:
+    """Which targets this run meets: tracking ≤ 3 % of the study and each regularizer ≤ 10 % of
+    a step (per model size); with ``--study``, the projected study ≤ 20 min and ≥ 35 % MFU
+    (the best runs-per-GPU value). Only meaningful on the GPU the study targets."""
+    met = {}
+    for size, s in result["sizes"].items():
+        met[f"{size}: tracking <= 3% of the study"] = (
+            s["tracking_overhead_pct"]["study"] <= TRACKING_MAX_PCT
+        )
+        for name, pct in s["regularizer_overhead_pct"].items():
+            met[f"{size}: {name} <= 10% of a step"] = pct <= REGULARIZER_MAX_PCT
+    for k, study in result.get("study", {}).items():
+        met[f"study, {k} per GPU: <= 20 min"] = study["projected_study_s"] <= STUDY_MAX_S
+        met[f"study, {k} per GPU: >= 35% MFU"] = (study["mfu"] or 0) >= STUDY_MIN_MFU
+    return met
+
+
 # --- the program ------------------------------------------------------------------------------
 
 
@@ -568,6 +590,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.study:
         result["study"] = bench_study(args, device)
+    result["targets"] = targets(result)
     if cpu_before is not None:
         own, busy = (
             after - before for after, before in zip(_cpu_seconds(), cpu_before, strict=True)
@@ -625,6 +648,8 @@ def format_table(result: dict[str, Any]) -> str:
             + ", ".join(f"{k} {v / 60:.1f}" for k, v in study.items() if k != "total")
             + f"); report-path training alone {s['implied_report_train_s'] / 60:.1f} min"
         )
+    unmet = [name for name, ok in result.get("targets", {}).items() if not ok]
+    lines.append("targets not met: " + ("; ".join(unmet) if unmet else "none"))
     for k, study in result.get("study", {}).items():
         mfu = "-" if study["mfu"] is None else f"{100 * study['mfu']:.1f}%"
         lines.append(

@@ -75,6 +75,8 @@ def test_quick_cpu_benchmark_writes_well_formed_json(tmp_path, capsys):
         assert run["projected_s"] == pytest.approx(run["fixed_s"] + run["scaled_s"] / 0.0005)
     longest = max(r["projected_s"] for r in projection["runs"])
     assert projection["projected_study_s"] == pytest.approx(longest)  # two runs, two slots
+    assert result["targets"]["study, 2 per GPU: >= 35% MFU"] is False  # no peak on a CPU
+    assert "smoke: tracking <= 3% of the study" in result["targets"]
     out = capsys.readouterr().out
     assert "implied study" in out and "study projection, 2 run(s) per device" in out
 
