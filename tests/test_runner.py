@@ -15,6 +15,7 @@ from collapse_utils.book.runner import (
     AFTER_METHOD,
     METADATA_KEY,
     PROFILE_NOTEBOOKS,
+    RUN_NOTEBOOK,
     BookPaths,
     RunnerError,
     build_plan,
@@ -42,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
 FAMILIES = load_families()
 FAMILY_NOTEBOOKS = {name: family.notebook for name, family in FAMILIES.items()}
-NOTEBOOK_STEMS = [*FAMILY_NOTEBOOKS.values(), *PROFILE_NOTEBOOKS]
+NOTEBOOK_STEMS = [RUN_NOTEBOOK, *FAMILY_NOTEBOOKS.values(), *PROFILE_NOTEBOOKS]
 
 
 def make_book(
@@ -123,7 +124,7 @@ def test_plan_runs_each_family_notebook_per_run_then_summaries_then_study_notebo
     assert sorted((e.config_id, e.parameters.get("seed", 42)) for e in configs) == sorted(runs)
     for e in configs:
         stem = FAMILY_NOTEBOOKS[load_config("smoke", e.config_id).family]
-        assert e.source == paths.notebooks / f"{stem}.ipynb"
+        assert e.source == paths.notebooks / "run.ipynb"  # one run notebook, the family's folder
         several = "seed" in e.parameters
         name = f"{e.config_id}_s{e.parameters['seed']}" if several else e.config_id
         assert e.output == paths.book / "executed" / stem / f"{name}.ipynb"
@@ -135,7 +136,9 @@ def test_plan_runs_each_family_notebook_per_run_then_summaries_then_study_notebo
 
     summaries = [e for e in plan if e.phase == "summary"]
     assert [e.family for e in summaries] == list(FAMILIES)
-    assert all(e.parameters == {"profile": "smoke", "config_id": ""} for e in summaries)
+    assert all(e.parameters == {"profile": "smoke"} for e in summaries)
+    for e in summaries:
+        assert e.source == paths.notebooks / f"{FAMILY_NOTEBOOKS[e.family]}.ipynb"
     assert all(e.output.name == "summary.ipynb" for e in summaries)
 
     study = [e for e in plan if e.phase == "profile"]
@@ -279,13 +282,16 @@ def test_a_second_runner_on_the_same_profile_is_refused(tmp_path):
 def test_changed_notebook_reruns_only_its_executions(tmp_path):
     paths = make_book(tmp_path)
     fake_run(paths)
-    source = paths.notebooks / "03_lr_sweep.ipynb"
-    nb = nbformat.read(source, as_version=4)
-    nb.cells.append(nbformat.v4.new_markdown_cell("One more paragraph."))
-    nbformat.write(nb, source)
-
-    _, calls = fake_run(paths)
-    assert calls == ["03_lr_sweep/A1_lr1e-4", "03_lr_sweep/summary"]
+    for stem, expected in (
+        ("03_lr_sweep", ["03_lr_sweep/summary"]),  # the family's analysis only
+        ("run", ["02_full_ft_vs_lora/E2", "02_full_ft_vs_lora/E4", "03_lr_sweep/A1_lr1e-4"]),
+    ):
+        source = paths.notebooks / f"{stem}.ipynb"
+        nb = nbformat.read(source, as_version=4)
+        nb.cells.append(nbformat.v4.new_markdown_cell("One more paragraph."))
+        nbformat.write(nb, source)
+        _, calls = fake_run(paths)
+        assert sorted(calls) == expected, stem
 
 
 def test_failed_deleted_or_unstamped_outputs_rerun(tmp_path):
@@ -522,16 +528,14 @@ def test_failure_is_reported_others_run_and_the_book_shows_the_error_page(tmp_pa
     report = run_book("smoke", paths, jobs=2)
 
     assert not report.ok
-    assert sorted(e.name for e, _ in report.failed) == [
-        "03_lr_sweep/A1_lr1e-4",
-        "03_lr_sweep/summary",
-    ]
+    assert [e.name for e, _ in report.failed] == ["03_lr_sweep/summary"]
     assert all("RuntimeError: fixture failure" in error for _, error in report.failed)
-    assert len(report.executed) == 2 + len(PROFILE_NOTEBOOKS)  # E2, its summary, the study pages
+    # Both run pages (run.ipynb), E2's family summary, the study pages.
+    assert len(report.executed) == 3 + len(PROFILE_NOTEBOOKS)
     out = capsys.readouterr().out
-    assert "FAILED book/executed/03_lr_sweep/A1_lr1e-4.ipynb: RuntimeError" in out
+    assert "FAILED book/executed/03_lr_sweep/summary.ipynb: RuntimeError" in out
 
-    failed = nbformat.read(paths.executed / "03_lr_sweep" / "A1_lr1e-4.ipynb", as_version=4)
+    failed = nbformat.read(paths.executed / "03_lr_sweep" / "summary.ipynb", as_version=4)
     assert failed.metadata[METADATA_KEY]["status"] == "failed"
     errors = [o for c in failed.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert any(o.output_type == "error" and o.ename == "RuntimeError" for o in errors)
@@ -558,8 +562,8 @@ def test_failure_is_reported_others_run_and_the_book_shows_the_error_page(tmp_pa
         assert not re.search(r"""<(script|link)[^>]+(src|href)="https?://""", text)
 
     again = run_book("smoke", paths, build=False)
-    assert len(again.skipped) == 2 + len(PROFILE_NOTEBOOKS)
-    assert len(again.failed) == 2 and not again.executed
+    assert len(again.skipped) == 3 + len(PROFILE_NOTEBOOKS)
+    assert len(again.failed) == 1 and not again.executed
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from collapse_utils.analysis.results import (
 )
 from collapse_utils.book import figures
 from collapse_utils.book.page import Page, failure_findings
-from collapse_utils.book.run_pages import code_warning, run_page
+from collapse_utils.book.run_pages import code_warning
 from collapse_utils.book.study_b_page import study_b_page
 from collapse_utils.book.style import (
     DATASET_NAMES,
@@ -309,20 +309,8 @@ def family_summary(
     return page
 
 
-def family_page(
-    profile: str,
-    config_id: str,
-    family: str,
-    params_dir: Path | str = PARAMS_DIR,
-    seed: int | None = None,
-) -> None:
-    """A family notebook's one entry point: a run page (of ``seed``, default: the
-    configuration's first), or (``config_id == ""``) the comparison."""
+def family_page(profile: str, family: str, params_dir: Path | str = PARAMS_DIR) -> None:
+    """A family notebook's entry point: the comparison of its complete runs (run pages are
+    ``notebooks/run.ipynb``'s)."""
     with failure_findings(profile):
-        if not config_id:
-            family_summary(profile, family, params_dir)
-            return
-        config = load_config(profile, config_id, params_dir)
-        if config.family != family:
-            raise ValueError(f"{config_id} is in family {config.family!r}, not {family!r}")
-        run_page(profile, config_id, params_dir, seed=seed)
+        family_summary(profile, family, params_dir)

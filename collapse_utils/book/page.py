@@ -105,6 +105,15 @@ class Page:
                 display(Markdown(f"**Finding.** {text}"))
         return text
 
+    def conclusion(self, findings: str | None = None) -> None:
+        """Show the page's conclusion as this cell's output (under the notebook's own
+        ``## Conclusion`` heading), after the profile note: visible in Jupyter and in the book
+        alike, where :meth:`conclude`'s glue renders only in the book."""
+        self.findings = findings if findings is not None else " ".join(self.sentences)
+        if self.show:
+            note = self.source or profile_note(self.profile)
+            display(Markdown(note + "\n\n" + self.findings))
+
     def conclude(self, findings: str | None = None) -> None:
         """Glue ``findings`` (default: every :meth:`finding` of the page, in order)."""
         self.findings = findings if findings is not None else " ".join(self.sentences)

@@ -1,9 +1,7 @@
-"""Run pages: one configuration's settings, curves and per-layer values (the run phase of every
-family notebook)."""
+"""Run pages (``notebooks/run.ipynb``, one per configuration and seed): the tested pieces its
+cells call — the settings table, where the run came from, its figures, its conclusion."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pandas as pd
 
@@ -13,7 +11,7 @@ from collapse_utils.book.page import Page
 from collapse_utils.book.style import DATASET_NAMES, METRIC_NAMES
 from collapse_utils.book.tables import format_lr
 from collapse_utils.code_hash import run_code, training_code_hash
-from collapse_utils.config import PARAMS_DIR, RunConfig, load_config, profile_output_root
+from collapse_utils.config import RunConfig
 from collapse_utils.run_record import RunRecord
 
 
@@ -57,27 +55,18 @@ def per_layer_table(history: RunRecord) -> pd.DataFrame:
     return table
 
 
-def run_page(
-    profile: str,
-    config_id: str,
-    params_dir: Path | str = PARAMS_DIR,
-    show: bool = True,
-    seed: int | None = None,
-) -> Page:
-    """Run (or load) one configuration (``seed``: one of its seeds) and show its settings,
-    curves and per-layer heat map."""
-    # Imported here: torch/transformers/PEFT take seconds to import and only run pages train.
-    from collapse_utils.training.experiment import run_experiment
+def provenance(history: RunRecord, profile: str) -> str:
+    """The line under a run's training: which training code made it (a warning when it is not
+    this checkout's, :func:`code_warning`)."""
+    return code_warning([history], profile) or (
+        f"Made by this checkout's training and measurement code (`{training_code_hash()}`)."
+    )
 
-    config = load_config(profile, config_id, params_dir, seed=seed)
-    name = config_id if seed is None else f"{config_id}_s{config.seed}"  # figure files, captions
-    page = Page(profile, profile_output_root(profile, params_dir), show)
-    page.table("config", config_table(config))
-    history = run_experiment(config, progress=False).history
-    page.note(code_warning([history], profile) or f"Made by this checkout's training and "
-              f"measurement code (`{training_code_hash()}`).")  # fmt: skip
-    first, last = history.evals[0], history.evals[-1]
-    values = {m: (first.layer_mean(m), last.layer_mean(m)) for m in METRIC_NAMES}
+
+def run_figures(page: Page, config: RunConfig, history: RunRecord, name: str) -> None:
+    """A baseline's pre-trained structure (figure and per-layer table), or a trained run's
+    accuracy-and-entropy curves and its layer × time entropy heat map; ``name``:
+    :func:`run_label`."""
     dataset = DATASET_NAMES.get(config.data.dataset, config.data.dataset)
     if config.train.method == "none":
         page.figure(
@@ -88,6 +77,34 @@ def run_page(
             f"mean attention concentrated on fewer patches.",
         )
         page.table("per_layer", per_layer_table(history))
+        return
+    page.figure(
+        f"fig3_triple_curve_{name}",
+        figures.training_curves(history),
+        f"{name} over training: {history.eval_split} accuracy (blue) against layer-mean "
+        "entropy (red, right axis), and the training loss; look at whether entropy keeps "
+        "falling once accuracy has levelled off.",
+    )
+    page.figure(
+        f"fig4_layer_entropy_{name}",
+        figures.layer_heatmaps([history]),
+        f"Entropy of every layer (rows) at every evaluation (columns) of {name}: a row that "
+        "darkens from left to right is a layer whose attention concentrates.",
+    )
+
+
+def run_label(config: RunConfig, seed: int | None) -> str:
+    """The run's name in figure files and captions: its id, with ``_s<seed>`` when the page is
+    one seed of several (the runner passes ``seed`` only then)."""
+    return config.id if seed is None else f"{config.id}_s{config.seed}"
+
+
+def run_conclusion(config: RunConfig, history: RunRecord) -> str:
+    """What the run measured, in words: the pre-trained metrics of a baseline, or accuracy and
+    the change of each metric (first → last tracking point); then zero-shot transfer."""
+    first, last = history.evals[0], history.evals[-1]
+    values = {m: (first.layer_mean(m), last.layer_mean(m)) for m in METRIC_NAMES}
+    if config.train.method == "none":
         text = (
             f"The pre-trained model's layer-mean [CLS]→patch entropy on the "
             f"{config.data.metric_subset} metric-subset images is {values['entropy'][0]:.3f} "
@@ -95,19 +112,6 @@ def run_page(
             f"diversity {values['head_diversity'][0]:.3f}."
         )
     else:
-        page.figure(
-            f"fig3_triple_curve_{name}",
-            figures.training_curves(history),
-            f"{name} over training: {history.eval_split} accuracy (blue) against "
-            "layer-mean entropy (red, right axis), and the training loss; look at whether "
-            "entropy keeps falling once accuracy has levelled off.",
-        )
-        page.figure(
-            f"fig4_layer_entropy_{name}",
-            figures.layer_heatmaps([history]),
-            f"Entropy of every layer (rows) at every evaluation (columns) of {name}: a row "
-            "that darkens from left to right is a layer whose attention concentrates.",
-        )
         text = (
             f"{accuracy_sentence(history, config.data.split)} Layer-mean entropy went from "
             f"{values['entropy'][0]:.3f} to {values['entropy'][1]:.3f} nats "
@@ -120,8 +124,7 @@ def run_page(
             f"against {_percent(zs.pretrained_accuracy)} for the pre-trained model "
             f"({zs.n_images} images, {zs.templates} templates)."
         )
-    page.conclude(text)
-    return page
+    return text
 
 
 def accuracy_sentence(history: RunRecord, split: str) -> str:

@@ -80,6 +80,7 @@ from collapse_utils.storage import LockedError, locked
 from collapse_utils.training.data import prepare_datasets
 
 KERNEL = "python3"
+RUN_NOTEBOOK = "run"  # notebooks/run.ipynb: the page of every configuration and seed
 STALE = "stale"  # run_book(force=STALE): retrain the runs other training code made
 METADATA_KEY = "collapse_runner"
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # torch.compile's on-disk cache, shared by a study
@@ -227,7 +228,7 @@ def build_plan(
     profile); ``seeds`` overrides every configuration's seeds. Raises :class:`RunnerError`
     naming any missing notebook source."""
     families = load_families(paths.params)
-    needed = [*(f.notebook for f in families.values()), *PROFILE_NOTEBOOKS]
+    needed = [RUN_NOTEBOOK, *(f.notebook for f in families.values()), *PROFILE_NOTEBOOKS]
     missing = [n for n in needed if not (paths.notebooks / f"{n}.ipynb").is_file()]
     if missing:
         raise RunnerError(f"missing notebook source(s) in {paths.notebooks}: {missing}")
@@ -245,8 +246,9 @@ def build_plan(
         return execution_key(source, profile, configs, codes[source])
 
     plan: list[Execution] = []
+    run_source = paths.notebooks / f"{RUN_NOTEBOOK}.ipynb"  # every run page, in its family's folder
     for family, stem, axis in ((f.name, f.notebook, f.axis) for f in families.values()):
-        source = paths.notebooks / f"{stem}.ipynb"
+        source = run_source
         members = by_family[family]
         if axis in PAGE_ORDER:
             members = sorted(members, key=lambda c, key=PAGE_ORDER[axis]: (key(c), c.id))
@@ -275,7 +277,7 @@ def build_plan(
                 phase="summary",
                 source=source,
                 output=paths.executed / stem / "summary.ipynb",
-                parameters={"profile": profile, "config_id": ""},
+                parameters={"profile": profile},
                 # Summaries compare against other families' runs (their references), and the
                 # statistics too: every summary depends on every configuration.
                 key=key(source, configs),
