@@ -65,3 +65,22 @@ def test_the_b16_arm_is_analysed_apart_and_never_pooled(page):
     assert (rho.xs("openai/clip-vit-base-patch32", level="model") > 0).all()
     assert (rho.xs("openai/clip-vit-base-patch16", level="model") < 0).all()
     assert "ViT-B/16" in page.findings
+
+
+def test_the_notebook_asks_the_sections_in_the_librarys_order_and_shows_a_conclusion():
+    """13_study_b.ipynb shows each step; study_b_page (this module's fixture) runs the same."""
+    import re
+    from pathlib import Path
+
+    import nbformat
+
+    from collapse_utils.book import study_b_page
+
+    notebook = Path(__file__).resolve().parent.parent / "notebooks" / "13_study_b.ipynb"
+    cells = nbformat.read(notebook, as_version=4).cells
+    code = "\n".join(c.source for c in cells if c.cell_type == "code")
+    called = re.findall(r"sections\.(\w+)\(page", code)
+    assert called == [s.__name__ for s in study_b_page.SECTIONS] + ["backbones"]
+    headings = [c.source.splitlines()[0] for c in cells if c.cell_type == "markdown"]
+    assert sum(h.startswith("## ") for h in headings) == len(called) + 2  # runs, conclusion
+    assert headings[-1] == "## Conclusion" and "page.conclusion()" in cells[-1].source

@@ -289,19 +289,28 @@ FAMILY_PAGES: dict[str, Callable[[Page, FamilyRuns], None]] = {
 table, its metrics over training and a sentence per run."""
 
 
-def family_summary(
+def open_family(
     profile: str, family: str, params_dir: Path | str = PARAMS_DIR, show: bool = True
-) -> Page:
-    """The comparison page of ``family``: its complete runs, a note naming the missing ones."""
+) -> tuple[FamilyRuns, Page]:
+    """A family page's first step: its runs, and the page with a note naming the runs not
+    complete yet and a warning when other training code made some."""
     runs = family_runs(profile, load_families(params_dir)[family], params_dir)
     page = Page(profile, profile_output_root(profile, params_dir), show)
     if runs.missing:
         page.note(f"**Not complete yet, left out:** {', '.join(runs.missing)}")
+    if warning := code_warning(runs.histories, profile):
+        page.note(warning)
+    return runs, page
+
+
+def family_summary(
+    profile: str, family: str, params_dir: Path | str = PARAMS_DIR, show: bool = True
+) -> Page:
+    """The comparison page of ``family``: its complete runs, a note naming the missing ones."""
+    runs, page = open_family(profile, family, params_dir, show)
     if runs.summary.empty:
         page.conclude(f"No run of this comparison is complete yet ({', '.join(runs.ids)}).")
         return page
-    if warning := code_warning(runs.histories, profile):
-        page.note(warning)
     if family in FAMILY_PAGES:
         FAMILY_PAGES[family](page, runs)
     else:

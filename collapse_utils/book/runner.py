@@ -268,7 +268,7 @@ def build_plan(
                     grouped=c.id in several or c.id not in files,
                 )
             )
-    for family, stem in ((f.name, f.notebook) for f in families.values()):
+    for family, stem, name in ((f.name, f.notebook, f.title) for f in families.values()):
         if not by_family[family]:
             continue
         source = paths.notebooks / f"{stem}.ipynb"
@@ -281,7 +281,7 @@ def build_plan(
                 # Summaries compare against other families' runs (their references), and the
                 # statistics too: every summary depends on every configuration.
                 key=key(source, configs),
-                title="Family comparison",
+                title=f"{name}: the runs compared",  # the sidebar names the family
                 family=family,
                 runs_root=runs_root,
             )

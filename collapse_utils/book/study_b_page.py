@@ -32,28 +32,26 @@ ENTROPY = "d_entropy_pct_sel"
 DAMAGED = f"{100 * study_b.DAMAGED:g} %"
 
 
-def study_b_page(page: Page, runs: FamilyRuns) -> None:
-    """The Study B comparison of the complete runs of ``runs`` (any subset renders)."""
+def frames(runs: FamilyRuns) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """(every complete run, the primary backbone's runs, the transfer target): one row per run,
+    signals at the selected checkpoint (:func:`study_b.grid_frame`); other backbones are
+    analysed apart (:func:`backbones`)."""
     every = study_b.grid_frame(run_summary(runs.histories))
-    frame = published.primary(every)  # a second backbone is analysed apart (backbones)
-    target = transfer_target(every)
+    return every, published.primary(every), transfer_target(every)
+
+
+def study_b_page(page: Page, runs: FamilyRuns) -> None:
+    """The analysis ``13_study_b`` shows step by step, in one call (tests, scripts): every
+    section of :data:`SECTIONS` on the primary backbone, then the other backbones."""
+    every, frame, target = frames(runs)
     if frame.empty:
         lead = f"None of the {len(every)} complete runs is on the primary backbone (patch 32) yet."
         page.conclude(" ".join(s for s in (lead, backbones(page, every, target)) if s))
         return
-    sentences = [
-        cells(page, frame, target),
-        paired(page, frame, target),
-        dose(page, frame, target),
-        verdicts(page, frame, target),
-        ranking(page, frame, target),
-        early_warning(page, frame, target),
-        selection(page, frame, target),
-        operating_points(page, frame, target),
-        frontier(page, frame, target),
-        backbones(page, every, target),
-    ]
-    page.conclude(" ".join(s for s in sentences if s))
+    for section in SECTIONS:
+        page.finding(section(page, frame, target))
+    page.finding(backbones(page, every, target))
+    page.conclude()
 
 
 def transfer_target(frame: pd.DataFrame) -> str:
@@ -294,6 +292,13 @@ def operating_points(page: Page, frame: pd.DataFrame, target: str) -> str:
             text += f" (retention {100 * row[target]:.1f} %)"
         parts.append(text)
     return "Picked by validation accuracy, the operating points are: " + "; ".join(parts) + "."
+
+
+# The questions of a Study B page, in the order ``13_study_b`` asks them (a test holds the
+# notebook to this order); each returns its sentence of the page's conclusion.
+SECTIONS = (
+    cells, paired, dose, verdicts, ranking, early_warning, selection, operating_points, frontier,
+)  # fmt: skip
 
 
 def _key_first(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:

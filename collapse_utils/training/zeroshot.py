@@ -114,7 +114,9 @@ def zeroshot_accuracy(
     device = next(clip.parameters()).device
     weights = weights.to(device)
     correct = 0
-    for start in tqdm(range(0, len(images), batch_size), desc=desc or "zero-shot", leave=False):
+    # disable=None: a bar on a terminal, none in a notebook's saved outputs (seconds of work).
+    batches = range(0, len(images), batch_size)
+    for start in tqdm(batches, desc=desc or "zero-shot", leave=False, disable=None):
         batch = images.images[start : start + batch_size].to(device)
         feats = clip.get_image_features(pixel_values=normalize(batch)).pooler_output.float()
         feats = feats / feats.norm(dim=-1, keepdim=True)
