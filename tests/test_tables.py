@@ -171,3 +171,11 @@ def test_selected_and_epoch_one_changes_and_their_sizes_are_named():
 def test_a_change_that_rounds_to_zero_has_no_sign():
     shown = format_table(pd.DataFrame({"d_entropy_pct": [-0.004, 0.003, -0.006]}))
     assert shown.iloc[:, 0].tolist() == ["0.00", "0.00", "-0.01"]
+
+
+def test_a_value_that_rounds_to_zero_shows_no_minus_sign():
+    from collapse_utils.book.tables import ACC, Column, format_number, format_value
+
+    assert format_number(-0.0) == "0.000"  # a non-zero value that rounds to 0 goes scientific
+    assert format_value(-0.00001, Column("accuracy", ACC)) == "0.00"
+    assert format_value(-0.0001, Column("accuracy", ACC)) == "-0.01"  # not zero: keeps its sign

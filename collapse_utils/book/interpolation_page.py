@@ -138,9 +138,11 @@ def recovery_sentence(path: RunPath, row: dict) -> str:
     if math.isnan(row["zs_loss"]):
         return f"{head}: the path lacks α = 0 or α = 1, so no loss is defined."
     if row["zs_loss"] <= 0:
+        change = -100 * row["zs_loss"]
+        moved = f"rises by {change:.2f} points" if change > 0 else "stays the same"
         return (
-            f"{head}: zero-shot accuracy ({where}) does not fall from α = 0 to α = 1 "
-            f"({100 * row['zs_loss']:+.2f} points lost), so there is nothing to recover."
+            f"{head}: zero-shot accuracy ({where}) {moved} from α = 0 to α = 1, so fine-tuning "
+            "cost no transfer here and there is nothing to recover."
         )
     others = ", ".join(
         f"{METRIC_NAMES[m]} {_percent(row[f'{m}_back'])}" for m in METRICS if m != "entropy"

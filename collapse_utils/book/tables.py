@@ -317,7 +317,12 @@ def format_number(value: float, digits: int = 3) -> str:
         return "∞" if value > 0 else "-∞"
     if value != 0 and abs(value) < 0.5 * 10**-digits:
         return f"{value:.1e}"
-    return f"{value:.{digits}f}"
+    return _unsigned_zero(f"{value:.{digits}f}")
+
+
+def _unsigned_zero(text: str) -> str:
+    """``-0.00`` (a negative value, or -0.0, that rounds to zero) as ``0.00``."""
+    return text[1:] if text.startswith("-") and not text.strip("-0.") else text
 
 
 def format_value(value: Any, spec: Column) -> str:
@@ -338,7 +343,7 @@ def format_value(value: Any, spec: Column) -> str:
     if kind == INT:
         return str(int(round(value)))
     if kind == ACC:
-        return f"{100 * value:.2f}"
+        return _unsigned_zero(f"{100 * value:.2f}")
     if kind == CHANGE:
         text = f"{value:+.2f}"
         return "0.00" if text in ("+0.00", "-0.00") else text  # no sign on what rounds to 0
