@@ -4,13 +4,15 @@ params folder with one more experiment file (E5_r32) and fake records stand in f
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from pathlib import Path
 
+import nbformat
 import numpy as np
 import pytest
 
-from collapse_utils.book.family_pages import family_summary
+from collapse_utils.book.family_pages import FAMILY_STEPS, family_summary
 from collapse_utils.book.statistics_chapter import StatisticsChapter
 from collapse_utils.code_hash import TRAINING_CODE, training_code_hash
 from collapse_utils.config import PARAMS_DIR, load_config
@@ -153,3 +155,16 @@ def test_runs_made_by_different_training_code_are_named_on_the_comparison(params
     warning = next(n for n in notes if "different training code" in n)
     assert "E4 `0ld`" in warning and f"E2 `{training_code_hash()}`" in warning
     assert "--profile smoke --stale" in warning
+
+
+@pytest.mark.parametrize("family", list(FAMILY_STEPS))
+def test_each_family_notebook_shows_its_steps_in_the_librarys_order(family):
+    notebook = PARAMS_DIR.parent / "notebooks" / f"{load_families()[family].notebook}.ipynb"
+    cells = nbformat.read(notebook, as_version=4).cells
+    code = "\n".join(c.source for c in cells if c.cell_type == "code")
+    assert re.findall(r"show_step\(steps\.(\w+),", code) == [
+        s.__name__ for s in FAMILY_STEPS[family]
+    ]
+    headings = [c.source.splitlines()[0] for c in cells if c.cell_type == "markdown"]
+    assert sum(h.startswith("## ") for h in headings) == len(FAMILY_STEPS[family]) + 2
+    assert headings[-1] == "## Conclusion" and cells[-1].source == "page.conclusion()"

@@ -1,4 +1,4 @@
-"""Family comparison pages: the summary phase of each family notebook.
+"""Family comparison pages: the steps each family notebook shows (:data:`FAMILY_STEPS`).
 
 The runs of a comparison come from data: the family's reference runs (``params/families.yaml``)
 then its experiments (``params/experiments/*.yaml`` with that ``family``), so a new experiment
@@ -24,7 +24,7 @@ from collapse_utils.analysis.results import (
     zeroshot_datasets,
 )
 from collapse_utils.book import figures
-from collapse_utils.book.page import Page, failure_findings
+from collapse_utils.book.page import Page
 from collapse_utils.book.run_pages import code_warning
 from collapse_utils.book.study_b_page import study_b_page
 from collapse_utils.book.style import (
@@ -81,17 +81,26 @@ def metric_comparison_table(rows: pd.DataFrame, setting: str) -> pd.DataFrame:
     return rows[list(dict.fromkeys(columns))].copy()
 
 
-# --- one page per family ---------------------------------------------------------------------
+# --- the steps of each family page -------------------------------------------------------------
+# Each step shows one table or figure on ``page`` and returns its sentence of the conclusion
+# (empty when it has none). A family notebook calls its family's steps (FAMILY_STEPS) one by
+# one under its own headings; a test holds every notebook to that order.
 
 
-def baseline_page(page: Page, runs: FamilyRuns) -> None:
-    """Report §3.1 / §6.2: the pre-trained attention structure on each dataset."""
+def baseline_structure(page: Page, runs: FamilyRuns) -> str:
+    """Report §3.1 / §6.2: the pre-trained model's four metrics per layer, one line per
+    dataset."""
     page.figure(
         "fig2_baseline_structure",
         figures.baseline_structure(runs.histories),
         "The pre-trained model's four attention metrics per layer, one line per dataset: where "
         "the lines part, the model attends differently to the two datasets' images.",
     )
+    return ""
+
+
+def baseline_table(page: Page, runs: FamilyRuns) -> str:
+    """Per baseline and metric: the layer profile's mean, SD, min and max (seed means)."""
     rows, sentences = [], []
     for run in runs.summary.index:
         seeds = [h for h in runs.histories if h.id == run]
@@ -100,37 +109,36 @@ def baseline_page(page: Page, runs: FamilyRuns) -> None:
         }
         for metric, name in METRIC_NAMES.items():
             values = profiles[metric]
-            rows.append(
-                {
-                    "baseline": run,
-                    "metric": name,
-                    "seeds": len(seeds),
-                    "mean": values.mean(),
-                    "std": values.std(ddof=1),
-                    "min": values.min(),
-                    "max": values.max(),
-                }
-            )
+            rows.append({"baseline": run, "metric": name, "seeds": len(seeds),
+                         "mean": values.mean(), "std": values.std(ddof=1),
+                         "min": values.min(), "max": values.max()})  # fmt: skip
         entropy = profiles["entropy"]
         sentences.append(
             f"On {run}, layer-mean entropy is {entropy.mean():.3f} nats and the most "
             f"concentrated layer is layer {int(np.argmin(entropy)) + 1}."
         )
     page.table("structure", pd.DataFrame(rows).set_index(["baseline", "metric"]))
-    page.conclude(" ".join(sentences))
+    return " ".join(sentences)
 
 
-def full_vs_lora_page(page: Page, runs: FamilyRuns) -> None:
-    """Report §3.2: full fine-tuning against LoRA per dataset, and the effect of the family's
-    axis (LoRA rank)."""
-    summary, axis = runs.summary, runs.family.axis
-    page.table("comparison", metric_comparison_table(summary, axis))
+def comparison_table(page: Page, runs: FamilyRuns) -> str:
+    """Every run's setting, seeds, best accuracy and each metric's final value and change."""
+    page.table("comparison", metric_comparison_table(runs.summary, runs.family.axis))
+    return ""
+
+
+def entropy_heatmaps(page: Page, runs: FamilyRuns) -> str:
     page.figure(
         "fig4_layer_entropy_heatmap",
         figures.layer_heatmaps(runs.histories),
         "Entropy of every layer (rows) over training (columns), one panel per run on one colour "
         "scale: compare how far the Full FT panels darken against the LoRA panels.",
     )
+    return ""
+
+
+def method_trajectories(page: Page, runs: FamilyRuns) -> str:
+    """Report fig. 5: the four metrics over training, one figure per dataset."""
     for k, dataset in enumerate(runs.datasets):
         shown = [h for h in runs.histories if h.dataset == dataset]
         if shown:
@@ -142,6 +150,11 @@ def full_vs_lora_page(page: Page, runs: FamilyRuns) -> None:
                 f"Layer-mean entropy, ERF@0.95, Gini and head diversity over training for every "
                 f"run on {named}: compare the Full FT lines with the LoRA lines.",
             )
+    return ""
+
+
+def single_metrics(page: Page, runs: FamilyRuns) -> str:
+    """Report figs. 9 and 17: head diversity, Gini and ERF@0.95 on their own."""
     for metric, name, reading in (
         ("head_diversity", "fig9_head_diversity", "a falling line means the heads attend alike"),
         ("gini", "fig17_gini_evolution", "a rising line means attention on fewer patches"),
@@ -153,27 +166,33 @@ def full_vs_lora_page(page: Page, runs: FamilyRuns) -> None:
             f"{METRIC_NAMES[metric]} over training (left) and its change per layer (right), "
             f"one line per run: {reading}.",
         )
+    return ""
+
+
+def axis_effect(page: Page, runs: FamilyRuns) -> str:
+    """The family's own axis (LoRA rank) per dataset, and the entropy change per method."""
+    summary, axis = runs.summary, runs.family.axis
     order = {d: k for k, d in enumerate(runs.datasets)}
     varied = summary[summary[axis].notna()]
     varied = varied.sort_values(
         ["dataset", axis], key=lambda c: c.map(order) if c.name == "dataset" else c
     )
-    columns = ["dataset", axis, "seeds", "best_acc", "d_entropy_pct", "d_gini_pct"]
     if not varied.empty:
+        columns = ["dataset", axis, "seeds", "best_acc", "d_entropy_pct", "d_gini_pct"]
         page.table("axis", varied[columns])
     changes = [
         f"by {group['d_entropy_pct'].mean():+.2f} % under {METHOD_NAMES[method]} "
         f"({', '.join(group.index)})"
         for method, group in summary.groupby("method", sort=False)
     ]
-    page.conclude(
+    return (
         f"Averaged over runs, layer-mean entropy changed {' and '.join(changes)}. Whether that "
         "difference is more than noise is tested in the statistics chapter."
     )
 
 
-def lr_sweep_page(page: Page, runs: FamilyRuns) -> None:
-    """Report §3.4: the learning-rate sweep with its reference (the default-rate point)."""
+def lr_sweep(page: Page, runs: FamilyRuns) -> str:
+    """Report §3.4: the sweep's table and fig. 6, and where entropy drops most."""
     axis = runs.family.axis
     rows = runs.summary.sort_values(axis)
     zeroshot = [f"zs_{d}" for d in zeroshot_datasets(rows)]
@@ -187,16 +206,16 @@ def lr_sweep_page(page: Page, runs: FamilyRuns) -> None:
         "drop at the higher rates.",
     )
     steepest = rows.loc[rows["d_entropy_pct"].idxmin()]
-    page.conclude(
+    return (
         f"Across {len(rows)} learning rates from {rows[axis].min():g} to {rows[axis].max():g}, "
         f"the largest entropy drop is {steepest['d_entropy_pct']:+.2f} % at lr "
         f"{steepest[axis]:g}. The correlation with log learning rate, with exact p-values, is in "
-        "the statistics chapter.",
+        "the statistics chapter."
     )
 
 
-def layer_freezing_page(page: Page, runs: FamilyRuns) -> None:
-    """Report §3.5: freezing the first k layers (the reference is k = 0)."""
+def layer_freezing(page: Page, runs: FamilyRuns) -> str:
+    """Report §3.5: entropy change and accuracy against the number of frozen layers."""
     axis = runs.family.axis
     rows = runs.summary.sort_values(axis)
     page.table("freezing", rows[[axis, "seeds", "best_acc", "d_entropy_pct"]])
@@ -208,27 +227,15 @@ def layer_freezing_page(page: Page, runs: FamilyRuns) -> None:
         "does freezing more layers keep entropy higher, and at what cost in accuracy?",
     )
     span = rows["d_entropy_pct"].max() - rows["d_entropy_pct"].min()
-    page.conclude(
+    return (
         f"Across {int(rows[axis].min())}–{int(rows[axis].max())} frozen layers the entropy "
         f"change spans {span:.2f} percentage points and best accuracy ranges from "
-        f"{rows['best_acc'].min():.3f} to {rows['best_acc'].max():.3f}.",
+        f"{100 * rows['best_acc'].min():.2f} % to {100 * rows['best_acc'].max():.2f} %."
     )
 
 
-def lora_targets_page(page: Page, runs: FamilyRuns) -> None:
-    """Report §3.6: LoRA on q,v (the reference) against more target modules."""
-    _trajectory_comparison(
-        page,
-        runs,
-        "extra_lora_qkvo",
-        "The four metrics over training for LoRA on q, v (the reference) and on more target "
-        "modules: look for lines that part.",
-    )
-
-
-def regularization_page(page: Page, runs: FamilyRuns) -> None:
-    """Report §3.7: APR, entropy floor and weight decay against no regularization (the
-    reference)."""
+def regularization(page: Page, runs: FamilyRuns) -> str:
+    """Report §3.7: APR, entropy floor and weight decay against the unregularized reference."""
     rows = runs.summary
     columns = ["reg_kind", "lam", "weight_decay", "seeds", "best_acc", "d_entropy_pct"]
     page.table("regularization", rows[columns])
@@ -252,41 +259,50 @@ def regularization_page(page: Page, runs: FamilyRuns) -> None:
     text = "; ".join(clauses) + "."
     if references:
         text += f" Paired tests against {', '.join(references)} are in the statistics chapter."
-    page.conclude(text[0].upper() + text[1:])
+    return text[0].upper() + text[1:]
 
 
-def _trajectory_comparison(
-    page: Page, runs: FamilyRuns, figure_name: str, caption: str = ""
-) -> None:
-    """The comparison table, the metrics over training and a Δ sentence per run."""
-    rows = runs.summary
-    page.table("comparison", metric_comparison_table(rows, runs.family.axis))
-    fig = figures.metric_trajectories(runs.histories, runs.family.title)
-    caption = caption or (
+def trajectories(page: Page, runs: FamilyRuns) -> str:
+    """The four metrics over training, one line per run, and a Δ sentence per run."""
+    name = (
+        "extra_lora_qkvo"
+        if runs.family.name == "lora_targets"
+        else f"{runs.family.name}_trajectories"
+    )
+    page.figure(
+        name,
+        figures.metric_trajectories(runs.histories, runs.family.title),
         f"Layer-mean entropy, ERF@0.95, Gini and head diversity over training, one line per run "
-        f"of {runs.family.title}: look for lines that part."
+        f"of {runs.family.title}: look for lines that part.",
     )
-    page.figure(figure_name, fig, caption)
-    page.conclude(
-        " ".join(
-            f"{run}: Δentropy {row['d_entropy_pct']:+.2f} %, Δhead diversity "
-            f"{row['d_head_diversity_pct']:+.2f} %, best accuracy {row['best_acc']:.3f}."
-            for run, row in rows.iterrows()
-        )
+    return " ".join(
+        f"{run}: Δentropy {row['d_entropy_pct']:+.2f} %, Δhead diversity "
+        f"{row['d_head_diversity_pct']:+.2f} %, best accuracy {100 * row['best_acc']:.2f} %."
+        for run, row in runs.summary.iterrows()
     )
 
 
-FAMILY_PAGES: dict[str, Callable[[Page, FamilyRuns], None]] = {
-    "baseline": baseline_page,
-    "full_vs_lora": full_vs_lora_page,
-    "lr_sweep": lr_sweep_page,
-    "layer_freezing": layer_freezing_page,
-    "lora_targets": lora_targets_page,
-    "regularization": regularization_page,
-    "study_b": study_b_page,
-}
-"""Families with a page of their own; any other family of families.yaml gets the comparison
-table, its metrics over training and a sentence per run."""
+Step = Callable[[Page, FamilyRuns], str]
+
+
+def show_step(step: Step, page: Page, runs: FamilyRuns) -> str:
+    """One step of a family notebook: its evidence and its sentence (shown as a finding), or
+    nothing while no run of the family is complete."""
+    return "" if runs.summary.empty else page.finding(step(page, runs))
+
+
+FAMILY_STEPS: dict[str, tuple[Step, ...]] = {
+    "baseline": (baseline_structure, baseline_table),
+    "full_vs_lora": (comparison_table, entropy_heatmaps, method_trajectories, single_metrics,
+                     axis_effect),
+    "lr_sweep": (lr_sweep,),
+    "layer_freezing": (layer_freezing,),
+    "lora_targets": (comparison_table, trajectories),
+    "regularization": (regularization,),
+}  # fmt: skip
+"""The steps of each family's page in its notebook's order; any other family of families.yaml
+gets :data:`DEFAULT_STEPS`. Study B's page is :mod:`~collapse_utils.book.study_b_page`."""
+DEFAULT_STEPS: tuple[Step, ...] = (comparison_table, trajectories)
 
 
 def open_family(
@@ -300,26 +316,24 @@ def open_family(
         page.note(f"**Not complete yet, left out:** {', '.join(runs.missing)}")
     if warning := code_warning(runs.histories, profile):
         page.note(warning)
+    if runs.summary.empty:  # the page's whole conclusion
+        page.sentences.append(f"No run of this comparison is complete yet ({', '.join(runs.ids)}).")
     return runs, page
 
 
 def family_summary(
     profile: str, family: str, params_dir: Path | str = PARAMS_DIR, show: bool = True
 ) -> Page:
-    """The comparison page of ``family``: its complete runs, a note naming the missing ones."""
+    """The comparison page of ``family`` in one call (tests, scripts): what its notebook shows
+    step by step."""
     runs, page = open_family(profile, family, params_dir, show)
     if runs.summary.empty:
-        page.conclude(f"No run of this comparison is complete yet ({', '.join(runs.ids)}).")
+        page.conclude()
         return page
-    if family in FAMILY_PAGES:
-        FAMILY_PAGES[family](page, runs)
-    else:
-        _trajectory_comparison(page, runs, f"{family}_trajectories")
+    if family == "study_b":
+        study_b_page(page, runs)
+        return page
+    for step in FAMILY_STEPS.get(family, DEFAULT_STEPS):
+        show_step(step, page, runs)
+    page.conclude()
     return page
-
-
-def family_page(profile: str, family: str, params_dir: Path | str = PARAMS_DIR) -> None:
-    """A family notebook's entry point: the comparison of its complete runs (run pages are
-    ``notebooks/run.ipynb``'s)."""
-    with failure_findings(profile):
-        family_summary(profile, family, params_dir)
