@@ -33,6 +33,7 @@ from collapse_utils.book.style import (
     METRIC_NAMES,
     SETTING_NAMES,
 )
+from collapse_utils.book.tables import format_change
 from collapse_utils.config import PARAMS_DIR, RunConfig, load_config, profile_output_root
 from collapse_utils.families import Family, comparison_ids, load_families
 from collapse_utils.run_record import RunRecord
@@ -181,7 +182,7 @@ def axis_effect(page: Page, runs: FamilyRuns) -> str:
         columns = ["dataset", axis, "seeds", "best_acc", "d_entropy_pct", "d_gini_pct"]
         page.table("axis", varied[columns])
     changes = [
-        f"by {group['d_entropy_pct'].mean():+.2f} % under {METHOD_NAMES[method]} "
+        f"by {format_change(group['d_entropy_pct'].mean())} % under {METHOD_NAMES[method]} "
         f"({', '.join(group.index)})"
         for method, group in summary.groupby("method", sort=False)
     ]
@@ -208,7 +209,7 @@ def lr_sweep(page: Page, runs: FamilyRuns) -> str:
     steepest = rows.loc[rows["d_entropy_pct"].idxmin()]
     return (
         f"Across {len(rows)} learning rates from {rows[axis].min():g} to {rows[axis].max():g}, "
-        f"the largest entropy drop is {steepest['d_entropy_pct']:+.2f} % at lr "
+        f"the largest entropy drop is {format_change(steepest['d_entropy_pct'])} % at lr "
         f"{steepest[axis]:g}. The correlation with log learning rate, with exact p-values, is in "
         "the statistics chapter."
     )
@@ -249,13 +250,12 @@ def regularization(page: Page, runs: FamilyRuns) -> str:
     references = runs.family.references
     clauses = [
         f"without regularization ({ref}) entropy changed by "
-        f"{rows['d_entropy_pct'].get(ref, float('nan')):+.2f} %"
+        f"{format_change(rows['d_entropy_pct'].get(ref, float('nan')))} %"
         for ref in references
     ]
     best = rows["d_entropy_pct"].idxmax()
-    clauses.append(
-        f"the setting that kept it highest is {best} ({rows.loc[best, 'd_entropy_pct']:+.2f} %)"
-    )
+    kept = format_change(rows.loc[best, "d_entropy_pct"])
+    clauses.append(f"the setting that kept it highest is {best} ({kept} %)")
     text = "; ".join(clauses) + "."
     if references:
         text += f" Paired tests against {', '.join(references)} are in the statistics chapter."
@@ -276,8 +276,9 @@ def trajectories(page: Page, runs: FamilyRuns) -> str:
         f"of {runs.family.title}: look for lines that part.",
     )
     return " ".join(
-        f"{run}: Δentropy {row['d_entropy_pct']:+.2f} %, Δhead diversity "
-        f"{row['d_head_diversity_pct']:+.2f} %, best accuracy {100 * row['best_acc']:.2f} %."
+        f"{run}: Δentropy {format_change(row['d_entropy_pct'])} %, Δhead diversity "
+        f"{format_change(row['d_head_diversity_pct'])} %, best accuracy "
+        f"{100 * row['best_acc']:.2f} %."
         for run, row in runs.summary.iterrows()
     )
 

@@ -38,7 +38,15 @@ from collapse_utils.analysis.results import (
 from collapse_utils.analysis.verdicts import Verdict
 from collapse_utils.book.page import Page, failure_findings
 from collapse_utils.book.style import SETTING_NAMES
-from collapse_utils.book.tables import CHANGE, INT, TEXT, Column, format_p, show_table
+from collapse_utils.book.tables import (
+    CHANGE,
+    INT,
+    TEXT,
+    Column,
+    format_change,
+    format_p,
+    show_table,
+)
 from collapse_utils.config import (
     PARAMS_DIR,
     available_experiments,
@@ -241,19 +249,21 @@ class FindingsChapter:
         """One research question: the report's answer, the verdict on the report's numbers and
         on this build's, with evidence and unit, the rule, and the links."""
         section, text = self.numbers.claims[claim]
+        # (who, verdict, on this build's runs)
         rows = [
-            ("The report's own numbers", self.report[claim]),
-            (f"This build (`{self.profile}`)", self.build[claim]),
+            ("The report's own numbers", self.report[claim], False),
+            (f"This build (`{self.profile}`)", self.build[claim], True),
         ]
         matched = self.matched.get(claim)
         if matched is not None:
-            rows.append((f"Study B, matched grid (`{self.profile}`)", matched))
+            rows.append((f"Study B, matched grid (`{self.profile}`)", matched, True))
         theirs = self.published.get(claim)
         if theirs is not None:
-            rows.append((f"Study B, {PUBLISHED_LINK}", theirs))
+            rows.append((f"Study B, {PUBLISHED_LINK}", theirs, False))
         table = "\n".join(
-            f"| {who} | **{v.verdict}** | {_cell(evidence(v))} | {v.unit}, n = {v.n} |"
-            for who, v in rows
+            f"| {who} | {self.ours(v.verdict) if mine else f'**{v.verdict}**'} | "
+            f"{_cell(evidence(v))} | {v.unit}, n = {v.n} |"
+            for who, v, mine in rows
         )
         rule = f"*Rule.* {verdicts.RULES[claim]}"
         if claim in verdicts.MATCHED_RULES and (matched is not None or theirs is not None):
@@ -264,6 +274,13 @@ class FindingsChapter:
             f"{table}\n\n{rule}\n\n"
             f"Detail: {', '.join(self.links(claim))}."
         )
+
+    def ours(self, verdict: str, bold: bool = True) -> str:
+        """A verdict on this build's runs: bold, except on the smoke profile, where it is
+        greyed and marked, since its runs check the pipeline and are not findings."""
+        if self.profile == "smoke":
+            return f'<span class="smoke-verdict">{verdict} (smoke: not a finding)</span>'
+        return f"**{verdict}**" if bold else verdict
 
     def overview_markdown(self) -> str:
         lines = [
@@ -276,7 +293,8 @@ class FindingsChapter:
             theirs = self.published.get(claim)
             published_cell = theirs.verdict if theirs else "not tested by Study B"
             lines.append(
-                f"| {question} | {self.report[claim].verdict} | {self.build[claim].verdict} | "
+                f"| {question} | {self.report[claim].verdict} | "
+                f"{self.ours(self.build[claim].verdict, bold=False)} | "
                 f"{published_cell} | {self.links(claim)[0]} |"
             )
         return "\n".join(lines)
@@ -364,7 +382,7 @@ def _spread(values: pd.Series) -> float:
 
 
 def _signed(value: float, unit: str = "%") -> str:
-    return f"{value:+.2f} {unit}" if not math.isnan(value) else "missing"
+    return f"{format_change(value)} {unit}" if not math.isnan(value) else "missing"
 
 
 def matched_verdicts(profile: str, params_dir: Path | str = PARAMS_DIR) -> dict[str, Verdict]:

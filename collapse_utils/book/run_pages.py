@@ -9,7 +9,7 @@ from collapse_utils.analysis.results import pct_change
 from collapse_utils.book import figures
 from collapse_utils.book.page import Page
 from collapse_utils.book.style import DATASET_NAMES, METRIC_NAMES
-from collapse_utils.book.tables import format_lr
+from collapse_utils.book.tables import format_change, format_lr
 from collapse_utils.code_hash import run_code, training_code_hash
 from collapse_utils.config import RunConfig
 from collapse_utils.run_record import RunRecord
@@ -147,7 +147,7 @@ def _percent(accuracy: float) -> str:
 
 
 def _pct(pair: tuple[float, float]) -> str:
-    return f"{pct_change(*pair):+.2f} %"
+    return f"{format_change(pct_change(*pair))} %"
 
 
 def code_warning(histories: list[RunRecord], profile: str) -> str:

@@ -22,7 +22,7 @@ from collapse_utils.analysis.results import run_summary
 from collapse_utils.book import study_b_figures
 from collapse_utils.book.page import Page
 from collapse_utils.book.style import DATASET_NAMES, METHOD_NAMES
-from collapse_utils.book.tables import column_spec, format_lr, format_p
+from collapse_utils.book.tables import column_spec, format_change, format_lr, format_p
 
 if TYPE_CHECKING:
     from collapse_utils.book.family_pages import FamilyRuns
@@ -108,7 +108,8 @@ def paired(page: Page, frame: pd.DataFrame, target: str) -> str:
         if outcome in (ENTROPY, target) and row["n"] > 0:
             parts.append(
                 f"{column_spec(outcome).label} on {DATASET_NAMES.get(dataset, dataset)} "
-                f"{row['diff']:+.2f} ({int(row['n'])} pairs, Holm p {_p(row['p_t_holm'])})"
+                f"{format_change(row['diff'])} ({int(row['n'])} pairs, "
+                f"Holm p {_p(row['p_t_holm'])})"
             )
     if not parts:
         return "No full-FT run has a LoRA twin at the same learning rate and seed yet."
@@ -345,7 +346,7 @@ def polarity(page: Page, frames: dict[str, pd.DataFrame], target: str) -> str:
     for (model, _, method), value in rho.items():
         kind = "null" if abs(value) < 0.005 else ("positive" if value > 0 else "negative")
         where = f"{METHOD_NAMES.get(method, method)} on {published.short_name(model)}"
-        groups[kind].append(f"{where} ({value:+.2f})")
+        groups[kind].append(f"{where} ({format_change(value)})")
     parts = [f"{kind} for {', '.join(found)}" for kind, found in groups.items() if found]
     if not parts:
         return (

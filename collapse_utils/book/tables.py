@@ -310,6 +310,12 @@ def format_p(value: float) -> str:
     return f"{value:.1e}" if value < 0.001 else f"{value:.3f}"
 
 
+def format_change(value: float, digits: int = 2) -> str:
+    """A signed change, ``+1.25``; no sign on what rounds to zero (``0.00``, never ``-0.00``)."""
+    text = f"{value:+.{digits}f}"
+    return text[1:] if not text.strip("+-0.") else text
+
+
 def format_number(value: float, digits: int = 3) -> str:
     """``digits`` decimals; scientific (two significant digits) when a non-zero value would
     print as zero; ``inf`` as ``∞``."""
@@ -345,8 +351,7 @@ def format_value(value: Any, spec: Column) -> str:
     if kind == ACC:
         return _unsigned_zero(f"{100 * value:.2f}")
     if kind == CHANGE:
-        text = f"{value:+.2f}"
-        return "0.00" if text in ("+0.00", "-0.00") else text  # no sign on what rounds to 0
+        return format_change(value)
     if kind == P:
         return format_p(value)
     if kind == LR:
