@@ -62,6 +62,8 @@ from collapse_utils.projection import (
     sample_by_kind,
     split_sizes,
     study_work,
+    sync,
+    timed,
 )
 from collapse_utils.storage import write_json
 from collapse_utils.training.data import image_to_uint8, normalize, synthetic_images
@@ -162,19 +164,6 @@ def report_logits(classifier: CLIPClassifier, pixels: Tensor) -> Tensor:
 # --- timing -----------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
-    tick = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - tick
-
-
 def time_round_robin(
     fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: torch.device
 ) -> dict[str, list[float]]:
@@ -186,7 +175,7 @@ def time_round_robin(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(_timed(fn, device))
+            times[name].append(timed(fn, device))
     return times
 
 
@@ -198,12 +187,12 @@ def profile_step(step: Callable[[], Any], device: torch.device, steps: int = 3) 
 
     step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    _sync(device)
+    sync(device)
     tick = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-        _sync(device)
+        sync(device)
     wall_us = (time.perf_counter() - tick) * 1e6
     events = prof.events()
     kernels = [e for e in events if e.device_type.name == "CUDA"]

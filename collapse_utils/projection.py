@@ -200,7 +200,7 @@ def rehearse_run(
         opt.step(loss)
 
     scaled = time.perf_counter() - tick
-    fixed += _timed(lambda: [step(k) for k in range(FIXED_STEPS)], dev)
+    fixed += timed(lambda: [step(k) for k in range(FIXED_STEPS)], dev)
     tick = time.perf_counter()
     snapshots = max(1, round(work.snapshots * scale))
     every = max(1, scaled_steps // snapshots)
@@ -213,7 +213,7 @@ def rehearse_run(
     eval_set = _images(n_classes, eval_images, dev, seed=5)
     accuracy(model, *eval_set, eval_dtype)
     sums.read()
-    _sync(dev)
+    sync(dev)
     scaled += time.perf_counter() - tick
     loss_fn.close()
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
@@ -251,16 +251,18 @@ def _flops_per_image(loss_fn: TrainingLoss, images: Tensor, labels: Tensor, flip
     return counter.get_total_flops() / 2
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device: torch.device) -> float:
-    _sync(device)
+def timed(fn, device: torch.device) -> float:
+    """Seconds ``fn()`` takes, the device's work included."""
+    sync(device)
     tick = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - tick
 
 
