@@ -288,16 +288,20 @@ def project_study(
     stands_for: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """Rehearse ``works`` × ``scale``, ``runs_per_gpu`` processes at once (spawned: each its
-    own CUDA context, as the runner's kernels), and project the whole study; with
+    own CUDA context, as the runner's kernels; one: in this process), and project the whole
+    study; with
     ``stands_for`` (:func:`sample_by_kind`) each rehearsed run stands for runs of those
     multiples of its steps."""
     stands_for = list(stands_for or [[1.0]] * len(works))
-    context = get_context("spawn")
     n, threads = len(works), max(1, (os.cpu_count() or 1) // runs_per_gpu)
+    args = ([scale] * n, [size] * n, [device] * n, [threads] * n)
     tick = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=runs_per_gpu, mp_context=context) as pool:
-        args = ([scale] * n, [size] * n, [device] * n, [threads] * n)
-        runs = list(pool.map(rehearse_run, works, *args))
+    if runs_per_gpu == 1:  # one at a time: here, as a kernel runs its page
+        runs = list(map(rehearse_run, works, *args))
+    else:
+        context = get_context("spawn")
+        with ProcessPoolExecutor(max_workers=runs_per_gpu, mp_context=context) as pool:
+            runs = list(pool.map(rehearse_run, works, *args))
     measured = time.perf_counter() - tick
     for r, multiples in zip(runs, stands_for, strict=True):
         r["projected_s"] = r["fixed_s"] + r["scaled_s"] / scale

@@ -23,8 +23,9 @@ def _positive_numbers(mapping: dict) -> bool:
 
 def test_quick_cpu_benchmark_writes_well_formed_json(tmp_path, capsys):
     argv = ["--quick", "--device", "cpu", "--size", "smoke", "--out", str(tmp_path)]
-    # The study projection on the first two runs of the full profile, packed two at a time.
-    argv += ["--study", "--study-scale", "0.0005", "--study-runs", "2", "--runs-per-gpu", "2"]
+    # The study projection on the first run of the full profile (packing K at a time is
+    # pack_longest_first's to show; spawning K processes is the dispatcher's).
+    argv += ["--study", "--study-scale", "0.0005", "--study-runs", "1", "--runs-per-gpu", "1"]
     result = bench.main(argv + ["--threads", str(torch.get_num_threads())])
 
     written = sorted(p.name for p in tmp_path.glob("*.json"))
@@ -69,16 +70,16 @@ def test_quick_cpu_benchmark_writes_well_formed_json(tmp_path, capsys):
                for p in smoke["step_profile"].values())  # fmt: skip
 
     (projection,) = result["study"].values()
-    assert projection["runs_per_gpu"] == 2 and len(projection["runs"]) == 2
+    assert projection["runs_per_gpu"] == 1 and len(projection["runs"]) == 1
     for run in projection["runs"]:
         assert run["scaled_steps"] >= 1 and run["fixed_s"] > 0 and run["scaled_s"] > 0
         assert run["projected_s"] == pytest.approx(run["fixed_s"] + run["scaled_s"] / 0.0005)
-    longest = max(r["projected_s"] for r in projection["runs"])
-    assert projection["projected_study_s"] == pytest.approx(longest)  # two runs, two slots
-    assert result["targets"]["study, 2 per GPU: >= 35% MFU"] is False  # no peak on a CPU
+    (run,) = projection["runs"]
+    assert projection["projected_study_s"] == pytest.approx(run["projected_s"])
+    assert result["targets"]["study, 1 per GPU: >= 35% MFU"] is False  # no peak on a CPU
     assert "smoke: tracking <= 3% of the study" in result["targets"]
     out = capsys.readouterr().out
-    assert "implied study" in out and "study projection, 2 run(s) per device" in out
+    assert "implied study" in out and "study projection, 1 run(s) per device" in out
 
 
 def test_study_workload_counts_every_trained_run_at_its_own_split_and_batch_size():
