@@ -14,7 +14,7 @@ from collapse_utils.training.model import load_clip
 
 TINY = ModelSpec(source="tiny", vision_layers=3, tiny_hidden=32, tiny_heads=4)
 REPO = Path(__file__).resolve().parent.parent
-BOOK_CONFIGS = ("E1_eurosat", "E2", "E5")
+BOOK_CONFIGS = ("E1_eurosat", "E2")  # LoRA runs are in the tiny Study B grid
 BROKEN = """id: E9_broken
 family: full_vs_lora
 description: Full FT on a dataset that is not on disk

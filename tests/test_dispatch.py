@@ -18,6 +18,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 
 from collapse_utils.__main__ import main
 from collapse_utils.analysis.results import load_histories
@@ -41,6 +42,7 @@ from collapse_utils.config import PARAMS_DIR, PARAMS_ENV, load_config
 from collapse_utils.families import FAMILIES_FILE
 from collapse_utils.run_record import RunFiles
 from collapse_utils.storage import LockedError
+from collapse_utils.training.experiment import run_experiment
 from tests.test_runner import FakeExecutor, make_book
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,7 +105,7 @@ class SlotRecorder(FakeExecutor):
 
     def __call__(self, execution, cwd, env):
         start = time.time()
-        time.sleep(0.5)
+        time.sleep(0.3)
         super().__call__(execution, cwd, env)
         record = {"name": execution.name, "device": env.get("CUDA_VISIBLE_DEVICES")}
         record |= {"start": start, "end": time.time(), "params": env.get("COLLAPSE_PARAMS_DIR")}
@@ -309,10 +311,17 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def studies(ray_cluster, tmp_path_factory):
-    """The same plan (E2, E4 × seeds 1, 2 and their family page) by the local runner and through
-    Ray, one Ray worker killed mid-training: (local, ray paths, ray report, attempts, killed)."""
+    """The same runs (E2, E4 × seeds 1, 2) trained here, one thread as a Ray worker's kernel
+    has, and the plan (with their family page) through Ray, one Ray worker killed
+    mid-training: (local, ray paths, ray report, attempts, killed)."""
     local = study_book(tmp_path_factory.mktemp("local"))
-    assert run_book("smoke", local, only=["E2", "E4"], jobs=2, build=False).ok
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for run_id, seed in RUNS:
+            run_experiment(load_config("smoke", run_id, local.params, seed=seed), progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
     paths = study_book(tmp_path_factory.mktemp("ray"))
     log = paths.root / "attempts"
@@ -366,7 +375,7 @@ def measured(history) -> dict[str, float | None]:
 
 
 @needs_ray
-def test_ray_runs_give_the_same_histories_as_the_local_runner(studies):
+def test_ray_runs_give_the_same_histories_as_training_here(studies):
     local, paths, report, _, _ = studies
     assert report.ok, report.failed
     ours = load_histories(paths.root / "outputs" / "smoke")
