@@ -353,6 +353,16 @@ def profile_output_root(profile: str, params_dir: Path | str = PARAMS_DIR) -> Pa
     return resolve_path(output_root, params_root(params_dir))
 
 
+def profile_model(profile: str, params_dir: Path | str = PARAMS_DIR) -> ModelSpec:
+    """The model a profile names (its ``model:`` sections, ``extends`` followed), before any
+    experiment file changes it (paths as written): e.g. the smoke profile's tiny CLIP, for
+    benchmarks."""
+    profiles = profile_sources(profile, params_dir)
+    origin: dict[str, Path] = {}
+    model = _merge_sections(profiles, origin)["model"]
+    return _build(ModelSpec, model, "model", origin, profiles[-1][0])
+
+
 def load_config(
     profile: str,
     experiment_id: str,

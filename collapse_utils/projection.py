@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPConfig, CLIPModel
 
-from collapse_utils.config import RunConfig, load_config, plan_runs
+from collapse_utils.config import RunConfig, plan_runs, profile_model
 from collapse_utils.measurement.metrics import layer_metrics
 from collapse_utils.training.data import synthetic_images
 from collapse_utils.training.environment import autocast_dtype
@@ -142,7 +142,7 @@ def random_clip(size: str, patch_size: int = 32, attn: str = "sdpa", seed: int =
     """smoke: the smoke profile's tiny CLIP; full: a random-init ViT-B/``patch_size``
     (``CLIPConfig()`` is exactly ViT-B/32)."""
     if size == "smoke":
-        spec = load_config("smoke", "E2").model
+        spec = profile_model("smoke")
         spec = dataclasses.replace(spec, attn_implementation=attn, patch_size=patch_size)
         return load_clip(spec, seed=seed)
     with torch.random.fork_rng():

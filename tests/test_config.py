@@ -396,3 +396,12 @@ def test_a_fixed_split_needs_three_positive_counts_for_its_dataset(counts):
     assert config.data.split == "fixed" and config.data.fixed_per_class["eurosat"] == (6, 4, 4)
     with pytest.raises(ConfigError, match=r"field 'data.fixed_per_class' needs \[train, val"):
         config.with_overrides(data={"fixed_per_class": counts})
+
+
+def test_a_profiles_model_is_read_without_an_experiment_file():
+    from collapse_utils.config import profile_model
+
+    assert profile_model("smoke") == load_config("smoke", "E2").model  # E2 keeps the profile's
+    assert profile_model("full").name == "openai/clip-vit-base-patch32"
+    with pytest.raises(ConfigError, match="unknown profile 'nope'"):
+        profile_model("nope")
