@@ -33,11 +33,15 @@ def profile_note(profile: str) -> str:
     return note + ("\n\n" + SMOKE_NOTE if profile == "smoke" else "")
 
 
+def findings_markdown(profile: str, text: str, source: str = "") -> Markdown:
+    """A page's findings after the profile note (or ``source``, the note of a page that shows
+    no number of the profile's runs)."""
+    return Markdown((source or profile_note(profile)) + "\n\n" + text)
+
+
 def glue_findings(profile: str, text: str, source: str = "") -> None:
-    """Glue ``findings`` (Markdown), after the profile note (or ``source``, the note of a page
-    that shows no number of the profile's runs)."""
-    note = source or profile_note(profile)
-    glue("findings", Markdown(note + "\n\n" + text), display=False)
+    """Glue ``findings`` (:func:`findings_markdown`)."""
+    glue("findings", findings_markdown(profile, text, source), display=False)
 
 
 @contextmanager
@@ -111,8 +115,7 @@ class Page:
         alike, where :meth:`conclude`'s glue renders only in the book."""
         self.findings = findings if findings is not None else " ".join(self.sentences)
         if self.show:
-            note = self.source or profile_note(self.profile)
-            display(Markdown(note + "\n\n" + self.findings))
+            display(findings_markdown(self.profile, self.findings, self.source))
 
     def conclude(self, findings: str | None = None) -> None:
         """Glue ``findings`` (default: every :meth:`finding` of the page, in order)."""

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from collapse_utils.training.data import normalize
 from collapse_utils.training.environment import autocast
+from collapse_utils.training.evaluation import EVAL_BATCH
 
-CACHE_BATCH = 256  # images per forward while caching
 CACHED_METHODS = ("linear_probe", "last_block")
 
 
@@ -68,8 +68,8 @@ def _frozen_outputs(model: nn.Module, method: str, images: Tensor, dtype) -> Ten
     outputs = []
     handle = last_layer.register_forward_pre_hook(keep_input, with_kwargs=True)
     try:
-        for start in range(0, len(images), CACHE_BATCH):
-            pixels = normalize(images[start : start + CACHE_BATCH])
+        for start in range(0, len(images), EVAL_BATCH):
+            pixels = normalize(images[start : start + EVAL_BATCH])
             with autocast(images.device, dtype):
                 outputs.append(model.features(pixels))
     finally:
