@@ -240,6 +240,9 @@ TWO_SEEDS = {
     "seeds: [1, 2]\n",
 }
 RUNS = [("E2", 1), ("E2", 2), ("E4", 1), ("E4", 2)]
+# Trained here too, as the reference: one seed of each method (what differs between seeds is
+# only the seed, which the config carries to the worker like any other setting).
+REFERENCE_RUNS = [("E2", 2), ("E4", 1)]
 
 
 def study_book(root: Path) -> BookPaths:
@@ -311,14 +314,14 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def studies(ray_cluster, tmp_path_factory):
-    """The same runs (E2, E4 × seeds 1, 2) trained here, one thread as a Ray worker's kernel
-    has, and the plan (with their family page) through Ray, one Ray worker killed
+    """:data:`REFERENCE_RUNS` trained here, one thread as a Ray worker's kernel has, and the plan
+    (E2, E4 × seeds 1, 2 with their family page) through Ray, one Ray worker killed
     mid-training: (local, ray paths, ray report, attempts, killed)."""
     local = study_book(tmp_path_factory.mktemp("local"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for run_id, seed in RUNS:
+        for run_id, seed in REFERENCE_RUNS:
             run_experiment(load_config("smoke", run_id, local.params, seed=seed), progress=False)
     finally:
         torch.set_num_threads(threads)
@@ -380,7 +383,9 @@ def test_ray_runs_give_the_same_histories_as_training_here(studies):
     assert report.ok, report.failed
     ours = load_histories(paths.root / "outputs" / "smoke")
     theirs = load_histories(local.root / "outputs" / "smoke")
-    assert [(h.id, h.seed) for h in ours] == [(h.id, h.seed) for h in theirs] == RUNS
+    assert [(h.id, h.seed) for h in ours] == RUNS
+    assert [(h.id, h.seed) for h in theirs] == REFERENCE_RUNS
+    ours = [h for h in ours if (h.id, h.seed) in REFERENCE_RUNS]
     for a, b in zip(ours, theirs, strict=True):
         ray_values, local_values = measured(a), measured(b)
         assert ray_values.keys() == local_values.keys()

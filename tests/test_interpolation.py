@@ -236,8 +236,9 @@ def study(tmp_path_factory, runs) -> Path:
 def test_the_page_shows_the_measured_runs_and_names_the_missing(study):
     assert path_runs("smoke", study) == ["E2", "E3", "E4", "E5", "E6", "E7"]
     page = interpolation_page("smoke", study, show=False)
-    assert page.notes == ["**Not measured, left out:** E3 (not complete), E4 (not complete), "
-                          "E6 (not complete), E7 (not complete)"]  # fmt: skip
+    assert page.notes[0] == ("**Not measured, left out:** E3 (not complete), E4 (not complete), "
+                             "E6 (not complete), E7 (not complete)")  # fmt: skip
+    assert page.notes[1].startswith("- **E2** (Full FT EuroSAT)")  # one sentence per run
     assert list(page.tables["recovery"].index) == ["E2", "E5"]
     assert set(page.figures) == {"extra_interpolation_frontier", "extra_interpolation_metrics",
                                  "extra_interpolation_layer_entropy"}  # fmt: skip
@@ -264,10 +265,10 @@ def test_the_notebook_executes_with_papermill(study, tmp_path, monkeypatch):
     output = tmp_path / "11_interpolation.ipynb"
     papermill.execute_notebook(NOTEBOOK, output, parameters={"profile": "smoke"}, cwd=REPO_ROOT,
                                progress_bar=False, kernel_name="python3")  # fmt: skip
-    glued = "application/papermill.record/text/markdown"
-    texts = "".join(o.get("data", {}).get(glued, "") for c in nbformat.read(output, 4).cells
-                    for o in c.get("outputs", []))  # fmt: skip
+    texts = "".join(o.get("data", {}).get("text/markdown", "") for c in nbformat.read(output, 4)
+                    .cells for o in c.get("outputs", []))  # fmt: skip
     assert "**E2** (Full FT EuroSAT)" in texts and "**E5** (LoRA r=8 EuroSAT)" in texts
+    assert "2 runs measured at 5 values of α" in texts  # the conclusion, shown in Jupyter too
     assert "Not measured, left out:" in "".join(
         str(o.get("data", {})) for c in nbformat.read(output, 4).cells for o in c.get("outputs", [])
     )

@@ -155,7 +155,7 @@ def test_the_published_page_states_the_authors_revised_answers(runs):
     for section in (sections.paired, sections.verdicts, sections.ranking, sections.early_warning):
         page.finding(section(page, runs, "retention_cifar100"))
     page.finding(chapter.authors_section(page, runs))
-    page.conclude()
+    page.conclusion()
     text = page.findings
     assert "not a meter of the damage" in text  # a dose meter, not a damage meter
     assert "CKA to pre-trained, layer mean (ρ = +0.96), Embedding drift (ρ = -0.92)" in text

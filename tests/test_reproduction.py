@@ -15,6 +15,7 @@ from collapse_utils.analysis import reproduction as rp
 from collapse_utils.analysis.stats import compare_groups
 from collapse_utils.analysis.verdicts import INCONCLUSIVE, SUPPORTED
 from collapse_utils.book.findings_chapter import run_settings
+from collapse_utils.book.page import profile_note
 from collapse_utils.book.reproduction_chapter import ReproductionChapter
 from collapse_utils.config import REPO_ROOT, ConfigError, available_experiments
 from tests.fake_records import FULL_CHANGE, START, histories, write_study
@@ -259,6 +260,7 @@ def test_reproduction_chapter_sets_a_fake_build_beside_every_published_number(tm
         and not shown.apply(lambda c: c.str.contains("nan")).any().any()
     )
     assert "R2_entfloor0.1" in chapter.this_build_markdown()
+    chapter.conclusion()
     assert "445 published numbers" in chapter.page.findings
     assert len(chapter.tolerances()) == len(NUMBERS.kinds)
 
@@ -284,7 +286,9 @@ def test_reproduction_chapter_of_a_partial_study_shows_every_table(tmp_path, cap
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stem", ["00_findings", "12_reproduction_check"])
+@pytest.mark.parametrize(
+    "stem", ["00_findings", "07_zero_shot", "10_reproducibility", "12_reproduction_check"]
+)
 def test_notebook_executes_on_fake_records(tmp_path, stem):
     import os
     import subprocess
@@ -301,5 +305,10 @@ def test_notebook_executes_on_fake_records(tmp_path, stem):
     outputs = [o for c in notebook.cells for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     assert not [o for o in outputs if o.output_type == "stream" and o.name == "stderr"]
-    glued = {o.get("metadata", {}).get("scrapbook", {}).get("name") for o in outputs}
-    assert "findings" in glued
+    # Read in Jupyter, the notebook ends on its conclusion in words (not a glue directive that
+    # only the book renders), and no cell leans on one to show a paragraph.
+    assert not [c for c in notebook.cells if "{glue:md}" in c.source]
+    last = [c for c in notebook.cells if c.cell_type == "code"][-1]
+    shown = "".join(o.get("data", {}).get("text/markdown", "") for o in last.outputs)
+    assert shown.startswith(profile_note("smoke"))
+    assert len(shown.removeprefix(profile_note("smoke")).strip()) > 40, shown

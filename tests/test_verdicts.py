@@ -230,7 +230,7 @@ def test_findings_on_a_fake_study_give_a_verdict_and_evidence_for_every_claim(tm
         text = chapter.claim_markdown(claim)
         assert verdicts.RULES[claim] in text and "{doc}`" in text
     assert "/book/executed/08_statistics" in chapter.overview_markdown()
-    assert "this build gives 3 supported" in chapter.page.findings  # RQ1, RQ2, RQ4
+    assert "this build gives 3 supported" in chapter.summary_text()  # RQ1, RQ2, RQ4
     knobs = chapter.knobs()
     lr = knobs.set_index("setting").loc["learning rate"]
     assert lr["report_range"] == pytest.approx(1.45 + 10.40)

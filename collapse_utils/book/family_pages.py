@@ -24,7 +24,7 @@ from collapse_utils.analysis.results import (
     zeroshot_datasets,
 )
 from collapse_utils.book import figures
-from collapse_utils.book.page import Page
+from collapse_utils.book.page import Page, show_step
 from collapse_utils.book.run_pages import code_warning
 from collapse_utils.book.study_b_page import study_b_page
 from collapse_utils.book.style import (
@@ -50,6 +50,10 @@ class FamilyRuns:
     configs: dict[str, RunConfig]
     histories: list[RunRecord]
     summary: pd.DataFrame
+
+    @property
+    def empty(self) -> bool:
+        return self.summary.empty
 
     @property
     def missing(self) -> list[str]:
@@ -118,13 +122,23 @@ def baseline_table(page: Page, runs: FamilyRuns) -> str:
             f"On {run}, layer-mean entropy is {entropy.mean():.3f} nats and the most "
             f"concentrated layer is layer {int(np.argmin(entropy)) + 1}."
         )
-    page.table("structure", pd.DataFrame(rows).set_index(["baseline", "metric"]))
+    page.table(
+        "structure",
+        pd.DataFrame(rows).set_index(["baseline", "metric"]),
+        "Each metric's profile over the layers of the pre-trained model: its mean, SD, minimum "
+        "and maximum across layers, per baseline run.",
+    )
     return " ".join(sentences)
 
 
 def comparison_table(page: Page, runs: FamilyRuns) -> str:
     """Every run's setting, seeds, best accuracy and each metric's final value and change."""
-    page.table("comparison", metric_comparison_table(runs.summary, runs.family.axis))
+    page.table(
+        "comparison",
+        metric_comparison_table(runs.summary, runs.family.axis),
+        "One row per run (seed means): best accuracy, then each metric's final layer mean and "
+        "its change from the first tracking point.",
+    )
     return ""
 
 
@@ -180,7 +194,12 @@ def axis_effect(page: Page, runs: FamilyRuns) -> str:
     )
     if not varied.empty:
         columns = ["dataset", axis, "seeds", "best_acc", "d_entropy_pct", "d_gini_pct"]
-        page.table("axis", varied[columns])
+        page.table(
+            "axis",
+            varied[columns],
+            f"The runs that vary the {SETTING_NAMES.get(axis, axis)}, per dataset: accuracy and "
+            "the change of entropy and Gini.",
+        )
     changes = [
         f"by {format_change(group['d_entropy_pct'].mean())} % under {METHOD_NAMES[method]} "
         f"({', '.join(group.index)})"
@@ -198,7 +217,12 @@ def lr_sweep(page: Page, runs: FamilyRuns) -> str:
     rows = runs.summary.sort_values(axis)
     zeroshot = [f"zs_{d}" for d in zeroshot_datasets(rows)]
     columns = [axis, "seeds", "best_acc", "d_entropy_pct", "d_erf_pct", "d_gini_pct", *zeroshot]
-    page.table("sweep", rows[columns])
+    page.table(
+        "sweep",
+        rows[columns],
+        "One row per learning rate (seed means): best accuracy, the change of entropy, ERF@0.95 "
+        "and Gini, and zero-shot accuracy where measured.",
+    )
     page.figure(
         "fig6_lr_sweep",
         figures.lr_sweep(rows.reset_index(), runs.histories),
@@ -219,7 +243,11 @@ def layer_freezing(page: Page, runs: FamilyRuns) -> str:
     """Report §3.5: entropy change and accuracy against the number of frozen layers."""
     axis = runs.family.axis
     rows = runs.summary.sort_values(axis)
-    page.table("freezing", rows[[axis, "seeds", "best_acc", "d_entropy_pct"]])
+    page.table(
+        "freezing",
+        rows[[axis, "seeds", "best_acc", "d_entropy_pct"]],
+        "One row per number of frozen layers (seed means): best accuracy and entropy change.",
+    )
     fig = figures.ablation_effect(rows.reset_index(), axis, SETTING_NAMES[axis], runs.family.title)
     page.figure(
         "extra_frozen_layers",
@@ -239,7 +267,12 @@ def regularization(page: Page, runs: FamilyRuns) -> str:
     """Report §3.7: APR, entropy floor and weight decay against the unregularized reference."""
     rows = runs.summary
     columns = ["reg_kind", "lam", "weight_decay", "seeds", "best_acc", "d_entropy_pct"]
-    page.table("regularization", rows[columns])
+    page.table(
+        "regularization",
+        rows[columns],
+        "One row per regularizer setting (seed means): best accuracy and entropy change, the "
+        "unregularized reference included.",
+    )
     page.figure(
         "fig8_regularization",
         figures.regularization(rows.reset_index(), runs.histories),
@@ -286,12 +319,6 @@ def trajectories(page: Page, runs: FamilyRuns) -> str:
 Step = Callable[[Page, FamilyRuns], str]
 
 
-def show_step(step: Step, page: Page, runs: FamilyRuns) -> str:
-    """One step of a family notebook: its evidence and its sentence (shown as a finding), or
-    nothing while no run of the family is complete."""
-    return "" if runs.summary.empty else page.finding(step(page, runs))
-
-
 FAMILY_STEPS: dict[str, tuple[Step, ...]] = {
     "baseline": (baseline_structure, baseline_table),
     "full_vs_lora": (comparison_table, entropy_heatmaps, method_trajectories, single_metrics,
@@ -329,12 +356,12 @@ def family_summary(
     step by step."""
     runs, page = open_family(profile, family, params_dir, show)
     if runs.summary.empty:
-        page.conclude()
+        page.conclusion()
         return page
     if family == "study_b":
         study_b_page(page, runs)
         return page
     for step in FAMILY_STEPS.get(family, DEFAULT_STEPS):
         show_step(step, page, runs)
-    page.conclude()
+    page.conclusion()
     return page

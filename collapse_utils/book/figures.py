@@ -453,3 +453,36 @@ def attention_overlay(ax: Axes, image: np.ndarray, patches: np.ndarray, title: s
         interpolation="nearest",
     )
     ax.set(title=title, xticks=[], yticks=[])
+
+
+FLAG_COLORS = {"within tolerance": "tab:green", "differs": "tab:red"}
+
+
+def report_vs_build(comparison: pd.DataFrame, units: dict[str, str]) -> Figure:
+    """The reproduction check at a glance: every published number (x) against this build's (y),
+    one panel per kind of quantity (``units``: kind → unit), points coloured by their flag, the
+    diagonal where the two agree. ``comparison``: rows with ``kind``, ``report``, ``ours`` and
+    ``flag`` (numbers missing on either side are left out)."""
+    shown = comparison.dropna(subset=["report", "ours"])
+    kinds = [k for k in units if k in set(shown["kind"])]
+    ncols = min(len(kinds), 3) or 1
+    fig, axes = new_figure(ncols=ncols, nrows=math.ceil(len(kinds) / ncols) or 1, width=3.0,
+                           height=2.9)  # fmt: skip
+    for ax, kind in zip(axes.ravel(), kinds, strict=False):
+        rows = shown[shown["kind"] == kind]
+        for flag, group in rows.groupby("flag"):
+            ax.scatter(group["report"], group["ours"], s=12, label=flag,
+                       color=FLAG_COLORS.get(flag, "tab:gray"))  # fmt: skip
+        values = pd.concat([rows["report"], rows["ours"]])
+        low, high = float(values.min()), float(values.max())
+        ax.plot([low, high], [low, high], color="black", linewidth=0.8, label="_same")
+        unit = f" ({units[kind]})" if units[kind] else ""
+        ax.set(xlabel=f"report{unit}", ylabel=f"this build{unit}",
+               title=f"{kind.replace('_', ' ')} ({len(rows)})")  # fmt: skip
+    for ax in axes.ravel()[len(kinds) :]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], marker="o", linestyle="", color=c, label=f)
+               for f, c in FLAG_COLORS.items()]  # fmt: skip
+    legend_below(fig, handles)
+    fig.suptitle("Every published number against this build's")
+    return fig

@@ -17,8 +17,6 @@ from collections import Counter
 from pathlib import Path
 
 import pandas as pd
-from IPython.display import Markdown
-from myst_nb import glue
 
 from collapse_utils.analysis import published, stat_tables, study_b, verdicts
 from collapse_utils.analysis.reproduction import (
@@ -36,7 +34,7 @@ from collapse_utils.analysis.results import (
     zeroshot_datasets,
 )
 from collapse_utils.analysis.verdicts import Verdict
-from collapse_utils.book.page import Page, failure_findings
+from collapse_utils.book.page import Page
 from collapse_utils.book.style import SETTING_NAMES
 from collapse_utils.book.tables import (
     CHANGE,
@@ -131,22 +129,20 @@ class StudyRuns:
 
 class FindingsChapter:
     """The verdict of every claim on this build's runs (``build``) and on the report's numbers
-    (``report``), claim → :class:`Verdict`, and the links to the detail. With ``show`` the
-    chapter's glue keys are set as it is made."""
+    (``report``), claim → :class:`Verdict`, and the links to the detail. With ``show`` each
+    step (:meth:`overview`, :meth:`claim`, :meth:`knobs`, :meth:`conclusion`) shows its part."""
 
     def __init__(self, profile: str, params_dir: Path | str = PARAMS_DIR, show: bool = True):
         self.profile = profile
         self.page = Page(profile, profile_output_root(profile, Path(params_dir)), show)
-        with failure_findings(profile):
-            self.numbers: ReportNumbers = load_report_numbers()
-            self.study = study = StudyRuns(profile, params_dir)
-            self.report = report_verdicts(
-                self.numbers, study.reference, list(study.chosen.layer_anova), study.settings
-            )
-            self.build = self._build_verdicts()
-            self.matched = matched_verdicts(profile, params_dir)
-            self.published = published_verdicts()
-            self._glue()
+        self.numbers: ReportNumbers = load_report_numbers()
+        self.study = study = StudyRuns(profile, params_dir)
+        self.report = report_verdicts(
+            self.numbers, study.reference, list(study.chosen.layer_anova), study.settings
+        )
+        self.build = self._build_verdicts()
+        self.matched = matched_verdicts(profile, params_dir)
+        self.published = published_verdicts()
 
     # --- the build's evidence -----------------------------------------------------------------
 
@@ -310,19 +306,19 @@ class FindingsChapter:
             f"published numbers give {count(self.report)}."
         )
 
-    def _glue(self) -> None:
-        if self.page.show:
-            self._glue_claims()
-        self.page.conclude(self.summary_text())
+    # --- the steps of the notebook: each shows its part of the page ----------------------------
 
-    def _glue_claims(self) -> None:
-        glue("findings_overview", Markdown(self.overview_markdown()), display=False)
-        glue("rq1_finding", Markdown(self.claim_markdown("RQ1")), display=False)
-        glue("rq2_finding", Markdown(self.claim_markdown("RQ2")), display=False)
-        glue("rq3_finding", Markdown(self.claim_markdown("RQ3")), display=False)
-        glue("rq4_finding", Markdown(self.claim_markdown("RQ4")), display=False)
-        glue("rq5_lr_finding", Markdown(self.claim_markdown("RQ5_lr")), display=False)
-        glue("rq5_layers_finding", Markdown(self.claim_markdown("RQ5_layers")), display=False)
+    def overview(self) -> None:
+        """Every question's verdicts in one table."""
+        self.page.note(self.overview_markdown())
+
+    def claim(self, claim: str) -> None:
+        """One research question: the report's answer, the verdicts, their evidence and rule."""
+        self.page.note(self.claim_markdown(claim))
+
+    def conclusion(self) -> None:
+        """The tally of verdicts, shown under the notebook's ``## Conclusion``."""
+        self.page.conclusion(self.summary_text())
 
     def knobs(self) -> pd.DataFrame:
         """Which knobs move Δ entropy most: per family with a setting, the range of its runs' Δ
@@ -358,7 +354,12 @@ class FindingsChapter:
         )
         self.page.tables["knobs"] = table
         if self.page.show:
-            show_table(table.set_index("family"), KNOB_COLUMNS)
+            show_table(
+                table.set_index("family"),
+                "Table 1. Per family: the range of layer-mean entropy change over its runs, in "
+                "the report and in this build.",
+                KNOB_COLUMNS,
+            )
         return table
 
 

@@ -22,14 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from IPython.display import Markdown
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from myst_nb import glue
 
 from collapse_utils.analysis.results import load_histories
 from collapse_utils.book.figures import HEATMAP_COLUMNS, empty_panel, legend_below, new_figure
-from collapse_utils.book.page import Page, failure_findings
+from collapse_utils.book.page import Page, show_step
 from collapse_utils.book.style import (
     DATASET_NAMES,
     METHOD_NAMES,
@@ -277,60 +275,94 @@ def load_paths(
     return paths, missing
 
 
+@dataclass(frozen=True)
+class Paths:
+    """The measured paths of the page (:func:`load_paths`)."""
+
+    paths: list[RunPath]
+
+    @property
+    def empty(self) -> bool:
+        return not self.paths
+
+
+def open_interpolation(
+    profile: str, params_dir: Path | str = PARAMS_DIR, show: bool = True
+) -> tuple[Paths, Page]:
+    """The page's first step: every path measured (or read back), and a note naming the runs
+    left out and why."""
+    page = Page(profile, profile_output_root(profile, params_dir), show)
+    paths, missing = load_paths(profile, params_dir)
+    if missing:
+        left_out = ", ".join(f"{run} ({why})" for run, why in missing.items())
+        page.note(f"**Not measured, left out:** {left_out}")
+    if not paths:
+        page.sentences.append(
+            "No full fine-tuning or LoRA run of the method comparison is complete yet."
+        )
+    return Paths(paths), page
+
+
+def frontier_step(page: Page, runs: Paths) -> str:
+    page.figure(
+        "extra_interpolation_frontier",
+        frontier(runs.paths),
+        "Task accuracy against zero-shot accuracy as the weights move from the pre-trained "
+        "model (α = 0) to the fine-tuned one (α = 1, star), one curve per run: with the run's "
+        "trained head (left) and a zero-shot text head (right); a curve that bulges up and to "
+        "the right beats both ends.",
+    )
+    return ""
+
+
+def metrics_step(page: Page, runs: Paths) -> str:
+    page.figure(
+        "extra_interpolation_metrics",
+        metrics_along_alpha(runs.paths),
+        "Layer-mean entropy, ERF@0.95, Gini and head diversity against α, one line per run: "
+        "where a line leaves its dotted straight line, the structure does not move linearly "
+        "with the weights.",
+    )
+    page.figure(
+        "extra_interpolation_layer_entropy",
+        layer_delta_heatmaps(runs.paths),
+        "Entropy change from the pre-trained model per layer (rows) along α (columns), one "
+        "panel per run: blue is attention concentrating; see at which α each layer changes.",
+    )
+    return ""
+
+
+def recovery_step(page: Page, runs: Paths) -> str:
+    """Per run, where zero-shot accuracy has half recovered and how much structure is back
+    there: the table, a sentence per run (shown), and the page's summary sentence."""
+    rows = {p.label: recovery(p) for p in runs.paths}
+    table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("run")
+    page.table(
+        "recovery",
+        table,
+        "Per run: where zero-shot accuracy has recovered half of what fine-tuning cost (α½) "
+        "and how much of each metric's change has come back there.",
+    )
+    page.note("\n".join(f"- {recovery_sentence(p, rows[p.label])}" for p in runs.paths))
+    alphas = sorted({a for p in runs.paths for a in p.table["alpha"]})
+    checkpoints = sorted({p.config.eval.zeroshot_checkpoint for p in runs.paths})
+    return _findings(table, alphas, checkpoints)
+
+
+INTERPOLATION_STEPS = (frontier_step, metrics_step, recovery_step)
+"""The steps of ``11_interpolation`` in its order (a test holds the notebook to it)."""
+
+
 def interpolation_page(
     profile: str, params_dir: Path | str = PARAMS_DIR, show: bool = True
 ) -> Page:
-    """The WiSE-FT path of every full fine-tuning and LoRA run of the method comparison: the
-    frontier, the metrics along α, the per-layer entropy change, and per run where zero-shot
-    accuracy has half recovered and how much structure has come back there (glued as
-    ``interpolation_recovery``)."""
-    with failure_findings(profile):
-        page = Page(profile, profile_output_root(profile, params_dir), show)
-        paths, missing = load_paths(profile, params_dir)
-        if missing:
-            left_out = ", ".join(f"{run} ({why})" for run, why in missing.items())
-            page.note(f"**Not measured, left out:** {left_out}")
-        if not paths:
-            text = "No full fine-tuning or LoRA run of the method comparison is complete yet."
-            _glue_recovery(page, text)
-            page.conclude(text)
-            return page
-        checkpoints = sorted({p.config.eval.zeroshot_checkpoint for p in paths})
-        page.figure(
-            "extra_interpolation_frontier",
-            frontier(paths),
-            "Task accuracy against zero-shot accuracy as the weights move from the pre-trained "
-            "model (α = 0) to the fine-tuned one (α = 1, star), one curve per run: with the "
-            "run's trained head (left) and a zero-shot text head (right); a curve that bulges "
-            "up and to the right beats both ends.",
-        )
-        page.figure(
-            "extra_interpolation_metrics",
-            metrics_along_alpha(paths),
-            "Layer-mean entropy, ERF@0.95, Gini and head diversity against α, one line per "
-            "run: where a line leaves its dotted straight line, the structure does not move "
-            "linearly with the weights.",
-        )
-        page.figure(
-            "extra_interpolation_layer_entropy",
-            layer_delta_heatmaps(paths),
-            "Entropy change from the pre-trained model per layer (rows) along α (columns), "
-            "one panel per run: blue is attention concentrating; see at which α each layer "
-            "changes.",
-        )
-        rows = {p.label: recovery(p) for p in paths}
-        table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("run")
-        page.table("recovery", table)
-        sentences = [recovery_sentence(p, rows[p.label]) for p in paths]
-        _glue_recovery(page, "\n".join(f"- {s}" for s in sentences))
-        alphas = sorted({a for p in paths for a in p.table["alpha"]})
-        page.conclude(_findings(table, alphas, checkpoints))
-        return page
-
-
-def _glue_recovery(page: Page, text: str) -> None:
-    if page.show:
-        glue("interpolation_recovery", Markdown(text), display=False)
+    """The WiSE-FT page in one call (tests, scripts): what ``11_interpolation`` shows step by
+    step."""
+    runs, page = open_interpolation(profile, params_dir, show)
+    for step in INTERPOLATION_STEPS:
+        show_step(step, page, runs)
+    page.conclusion()
+    return page
 
 
 def _findings(table: pd.DataFrame, alphas: list[float], checkpoints: list[str]) -> str:

@@ -1,36 +1,34 @@
-"""A book page as its notebook shows it: tables, figures and notes in order, then the findings
-paragraph. Every page notebook ends with a markdown cell ``{glue:md} findings``, so every page
-glues the key ``findings``: its summary when it renders, the error when it fails
-(:func:`failure_findings`)."""
+"""A book page as its notebook shows it: its steps' tables (numbered, captioned), figures, notes
+and findings in order, then the conclusion. Every page notebook ends with a ``## Conclusion``
+heading over a cell calling :meth:`Page.conclusion`: the conclusion is that cell's output, read
+alike in Jupyter and in the book. A page whose step fails stops there: papermill keeps the error
+cell, and the runner marks the page failed."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import pandas as pd
 from IPython.display import Markdown, display
 from matplotlib.figure import Figure
-from myst_nb import glue
 
 from collapse_utils.book.figures import show_figure
 from collapse_utils.book.tables import show_table
 from collapse_utils.config import profile_about
 
-SMOKE_NOTE = (
-    "*Smoke profile: a tiny random CLIP on synthetic images. These numbers check the pipeline; "
-    "they are not findings.*"
-)
+# Said once, in the line that opens a smoke page's conclusion (the banner says it on every page).
+SMOKE_CLAUSE = "; its numbers are not findings"
 
 
 def profile_note(profile: str) -> str:
-    """The line every page starts its findings with: which profile built it (and, for smoke,
+    """The line every page starts its conclusion with: which profile built it (and, for smoke,
     that its numbers are not findings)."""
     about = profile_about(profile)
-    note = f"*Built with the `{profile}` profile" + (f": {about}*" if about else ".*")
-    return note + ("\n\n" + SMOKE_NOTE if profile == "smoke" else "")
+    note = f"*Built with the `{profile}` profile" + (f": {about}" if about else "")
+    return note + (SMOKE_CLAUSE if profile == "smoke" else "") + ".*"
 
 
 def findings_markdown(profile: str, text: str, source: str = "") -> Markdown:
@@ -39,29 +37,26 @@ def findings_markdown(profile: str, text: str, source: str = "") -> Markdown:
     return Markdown((source or profile_note(profile)) + "\n\n" + text)
 
 
-def glue_findings(profile: str, text: str, source: str = "") -> None:
-    """Glue ``findings`` (:func:`findings_markdown`)."""
-    glue("findings", findings_markdown(profile, text, source), display=False)
+class Runs(Protocol):
+    """What a page's steps read: any runs object that can say it has none."""
+
+    @property
+    def empty(self) -> bool: ...
 
 
-@contextmanager
-def failure_findings(profile: str) -> Iterator[None]:
-    """On an error, glue ``findings`` saying the page failed and why, then re-raise: the page
-    shows the error cell and its summary paragraph names the failure instead of a stale text."""
-    try:
-        yield
-    except BaseException as err:
-        glue_findings(profile, f"**This page failed** with `{type(err).__name__}`: {err}")
-        raise
+def show_step(step: Callable[[Page, Any], str], page: Page, runs: Runs) -> str:
+    """One step of a page's notebook: its evidence and its sentence (shown as a finding), or
+    nothing while no run is complete (the page's first step said so)."""
+    return "" if runs.empty else page.finding(step(page, runs))
 
 
 @dataclass
 class Page:
     """What one page shows. With ``show`` each block is displayed as it is added (tables through
     the one formatter, :mod:`~collapse_utils.book.tables`; figures saved under
-    ``<output_root>/figures/`` first, then shown numbered with their caption) and
-    :meth:`conclude` glues the findings; without it the page is only recorded (tests read the
-    raw ``tables``, ``figures`` and ``captions``, ``notes``, ``findings``).
+    ``<output_root>/figures/`` first, then shown numbered with their caption); without it the
+    page is only recorded (tests read the raw ``tables``, ``figures`` and ``captions``,
+    ``notes``, ``findings``).
 
     ``prefix`` goes before every table and figure name (two analyses on one page, or two pages
     writing figures into one folder, keep theirs apart); ``source`` replaces the profile note
@@ -78,12 +73,16 @@ class Page:
     prefix: str = ""
     source: str = ""
     sentences: list[str] = field(default_factory=list)
+    table_count: int = 0
 
-    def table(self, name: str, frame: pd.DataFrame) -> pd.DataFrame:
-        """Record ``frame`` (raw column names and numbers) and show it formatted."""
+    def table(self, name: str, frame: pd.DataFrame, caption: str) -> pd.DataFrame:
+        """Record ``frame`` (raw column names and numbers) and show it formatted, numbered on
+        the page, under ``caption`` (one sentence: what a row is, what to read)."""
         self.tables[self.prefix + name] = frame
-        if self.show:
-            show_table(frame)
+        self.captions[self.prefix + name] = caption
+        if self.show and not frame.empty:
+            self.table_count += 1
+            show_table(frame, f"Table {self.table_count}. {caption}")
         return frame
 
     def figure(self, name: str, fig: Figure, caption: str) -> None:
@@ -102,7 +101,7 @@ class Page:
 
     def finding(self, text: str) -> str:
         """Show one step's conclusion under its evidence and keep it for the page's findings
-        (:meth:`conclude` with no text joins them); empty text shows nothing."""
+        (:meth:`conclusion` with no text joins them); empty text shows nothing."""
         if text:
             self.sentences.append(text)
             if self.show:
@@ -111,14 +110,8 @@ class Page:
 
     def conclusion(self, findings: str | None = None) -> None:
         """Show the page's conclusion as this cell's output (under the notebook's own
-        ``## Conclusion`` heading), after the profile note: visible in Jupyter and in the book
-        alike, where :meth:`conclude`'s glue renders only in the book."""
+        ``## Conclusion`` heading), after the profile note: read alike in Jupyter and in the
+        book."""
         self.findings = findings if findings is not None else " ".join(self.sentences)
         if self.show:
             display(findings_markdown(self.profile, self.findings, self.source))
-
-    def conclude(self, findings: str | None = None) -> None:
-        """Glue ``findings`` (default: every :meth:`finding` of the page, in order)."""
-        self.findings = findings if findings is not None else " ".join(self.sentences)
-        if self.show:
-            glue_findings(self.profile, self.findings, self.source)

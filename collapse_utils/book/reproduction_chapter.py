@@ -16,14 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from IPython.display import Markdown, display
-from myst_nb import glue
 
 from collapse_utils.analysis import reproduction as rp
 from collapse_utils.analysis import stat_tables
 from collapse_utils.analysis.stats import DELTA_COLUMNS, metric_correlations
+from collapse_utils.book import figures
 from collapse_utils.book.findings_chapter import StudyRuns
-from collapse_utils.book.page import Page, failure_findings
+from collapse_utils.book.page import Page
 from collapse_utils.book.style import DATASET_NAMES, delta_label
 from collapse_utils.book.tables import (
     TEXT,
@@ -64,13 +63,13 @@ QUANTITY_NAMES = {
 }
 SHOWN = {
     "row": Column("Row"),
+    "flag": Column("Flag"),
     "quantity": Column("Quantity"),
     "unit": Column("Unit"),
     "report": Column("Report", TEXT),
     "ours": Column("This build", TEXT),
     "difference": Column("Difference", TEXT),
     "tolerance": Column("Tolerance", TEXT),
-    "flag": Column("Flag"),
 }
 KIND_COLUMNS = {
     "kind": Column("Kind"),
@@ -129,12 +128,10 @@ class ReproductionChapter:
         self.params_dir = Path(params_dir)
         self.study = StudyRuns(profile, self.params_dir)
         self.page = Page(profile, self.study.output_root, show)
-        with failure_findings(profile):
-            self.numbers = rp.load_report_numbers()
-            ours = rp.build_values(self.numbers, self.build_frames())
-            self.comparison = rp.compare(self.numbers, ours)
-            self.checks = rp.report_checks(self.numbers, self.report_floor_ratio())
-            self._glue()
+        self.numbers = rp.load_report_numbers()
+        ours = rp.build_values(self.numbers, self.build_frames())
+        self.comparison = rp.compare(self.numbers, ours)
+        self.checks = rp.report_checks(self.numbers, self.report_floor_ratio())
 
     # --- this build's numbers in the report's layout ------------------------------------------
 
@@ -271,24 +268,46 @@ class ReproductionChapter:
             return "No entropy-floor run and no LoRA run with zero-shot results is complete."
         return "\n".join(lines)
 
-    def _glue(self) -> None:
+    def counts_sentence(self) -> str:
         counts = self.counts()
-        if self.page.show:
-            glue("repro_expectation", Markdown(self.expectation_markdown()), display=False)
-            glue("repro_n_values", len(self.comparison), display=False)
-            glue("repro_n_within", counts[rp.WITHIN], display=False)
-            glue("repro_n_differs", counts[rp.DIFFERS], display=False)
-            glue("repro_n_missing", counts[rp.NOT_RUN], display=False)
-            glue("repro_checks", Markdown(self.checks_markdown()), display=False)
-            glue("repro_this_build", Markdown(self.this_build_markdown()), display=False)
-        failed = [c.topic for c in self.checks if not c.holds]
-        self.page.conclude(
+        return (
             f"Of the report's {len(self.comparison)} published numbers, {counts[rp.WITHIN]} are "
             f"within tolerance in this build, {counts[rp.DIFFERS]} differ and "
-            f"{counts[rp.NOT_RUN]} have no counterpart in it. Checked against its own tables, "
-            f"{len(failed)} of the report's {len(self.checks)} checked statements do not hold: "
-            + "; ".join(failed)
-            + "."
+            f"{counts[rp.NOT_RUN]} have no counterpart in it (their run is not complete)."
+        )
+
+    # --- the steps of the notebook: each shows its part of the page ----------------------------
+
+    def expectation(self) -> None:
+        """What to expect of the comparison, and how many numbers reproduce."""
+        self.page.note(self.expectation_markdown() + "\n\n" + self.counts_sentence())
+
+    def own_checks(self) -> None:
+        """The report's quoted numbers recomputed from its own tables."""
+        self.page.note(self.checks_markdown())
+
+    def this_build(self) -> None:
+        """The same two questions asked of this build's runs."""
+        self.page.note(self.this_build_markdown())
+
+    def conclusion(self) -> None:
+        """The page's conclusion in two sentences, shown under the notebook's heading."""
+        failed = [c.topic for c in self.checks if not c.holds]
+        self.page.conclusion(
+            self.counts_sentence().removesuffix(" (their run is not complete).") + ". "
+            f"Checked against its own tables, {len(failed)} of the report's {len(self.checks)} "
+            "checked statements do not hold" + (": " + "; ".join(failed) if failed else "") + "."
+        )
+
+    def overview(self) -> None:
+        """Every published number against this build's, one panel per kind of quantity."""
+        units = {k.name: k.unit for k in self.numbers.kinds.values()}
+        self.page.figure(
+            "extra_reproduction_scatter",
+            figures.report_vs_build(self.comparison, units),
+            "Each published number (x) against this build's (y), one panel per kind of "
+            "quantity: points on the diagonal reproduce; red points differ by more than the "
+            "kind's tolerance. The tables below list every point.",
         )
 
     def tolerances(self) -> pd.DataFrame:
@@ -307,7 +326,12 @@ class ReproductionChapter:
         )
         self.page.tables["tolerances"] = table
         if self.page.show:
-            show_table(table.set_index("kind"), KIND_COLUMNS)
+            show_table(
+                table.set_index("kind"),
+                "Table 1. How close a number of this build must come to the report's, per kind "
+                "of quantity, and why.",
+                KIND_COLUMNS,
+            )
         return table
 
     def table(self, name: str) -> pd.DataFrame:
@@ -317,8 +341,12 @@ class ReproductionChapter:
         rows = self.comparison[self.comparison["table"] == name].reset_index(drop=True)
         self.page.tables[name] = rows
         if self.page.show:
-            display(Markdown(f"**{report_table.title}** (report {report_table.section})"))
-            show_table(self.shown(rows), SHOWN)
+            show_table(
+                self.shown(rows),
+                f"{report_table.title} (report {report_table.section}): every published number "
+                "beside this build's, their difference and the kind's tolerance.",
+                SHOWN,
+            )
         return rows
 
     def shown(self, rows: pd.DataFrame) -> pd.DataFrame:
@@ -328,6 +356,7 @@ class ReproductionChapter:
         return pd.DataFrame(
             {
                 "row": [row_name(t, r) for t, r in zip(rows["table"], rows["row"], strict=True)],
+                "flag": rows["flag"],
                 "quantity": [quantity_name(c) for c in rows["column"]],
                 "unit": [k.unit for k in kinds],
                 "report": [
@@ -339,6 +368,5 @@ class ReproductionChapter:
                     format_difference(v, k) for v, k in zip(rows["difference"], kinds, strict=True)
                 ],
                 "tolerance": [format_quantity(k.tolerance, k) for k in kinds],
-                "flag": rows["flag"],
             }
         ).set_index("row")

@@ -76,7 +76,11 @@ def run_figures(page: Page, config: RunConfig, history: RunRecord, name: str) ->
             f"{dataset} metric-subset images: lower entropy and ERF@0.95 and a higher Gini "
             f"mean attention concentrated on fewer patches.",
         )
-        page.table("per_layer", per_layer_table(history))
+        page.table(
+            "per_layer",
+            per_layer_table(history),
+            "The pre-trained model's four metrics in every layer.",
+        )
         return
     page.figure(
         f"fig3_triple_curve_{name}",

@@ -28,8 +28,9 @@ from collapse_utils.analysis.results import (
 from collapse_utils.analysis.stats import EXACT_MAX_N, metric_correlations
 from collapse_utils.book import stat_figures
 from collapse_utils.book.figures import show_figure
+from collapse_utils.book.page import Page
 from collapse_utils.book.style import DATASET_NAMES
-from collapse_utils.book.tables import NUMBER, Column, show_table
+from collapse_utils.book.tables import NUMBER, Column, format_p, show_table
 from collapse_utils.config import PARAMS_DIR, load_config, profile_output_root
 from collapse_utils.families import (
     comparison_ids,
@@ -120,6 +121,7 @@ class StatisticsChapter:
     table of ``params_dir``) and the tables computed so far."""
 
     def __init__(self, profile: str, params_dir: Path | str = PARAMS_DIR):
+        self.profile = profile
         self.output_root: Path = profile_output_root(profile, params_dir)
         # Study B has its own page: the report's chapters read the report's runs.
         self.histories = load_histories(self.output_root, ids=set(report_ids(profile, params_dir)))
@@ -156,7 +158,11 @@ class StatisticsChapter:
         glue("max_seeds", int(self.summary.groupby("run").size().max()), display=False)
         columns = ["run", "seed", "family", "method", "dataset", "lr", "best_acc", "d_entropy_pct"]
         table = self.summary[columns]
-        show_table(table)
+        show_table(
+            table,
+            "Table 1. Every run and seed the tests below draw on: its family, method, dataset, "
+            "learning rate, best accuracy and layer-mean entropy change.",
+        )
         return table
 
     def full_vs_lora(self) -> pd.DataFrame:
@@ -167,7 +173,11 @@ class StatisticsChapter:
         )
         table = tables.unit_comparison_table(self.comparisons)
         note(notes)
-        show_table(table)
+        show_table(
+            table,
+            "Table 2. Full FT against LoRA at each unit of analysis (layers pooled as the "
+            "report, runs, seeds): group sizes, means, Welch t and Mann-Whitney p, effect sizes.",
+        )
         display(Markdown(tables.supports_markdown(self.comparisons)))
         groups = tables.method_groups(self.summary, runs, dataset)
         glue("a_dataset", DATASET_NAMES.get(dataset, dataset), display=False)
@@ -185,8 +195,15 @@ class StatisticsChapter:
         self.table_b = tables.lr_correlations(self.lr_points)
         if self.table_b.empty:
             note([f"Correlation not run: it needs three runs, found {len(self.lr_points)}."])
-        show_table(self.lr_points)
-        show_table(self.table_b)
+        show_table(
+            self.lr_points,
+            "Table 3. The learning-rate sweep's runs: log10 learning rate and entropy change.",
+        )
+        show_table(
+            self.table_b,
+            "Table 4. Correlation of entropy change with log10 learning rate: Pearson and "
+            "Spearman, asymptotic and exact p, and which p the text uses.",
+        )
         glue_cells(self.table_b, B_GLUE)
         n = len(self.lr_points)
         glue("b_n", n, display=False)
@@ -210,7 +227,12 @@ class StatisticsChapter:
             note([f"Regularizer tests not run: no regularized run or no complete {reference}."])
         else:
             unit = "nats" if self.c_nats else "points"
-            show_table(table, {"mean_diff": Column(f"Mean layer difference ({unit})", NUMBER, 4)})
+            show_table(
+                table,
+                f"Table 5. Each regularized run against {reference}, paired over layers: the mean "
+                "layer difference, paired t, Holm-corrected p and d_z.",
+                {"mean_diff": Column(f"Mean layer difference ({unit})", NUMBER, 4)},
+            )
             display(Markdown(tables.paired_supports(self.summary, self.c_layers, reference)))
         glue("c_n", len(table), display=False)
         top = table["d_z"].abs().idxmax() if not table.empty else None
@@ -233,7 +255,11 @@ class StatisticsChapter:
         ]
         text = "; ".join(sentences) if sentences else "no run of the ANOVA is complete"
         glue("d_results", text[0].upper() + text[1:] + ".", display=False)
-        show_table(table)
+        show_table(
+            table,
+            "Table 6. One-way ANOVA of per-layer entropy change over early, middle and late "
+            "layers, per run: F, p and Holm-corrected p.",
+        )
         return table
 
     def per_layer_figure(self) -> None:
@@ -256,7 +282,11 @@ class StatisticsChapter:
             )
         else:
             table = tables.correlation_pairs(matrix)
-            show_table(table)
+            show_table(
+                table,
+                "Table 7. Every pair of metric changes (and best accuracy) across runs: "
+                "correlation, p and Holm-corrected p.",
+            )
             self.show(
                 stat_figures.fig13_metric_correlations(matrix),
                 "fig13_metric_correlations",
@@ -279,7 +309,11 @@ class StatisticsChapter:
         present = {h.id for h in shown}
         note([f"{r} is not complete and is missing from the figure." for r in runs
               if r not in present])  # fmt: skip
-        show_table(table)
+        show_table(
+            table,
+            "Table 8. Per run: when entropy first fell past the onset threshold and how fast it "
+            "moved.",
+        )
         self.show(
             stat_figures.fig12_training_dynamics(shown),
             "fig12_training_dynamics",
@@ -296,7 +330,11 @@ class StatisticsChapter:
         glue("conv_epochs", tables.CONVERGENCE_EPOCHS, display=False)
         glue("conv_n_converged", int(table["converged"].sum()), display=False)
         glue("conv_n_runs", len(table), display=False)
-        show_table(table)
+        show_table(
+            table,
+            "Table 9. Per run: the SD of validation accuracy over the last epochs, and whether "
+            "it is under the convergence criterion.",
+        )
         self.show(
             stat_figures.fig14_convergence(self.trained),
             "fig14_convergence",
@@ -330,3 +368,33 @@ class StatisticsChapter:
             "regularizer's effect size against the reference (bottom): overlapping intervals "
             "and large p mean no evidence of a difference.",
         )
+
+    def conclusion(self) -> None:
+        """The chapter's answer in words, from the tables of sections A–C (run them first)."""
+        page = Page(self.profile, self.output_root)
+        page.conclusion(" ".join(self.conclusion_sentences()))
+
+    def conclusion_sentences(self) -> list[str]:
+        a = tables.unit_comparison_table(self.comparisons) if self.comparisons else pd.DataFrame()
+        layer_p, run_p = tables.cell(a, "layer", "welch_p"), tables.cell(a, "run", "welch_p")
+        text = []
+        if not math.isnan(layer_p):
+            text.append(
+                f"Full FT against LoRA: pooling layers as the report did gives Welch p = "
+                f"{format_p(layer_p)}; with one value per run (the independent unit) p = "
+                f"{format_p(run_p)}."
+            )
+        spearman = tables.cell(self.table_b, "spearman", "p_exact")
+        if not math.isnan(spearman):
+            r = tables.cell(self.table_b, "spearman", "r")
+            text.append(
+                f"Entropy change against log learning rate: Spearman ρ = {r:.2f}, exact p = "
+                f"{format_p(spearman)} over {len(self.lr_points)} runs."
+            )
+        if not self.table_c.empty:
+            low = float(self.table_c["p_holm"].min())
+            text.append(
+                f"Of {len(self.table_c)} regularized runs against {self.reg_reference}, the "
+                f"smallest Holm-corrected p is {format_p(low)}."
+            )
+        return text or ["No test of this chapter could run on the complete runs."]

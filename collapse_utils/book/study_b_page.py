@@ -46,12 +46,12 @@ def study_b_page(page: Page, runs: FamilyRuns) -> None:
     every, frame, target = frames(runs)
     if frame.empty:
         lead = f"None of the {len(every)} complete runs is on the primary backbone (patch 32) yet."
-        page.conclude(" ".join(s for s in (lead, backbones(page, every, target)) if s))
+        page.conclusion(" ".join(s for s in (lead, backbones(page, every, target)) if s))
         return
     for section in SECTIONS:
         page.finding(section(page, frame, target))
     page.finding(backbones(page, every, target))
-    page.conclude()
+    page.conclusion()
 
 
 def transfer_target(frame: pd.DataFrame) -> str:
@@ -80,7 +80,12 @@ def cells(page: Page, frame: pd.DataFrame, target: str) -> str:
     values = study_b.present(frame, [accuracy, ENTROPY, target, "cka_mean_sel",
                                      "corruption_mean_acc"])  # fmt: skip
     table = study_b.cell_table(frame, values, sd=[ENTROPY, target])
-    page.table("cells", table)
+    page.table(
+        "cells",
+        table,
+        "One row per cell (dataset × method × learning rate): each outcome's mean over the "
+        "cell's seeds, with the SD over seeds of Δ entropy and retention.",
+    )
     mean = f"{target}_mean"
     if mean not in table or table[mean].isna().all():
         return f"The grid has {len(table)} cells of up to {int(table['seeds'].max())} seeds."
@@ -102,7 +107,12 @@ def paired(page: Page, frame: pd.DataFrame, target: str) -> str:
     """Full FT against LoRA at matched (dataset, lr, seed); accuracies in points."""
     outcomes = study_b.present(frame, [ENTROPY, f"abs_{ENTROPY}", target, "test_acc"])
     table = study_b.paired_table(_in_points(study_b.core(frame)), outcomes)
-    page.table("paired", _key_first(table, ["n", "diff", "p_t_holm", "d_z"]))
+    page.table(
+        "paired",
+        _key_first(table, ["n", "diff", "p_t_holm", "d_z"]),
+        "Full FT minus LoRA at the same dataset, learning rate and seed, per outcome: the mean "
+        "difference, Holm-corrected paired-t p and the paired effect size d_z first.",
+    )
     parts = []
     for (dataset, outcome), row in table.iterrows():
         if outcome in (ENTROPY, target) and row["n"] > 0:
@@ -119,7 +129,11 @@ def paired(page: Page, frame: pd.DataFrame, target: str) -> str:
 def dose(page: Page, frame: pd.DataFrame, target: str) -> str:
     """Each outcome against the learning rate, per dataset and method."""
     effects = study_b.present(frame, [ENTROPY, target, "test_acc"])
-    page.table("dose_response", study_b.dose_table(frame, effects))
+    page.table(
+        "dose_response",
+        study_b.dose_table(frame, effects),
+        "Each outcome's Spearman correlation with the learning rate, per dataset and method.",
+    )
     page.figure(
         "study_b_dose_response",
         study_b_figures.dose_response(frame, effects),
@@ -135,7 +149,11 @@ def verdicts(page: Page, frame: pd.DataFrame, target: str) -> str:
         return ""
     found = study_b.verdicts(frame, target)
     groups = study_b.within_groups(study_b.core(frame), ENTROPY, target)
-    page.table("entropy_within_groups", groups)
+    page.table(
+        "entropy_within_groups",
+        groups,
+        "Within each dataset × method: Spearman ρ of Δ entropy with retention over its runs.",
+    )
     page.figure(
         "study_b_retention_vs_entropy",
         study_b_figures.retention_vs_entropy(frame, target, ENTROPY),
@@ -179,8 +197,14 @@ def ranking(page: Page, frame: pd.DataFrame, target: str) -> str:
     table = study_b.signal_ranking(frame, target, n_boot=N_BOOT)
     if table.empty:
         return ""
-    page.table("signal_ranking", _key_first(table, ["kind", "unit_rho", "ci_low", "ci_high",
-                                                     "gap", "gap_low", "gap_high"]))  # fmt: skip
+    page.table(
+        "signal_ranking",
+        _key_first(
+            table, ["kind", "unit_rho", "ci_low", "ci_high", "gap", "gap_low", "gap_high"]
+        ),  # fmt: skip
+        "Each signal's Spearman ρ with retention over the cell means, its 95 % CI from "
+        "resampled cells and its gap to the best signal; reference rows need labels.",
+    )
     page.figure(
         "study_b_signal_ranking",
         study_b_figures.signal_ranking(table),
@@ -217,7 +241,12 @@ def early_warning(page: Page, frame: pd.DataFrame, target: str) -> str:
     table = study_b.early_warning(frame, target) if target else pd.DataFrame()
     if table.empty:
         return ""
-    page.table("early_warning", _key_first(table, ["auc", "damaged_low", "rho", "p"]))
+    page.table(
+        "early_warning",
+        _key_first(table, ["auc", "damaged_low", "rho", "p"]),
+        "Each signal read after the first epoch: its cell-level AUC for separating damaged "
+        "cells, and its Spearman ρ with the final retention.",
+    )
     row = table.iloc[0]
     if row["n_damaged"] == 0 or row["n_healthy"] == 0:
         return f"No cell is damaged (retention below {DAMAGED}), so no early warning can be scored."
@@ -237,7 +266,12 @@ def selection(page: Page, frame: pd.DataFrame, target: str) -> str:
     table = study_b.selection(frame, target) if target else pd.DataFrame()
     if table.empty:
         return ""
-    page.table("selection", _key_first(table, ["picked", "retention", "regret"]))
+    page.table(
+        "selection",
+        _key_first(table, ["picked", "retention", "regret"]),
+        "Per dataset and signal: the run the signal picks among those near the best validation "
+        "accuracy, its retention and the regret against the best pick.",
+    )
     parts = []
     for dataset, block in table.groupby(level="dataset"):
         picks = block.droplevel("dataset")
@@ -265,7 +299,12 @@ def frontier(page: Page, frame: pd.DataFrame, target: str) -> str:
     if not target or "test_acc" not in study_b.present(frame, ["test_acc"]):
         return ""
     cells = study_b.frontier(frame, target)
-    page.table("frontier", cells)
+    page.table(
+        "frontier",
+        cells,
+        "Every cell's test accuracy and retention (seed means), and whether it is on the "
+        "accuracy / retention frontier.",
+    )
     page.figure(
         "study_b_frontier",
         study_b_figures.frontier(cells, target),
@@ -284,7 +323,12 @@ def operating_points(page: Page, frame: pd.DataFrame, target: str) -> str:
     """The learning rate each method picks by mean validation accuracy, and what it costs."""
     values = study_b.present(frame, ["test_acc", ENTROPY, target])
     points = study_b.operating_points(frame, values)
-    page.table("operating_points", points)
+    page.table(
+        "operating_points",
+        points,
+        "Per dataset and method: the learning rate picked by mean validation accuracy and "
+        "what it gives on each outcome.",
+    )
     parts = []
     for (dataset, method), row in points.iterrows():
         text = (f"{METHOD_NAMES.get(method, method)} on {DATASET_NAMES.get(dataset, dataset)} "
@@ -340,7 +384,11 @@ def polarity(page: Page, frames: dict[str, pd.DataFrame], target: str) -> str:
         {model: study_b.polarity(runs, signals, target) for model, runs in frames.items()},
         names=["model"],
     )
-    page.table("polarity", table)
+    page.table(
+        "polarity",
+        table,
+        "Per backbone: each signal's Spearman ρ with retention, to compare the signs.",
+    )
     rho = table[f"rho_{ENTROPY}"].dropna()
     groups = {"positive": [], "negative": [], "null": []}
     for (model, _, method), value in rho.items():

@@ -33,7 +33,11 @@ def published_page(profile: str, model: str = "", show: bool = True) -> Page:
 def runs_section(page: Page, frame: pd.DataFrame) -> str:
     """What the published table holds, per backbone, dataset and method."""
     counts = published.run_counts(frame)
-    page.table("runs", counts)
+    page.table(
+        "runs",
+        counts,
+        "How many runs the authors' published table holds, per backbone, dataset and method.",
+    )
     models = counts.groupby(level="model")["n"].sum()
     return (
         "The published tables hold "
@@ -51,7 +55,12 @@ def authors_section(page: Page, frame: pd.DataFrame) -> str:
         study_b.early_warning(frame),
     )
     table = published.beside_authors(ours, published.authors_key_numbers())
-    page.table("beside_authors", table.reset_index(drop=True))
+    page.table(
+        "beside_authors",
+        table.reset_index(drop=True),
+        "Each number the authors' revised conclusions rest on: theirs (summary.json) beside "
+        "ours computed from their run table, and whether the two agree.",
+    )
     differ = table[~table["agree"]]
     if differ.empty:
         return (
@@ -64,7 +73,11 @@ def authors_section(page: Page, frame: pd.DataFrame) -> str:
 def conclusions_section(page: Page, frame: pd.DataFrame, target: str) -> str:
     """Our verdict rules on the authors' runs beside what the authors concluded."""
     table = published.against_authors(study_b.verdicts(frame, target))
-    page.table("against_authors", table.rename(columns={"authors": "conclusion"}))
+    page.table(
+        "against_authors",
+        table.rename(columns={"authors": "conclusion"}),
+        "Our verdict rules applied to the authors' runs, beside the authors' own conclusion.",
+    )
     differ = table[~table["agree"]]
     if differ.empty:
         return (

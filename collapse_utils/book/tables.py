@@ -413,10 +413,20 @@ def _plain_index(index: pd.Index) -> bool:
     return isinstance(index, pd.RangeIndex) and index.name is None
 
 
-def table_html(frame: pd.DataFrame, columns: Mapping[str, Column] | None = None) -> str:
-    """:func:`format_table` of ``frame`` as an HTML table: one header row (index names, then
-    column names), numbers aligned right, a repeated outer index value left blank, inside a block
-    that scrolls sideways when the table is wider than the page (``book/_static/book.css``)."""
+# A table longer than this many rows is folded: its caption stays in view as the summary of a
+# <details> block the reader opens (a page's figure shows the same numbers at a glance).
+FOLD_ROWS = 25
+BLANK_NOTE = "A blank cell: not measured for that run (or not defined, as a p-value of one run)."
+
+
+def table_html(
+    frame: pd.DataFrame, columns: Mapping[str, Column] | None = None, caption: str = ""
+) -> str:
+    """:func:`format_table` of ``frame`` as an HTML table: ``caption`` above it, one header row
+    (index names, then column names), numbers aligned right, a repeated outer index value left
+    blank, inside a block that scrolls sideways when the table is wider than the page
+    (``book/_static/book.css``). A table with a blank cell says once, under it, what a blank
+    means; one longer than :data:`FOLD_ROWS` rows is folded behind its caption."""
     shown, numeric = _formatted(frame, columns)
     rows = [tuple(r) if isinstance(r, tuple) else (r,) for r in shown.index]
     names = [] if _plain_index(frame.index) else [n or "" for n in shown.index.names]
@@ -438,14 +448,26 @@ def table_html(frame: pd.DataFrame, columns: Mapping[str, Column] | None = None)
             f'<td class="{a}">{escape(v)}</td>' for a, v in zip(align, values, strict=True)
         )
         body.append(f"<tr>{cells}</tr>")
+    title = f"<caption>{escape(caption)}</caption>" if caption else ""
     table = (
-        f'<table class="book-table"><thead><tr>{head}</tr></thead>'
+        f'<table class="book-table">{title}<thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table>"
     )
-    return f'<div class="table-scroll">{table}</div>'
+    blank = (shown == "").to_numpy().any()
+    note = f'<p class="table-note">{BLANK_NOTE}</p>' if blank else ""
+    block = f'<div class="table-scroll">{table}</div>{note}'
+    if len(shown) > FOLD_ROWS:
+        summary = escape(f"{caption} ({len(shown)} rows: open to read)")
+        block = f'<details class="table-fold"><summary>{summary}</summary>{block}</details>'
+    return block
 
 
-def show_table(frame: pd.DataFrame, columns: Mapping[str, Column] | None = None) -> None:
-    """Display ``frame`` formatted (:func:`table_html`); nothing for an empty frame."""
+def show_table(
+    frame: pd.DataFrame, caption: str, columns: Mapping[str, Column] | None = None
+) -> None:
+    """Display ``frame`` formatted under ``caption`` (:func:`table_html`: one sentence saying
+    what a row is and what to read); nothing for an empty frame."""
+    if not caption:
+        raise ValueError("a table shown in the book needs a caption")
     if not frame.empty:
-        display(HTML(table_html(frame, columns)))
+        display(HTML(table_html(frame, columns, caption)))
