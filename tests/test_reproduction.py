@@ -262,6 +262,10 @@ def test_reproduction_chapter_sets_a_fake_build_beside_every_published_number(tm
     assert "R2_entfloor0.1" in chapter.this_build_markdown()
     chapter.conclusion()
     assert "445 published numbers" in chapter.page.findings
+    chapter.overview()
+    scatter = chapter.page.figures["extra_reproduction_scatter"]
+    points = sum(len(c.get_offsets()) for ax in scatter.axes for c in ax.collections)
+    assert points == len(chapter.comparison.dropna(subset=["report", "ours"])) > 0
     assert len(chapter.tolerances()) == len(NUMBERS.kinds)
 
 

@@ -13,12 +13,15 @@ import pytest
 from collapse_utils.analysis import stat_tables
 from collapse_utils.analysis.results import per_layer_delta, run_summary
 from collapse_utils.book.tables import (
+    BLANK_NOTE,
+    FOLD_ROWS,
     NUMBER,
     Column,
     column_spec,
     format_lr,
     format_p,
     format_table,
+    show_table,
     table_html,
 )
 from tests.fake_records import histories
@@ -91,7 +94,7 @@ def test_index_levels_and_their_values_are_named_too():
     frame = pd.DataFrame({"r": [0.5]}, index=pair)
     shown = format_table(frame)
     assert list(shown.index.names) == ["Metric A", "Metric B"]
-    assert shown.index[0] == ("Δ Entropy (%)", "Best epoch accuracy")
+    assert shown.index[0] == ("Δ Entropy (%)", "Best epoch accuracy (%)")
     methods = format_table(pd.DataFrame({"method": ["full", "lora"]}))
     assert methods["Method"].tolist() == ["Full FT", "LoRA"]
 
@@ -179,3 +182,16 @@ def test_a_value_that_rounds_to_zero_shows_no_minus_sign():
     assert format_number(-0.0) == "0.000"  # a non-zero value that rounds to 0 goes scientific
     assert format_value(-0.00001, Column("accuracy", ACC)) == "0.00"
     assert format_value(-0.0001, Column("accuracy", ACC)) == "-0.01"  # not zero: keeps its sign
+
+
+def test_a_table_is_captioned_long_ones_fold_and_a_blank_is_explained_once():
+    frame = pd.DataFrame({"best_acc": [0.5, np.nan]}, index=pd.Index(["E2", "E3"], name="run"))
+    html = table_html(frame, caption="Table 1. Two runs.")
+    assert "<caption>Table 1. Two runs.</caption>" in html
+    assert html.count(BLANK_NOTE) == 1 and "<details" not in html
+    long = pd.DataFrame({"best_acc": np.linspace(0, 1, FOLD_ROWS + 1)})
+    folded = table_html(long, caption="Many rows.")
+    assert folded.startswith('<details class="table-fold"><summary>Many rows.')
+    assert BLANK_NOTE not in folded
+    with pytest.raises(ValueError, match="caption"):
+        show_table(frame, "")

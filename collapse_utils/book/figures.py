@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 import os
 import re
@@ -24,6 +25,7 @@ import pandas as pd
 from IPython.display import display
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -33,11 +35,15 @@ from collapse_utils.analysis.results import per_layer_delta, trajectory, zerosho
 from collapse_utils.book.style import (
     DATASET_NAMES,
     METHOD_COLORS,
+    METHOD_GID,
     METHOD_NAMES,
     METRIC_NAMES,
     curve_labels,
     delta_label,
+    entropy_ceiling,
+    method_style,
     metric_label,
+    run_styles,
 )
 from collapse_utils.config import METRICS
 from collapse_utils.run_record import RunRecord
@@ -48,11 +54,42 @@ COLUMN_WIDTH_IN = 8.0  # a figure this wide fills the text column; narrower ones
 DPI = 150
 
 
-def save_figure(fig: Figure, output_root: Path | str, name: str) -> Path:
-    """Write ``fig`` to ``<output_root>/figures/<name>.png`` (150 dpi) and return the path."""
+# PNG text chunk holding {method: colour} of a saved figure (the browser check compares them
+# across pages), and the watermark of a figure drawn from smoke runs.
+METHODS_KEY = "Collapse-Method-Colors"
+SMOKE_WATERMARK = "SMOKE RUN: NOT FINDINGS"
+
+
+def method_colors(fig: Figure) -> dict[str, str]:
+    """{method: hex colour} of every artist of ``fig`` drawn in a method's style (gid
+    ``method:<name>``, :func:`~collapse_utils.book.style.method_style`)."""
+    found: dict[str, set[str]] = {}
+    for artist in fig.findobj(lambda a: (a.get_gid() or "").startswith(METHOD_GID)):
+        if isinstance(artist, Line2D):
+            colors = [artist.get_color()]
+        elif isinstance(artist, Patch):
+            colors = [artist.get_facecolor()]
+        else:  # a collection: scatter points
+            colors = list(artist.get_facecolor())
+        method = artist.get_gid().removeprefix(METHOD_GID)
+        found.setdefault(method, set()).update(to_hex(c) for c in colors)
+    return {m: ",".join(sorted(c)) for m, c in found.items()}
+
+
+def save_figure(fig: Figure, output_root: Path | str, name: str, watermark: str = "") -> Path:
+    """Write ``fig`` to ``<output_root>/figures/<name>.png`` (150 dpi) with its method colours
+    in the PNG's text (:data:`METHODS_KEY`) and ``watermark`` across it; return the path."""
     path = Path(output_root) / "figures" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    mark = None
+    if watermark:
+        mark = fig.text(0.5, 0.5, watermark, transform=fig.transFigure, ha="center",
+                        va="center", rotation=25, fontsize=28, color="tab:gray", alpha=0.18,
+                        zorder=10)  # fmt: skip
+    metadata = {METHODS_KEY: json.dumps(method_colors(fig), sort_keys=True)}
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", metadata=metadata)
+    if mark is not None:
+        mark.remove()  # the figure object stays as drawn (tests, a second save)
     return path
 
 
@@ -99,13 +136,20 @@ def figure_html(path: Path, name: str, caption: str) -> str:
     )
 
 
-def show_figure(fig: Figure, output_root: Path | str, name: str, caption: str = "") -> None:
+def watermark_of(profile: str) -> str:
+    """The watermark of a figure drawn from ``profile``'s runs: smoke figures carry one."""
+    return SMOKE_WATERMARK if profile == "smoke" else ""
+
+
+def show_figure(
+    fig: Figure, output_root: Path | str, name: str, caption: str = "", watermark: str = ""
+) -> None:
     """How every page shows a figure: save it (:func:`save_figure`), then display the saved PNG
     as a figure with ``caption`` (one sentence: what to look at; default: the figure's title).
     The output carries a MyST ``{figure}`` (``text/markdown``, what the book renders, see
     ``nb_mime_priority_overrides`` in ``_config.yml``) and the same figure as HTML (what
     Jupyter shows)."""
-    path = save_figure(fig, output_root, name)
+    path = save_figure(fig, output_root, name, watermark)
     if not caption:
         title = fig.get_suptitle() or next((ax.get_title() for ax in fig.axes), "")
         caption = (title or name.replace("_", " ")) + "."
@@ -139,13 +183,49 @@ def legend_below(fig: Figure, handles: Sequence, labels: Sequence[str] | None = 
         fig.legend(handles, labels, loc="outside lower center", ncol=ncol)
 
 
-def method_handles(methods: Sequence[str]) -> list[Patch]:
-    """Legend entries for the method colours of :data:`~collapse_utils.book.style.METHOD_COLORS`
-    (in the order given, each once)."""
-    return [
-        Patch(color=METHOD_COLORS.get(m, "tab:gray"), label=METHOD_NAMES.get(m, m))
-        for m in dict.fromkeys(methods)
-    ]
+def method_handles(methods: Sequence[str], lines: bool = False) -> list:
+    """Legend entries naming each method (in the order given, each once) in its style: a patch
+    of its colour (bars, points) or, with ``lines``, a line in its colour and line style."""
+    handles = []
+    for m in dict.fromkeys(methods):
+        style = {k: v for k, v in method_style(m).items() if k != "gid"}
+        label = METHOD_NAMES.get(m, m)
+        handles.append(Line2D([], [], label=label, **style) if lines else
+                       Patch(color=style["color"], label=label))  # fmt: skip
+    return handles
+
+
+def runs_legend(fig: Figure, histories: Sequence[RunRecord], *label_axes: Axes) -> None:
+    """The legend of a figure with one line per run: the methods under the figure, and each
+    run's label at its line's end on ``label_axes``."""
+    legend_below(fig, method_handles([h.method for h in histories], lines=True))
+    for ax in label_axes:
+        label_line_ends(ax)
+
+
+def label_line_ends(ax: Axes) -> list[str]:
+    """Write each run line's label at its last point (:func:`label_points`: nearby ends share
+    one label)."""
+    lines = [line for line in ax.lines if (line.get_gid() or "").startswith(METHOD_GID)]
+    data = [(np.asarray(line.get_xdata()), np.asarray(line.get_ydata()), line.get_label())
+            for line in lines]  # fmt: skip
+    ends = [(x[-1], y[-1], label) for x, y, label in data if len(x)]
+    if not ends:
+        return []
+    xs, ys, labels = zip(*ends, strict=True)
+    return label_points(ax, xs, ys, labels)
+
+
+def ceiling_line(ax: Axes, histories: Sequence[RunRecord]) -> None:
+    """The entropy ceiling (uniform attention over every patch, ln N nats) as a dashed line on
+    an entropy axis, labelled once."""
+    ceilings = sorted({round(entropy_ceiling(h), 6) for h in histories})
+    for value in ceilings:
+        ax.axhline(value, color="0.35", linestyle=(0, (2, 2)), linewidth=0.8, label="_ceiling")
+        patches = round(math.exp(value))
+        ax.annotate(f"ln {patches} (uniform)", (0.0, value), xycoords=("axes fraction", "data"),
+                    xytext=(3, -3), textcoords="offset points", va="top", fontsize=7,
+                    color="0.35")  # fmt: skip
 
 
 # Where a point's label may go, tried in order: (x, y) offset in points, alignment.
@@ -230,14 +310,15 @@ def baseline_structure(histories: list[RunRecord]) -> Figure:
     """fig2: the pre-trained model's four metrics per layer (2×2 panels, one line per baseline
     run, one legend under them)."""
     fig, axes = new_figure(ncols=2, nrows=2, width=4.2, height=3.0)
-    for history, label in zip(histories, curve_labels(histories), strict=True):
+    for history, style in zip(histories, run_styles(histories), strict=True):
         metrics = history.evals[0].metrics
         layers = np.arange(1, len(metrics["entropy"]) + 1)
         for ax, metric in zip(axes.ravel(), METRICS, strict=True):
-            ax.plot(layers, metrics[metric], marker="o", label=label)
+            ax.plot(layers, metrics[metric], **style)
     for ax, metric in zip(axes.ravel(), METRICS, strict=True):
         ax.set(xlabel="layer", ylabel=metric_label(metric), title=metric_label(metric))
-    legend_below(fig, axes[0, 0].lines)
+    ceiling_line(axes[0, 0], histories)
+    runs_legend(fig, histories, axes[0, 0])
     fig.suptitle("Pre-trained [CLS]→patch attention structure per layer")
     return fig
 
@@ -250,12 +331,14 @@ def training_curves(history: RunRecord) -> Figure:
     epochs = history.epochs
     total = max(history.total_steps, 1)
     steps = [e.step / total for e in epochs]
-    left.plot(steps, [e.val_acc for e in epochs], marker="o", color="tab:blue")
-    left.set(xlabel="fraction of training", ylabel=f"{history.eval_split} accuracy", ylim=(0, 1.02))
+    left.plot(steps, [100 * e.val_acc for e in epochs], marker="o", color="tab:blue")
+    left.set(xlabel="fraction of training", ylabel=f"{history.eval_split} accuracy (%)",
+             ylim=(0, 102))  # fmt: skip
     twin = left.twinx()
     fraction, entropy = trajectory(history, "entropy")
     twin.plot(fraction, entropy, color="tab:red", marker=".")
     twin.set_ylabel(f"mean {metric_label('entropy')}", color="tab:red")
+    ceiling_line(twin, [history])
     left.set_title("accuracy and entropy")
     losses = [(e.fraction, e.train_loss) for e in history.evals if e.train_loss]
     if losses:
@@ -269,12 +352,13 @@ def metric_trajectories(histories: list[RunRecord], title: str = "") -> Figure:
     """fig5/5b, extra LoRA QKVO: each metric's layer mean over training (2×2 panels), one line
     per run, one legend under the panels."""
     fig, axes = new_figure(ncols=2, nrows=2, width=4.2, height=3.0)
-    for history, label in zip(histories, curve_labels(histories), strict=True):
+    for history, style in zip(histories, run_styles(histories), strict=True):
         for ax, metric in zip(axes.ravel(), METRICS, strict=True):
-            ax.plot(*trajectory(history, metric), marker=".", label=label)
+            ax.plot(*trajectory(history, metric), **style, markersize=4)
     for ax, metric in zip(axes.ravel(), METRICS, strict=True):
         ax.set(xlabel="fraction of training", ylabel=metric_label(metric))
-    legend_below(fig, axes[0, 0].lines)
+    ceiling_line(axes[0, 0], histories)
+    runs_legend(fig, histories, axes[0, 0])
     if title:
         fig.suptitle(title)
     return fig
@@ -286,13 +370,15 @@ def single_metric_trajectories(histories: list[RunRecord], metric: str, title: s
     fig, axes = new_figure(ncols=2, width=4.4)
     left, right = axes[0]
     change = per_layer_delta(histories, metric)
-    for history, label in zip(histories, curve_labels(histories), strict=True):
-        left.plot(*trajectory(history, metric), marker=".", label=label)
-        right.plot(change.columns, change.loc[(history.id, history.seed)], marker="o")
+    for history, style in zip(histories, run_styles(histories), strict=True):
+        left.plot(*trajectory(history, metric), **style, markersize=4)
+        right.plot(change.columns, change.loc[(history.id, history.seed)], **style, markersize=4)
     left.set(xlabel="fraction of training", ylabel=metric_label(metric), title="layer mean")
+    if metric == "entropy":
+        ceiling_line(left, histories)
     right.axhline(0, color="black", linewidth=0.8)
     right.set(xlabel="layer", ylabel="Δ first → final (%)", title="per layer")
-    legend_below(fig, left.lines)
+    runs_legend(fig, histories, left)
     fig.suptitle(title or f"{metric_label(metric)} over training")
     return fig
 
@@ -343,15 +429,18 @@ def lr_sweep(summary: pd.DataFrame, histories: list[RunRecord]) -> Figure:
     left.axhline(0, color="black", linewidth=0.8)
     left.set(xscale="log", xlabel="learning rate", ylabel="Δ first → final (%)")
     left.legend(fontsize="small")
-    middle.plot(ordered["lr"], ordered["best_acc"], marker="o", color="tab:green")
-    middle.set(xscale="log", xlabel="learning rate", ylabel="best epoch accuracy")
+    middle.plot(ordered["lr"], 100 * ordered["best_acc"], marker="o", color="tab:green")
+    middle.set(xscale="log", xlabel="learning rate", ylabel="best epoch accuracy (%)")
     lr_of = dict(zip(ordered["run"], ordered["lr"], strict=True))
     shown = sorted((h for h in histories if h.id in lr_of), key=lambda h: (lr_of[h.id], h.seed))
-    for history, label in zip(shown, curve_labels(shown), strict=True):
-        seed = label.removeprefix(history.id)
-        right.plot(*trajectory(history, "entropy"), label=f"lr={lr_of[history.id]:g}{seed}")
+    for history, style in zip(shown, run_styles(shown), strict=True):
+        seed = style["label"].removeprefix(history.id)
+        right.plot(
+            *trajectory(history, "entropy"), **{**style, "label": f"lr={lr_of[history.id]:g}{seed}"}
+        )
     right.set(xlabel="fraction of training", ylabel=f"mean {metric_label('entropy')}")
-    right.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ceiling_line(right, shown)
+    runs_legend(fig, shown, right)
     fig.suptitle("Learning-rate sweep (full fine-tuning)")
     return fig
 
@@ -364,8 +453,8 @@ def ablation_effect(summary: pd.DataFrame, x: str, xlabel: str, title: str) -> F
     left.plot(ordered[x], ordered["d_entropy_pct"], marker="o", color="tab:red")
     left.axhline(0, color="black", linewidth=0.8)
     left.set(xlabel=xlabel, ylabel="Δ entropy first → final (%)")
-    right.plot(ordered[x], ordered["best_acc"], marker="o", color="tab:green")
-    right.set(xlabel=xlabel, ylabel="best epoch accuracy")
+    right.plot(ordered[x], 100 * ordered["best_acc"], marker="o", color="tab:green")
+    right.set(xlabel=xlabel, ylabel="best epoch accuracy (%)")
     fig.suptitle(title)
     return fig
 
@@ -375,20 +464,20 @@ def regularization(summary: pd.DataFrame, histories: list[RunRecord]) -> Figure:
     the pre-trained attention over training."""
     fig, axes = new_figure(ncols=2, width=4.4, height=3.4)
     left, right = axes[0]
-    left.bar(summary["run"], summary["d_entropy_pct"], color="tab:purple")
+    bars_by_method(left, summary["run"], summary["d_entropy_pct"], summary["method"])
     left.axhline(0, color="black", linewidth=0.8)
     left.set(ylabel="Δ entropy first → final (%)", title="entropy change")
     plt.setp(left.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor")
-    for history, label in zip(histories, curve_labels(histories), strict=True):
+    for history, style in zip(histories, run_styles(histories), strict=True):
         fraction = [e.fraction for e in history.evals]
         kl = [np.mean(e.kl_to_initial) for e in history.evals]
-        right.plot(fraction, kl, marker=".", label=label)
+        right.plot(fraction, kl, **style, markersize=4)
     right.set(
         xlabel="fraction of training",
         ylabel="KL(pre-trained ‖ current) (nats)",
         title="distance from pre-trained attention",
     )
-    legend_below(fig, right.lines)
+    runs_legend(fig, histories, right)
     return fig
 
 
@@ -404,6 +493,7 @@ def zeroshot_vs_collapse(summary: pd.DataFrame, dataset: str = "cifar100") -> Fi
             runs.loc[chosen, "d_entropy_pct"],
             change[chosen],
             color=METHOD_COLORS[method],
+            gid=method_style(method)["gid"],
             label=METHOD_NAMES[method],
         )
     ax.axhline(0, color="black", linewidth=0.8)
@@ -424,8 +514,7 @@ def zeroshot_bars(summary: pd.DataFrame, dataset: str = "cifar100") -> Figure:
     runs = summary[summary["method"] != "none"]
     fig, axes = new_figure(width=min(MAX_WIDTH_IN, max(6.0, 0.4 * len(runs))), height=3.6)
     ax = axes[0, 0]
-    colors = [METHOD_COLORS.get(m, "tab:gray") for m in runs["method"]]
-    ax.bar(runs["run"], 100 * runs[f"zs_{dataset}"], color=colors)
+    bars_by_method(ax, runs["run"], 100 * runs[f"zs_{dataset}"], runs["method"])
     pretrained = 100 * runs[f"zs_{dataset}_pretrained"].iloc[0]
     ax.axhline(pretrained, color="black", linestyle="--")
     named = DATASET_NAMES.get(dataset, dataset)
@@ -437,6 +526,22 @@ def zeroshot_bars(summary: pd.DataFrame, dataset: str = "cifar100") -> Figure:
     ]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
+
+
+def bars_by_method(
+    ax: Axes,
+    names: Sequence,
+    values: Sequence[float],
+    methods: Sequence[str],
+    horizontal: bool = False,
+) -> None:
+    """One bar per run in its method's colour (its gid records the method)."""
+    draw = ax.barh if horizontal else ax.bar
+    positions = range(len(names)) if horizontal else list(names)
+    bars = draw(positions, list(values))
+    for bar, method in zip(bars, methods, strict=True):
+        bar.set_color(METHOD_COLORS.get(method, "tab:gray"))
+        bar.set_gid(method_style(method)["gid"])
 
 
 def attention_overlay(ax: Axes, image: np.ndarray, patches: np.ndarray, title: str = "") -> None:

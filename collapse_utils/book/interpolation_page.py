@@ -26,13 +26,21 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from collapse_utils.analysis.results import load_histories
-from collapse_utils.book.figures import HEATMAP_COLUMNS, empty_panel, legend_below, new_figure
+from collapse_utils.book.figures import (
+    HEATMAP_COLUMNS,
+    empty_panel,
+    label_line_ends,
+    legend_below,
+    method_handles,
+    new_figure,
+)
 from collapse_utils.book.page import Page, show_step
 from collapse_utils.book.style import (
     DATASET_NAMES,
     METHOD_NAMES,
     METRIC_NAMES,
     curve_labels,
+    labelled_styles,
     metric_label,
 )
 from collapse_utils.config import METRICS, PARAMS_DIR, RunConfig, load_config, profile_output_root
@@ -160,24 +168,26 @@ def frontier(paths: list[RunPath]) -> Figure:
     """Task accuracy against transfer along α, one curve per run: with the run's trained head
     (left) and with a zero-shot text head (right); α = 0, ½ and 1 written beside each curve."""
     fig, axes = new_figure(ncols=2, width=4.4, height=3.6)
-    handles: list[Line2D] = []
+    styles = _styles(paths)
     for ax, column, title in (
         (axes[0, 0], "task_acc", "trained head"),
         (axes[0, 1], "task_acc_zeroshot_head", "zero-shot text head"),
     ):
-        for path in paths:
+        for path, style in zip(paths, styles, strict=True):
             table = path.table.sort_values("alpha")
             x, y = 100 * path.transfer.loc[table.index], 100 * table[column]
-            (line,) = ax.plot(x, y, marker=".", label=path.label)
-            handles.append(line)
-            ax.plot(x.iloc[-1:], y.iloc[-1:], marker="*", markersize=10, color=line.get_color())
+            ax.plot(x, y, **style, markersize=4)
+            ax.plot(x.iloc[-1:], y.iloc[-1:], marker="*", markersize=10, color=style["color"])
             for alpha, xi, yi in zip(table["alpha"], x, y, strict=True):
                 if any(math.isclose(alpha, m) for m in MARKED):
                     ax.annotate(f"{alpha:g}", (xi, yi), fontsize=7, xytext=(3, 3),
                                 textcoords="offset points")  # fmt: skip
         ax.set(xlabel="zero-shot accuracy (%)", ylabel="task accuracy (%)", title=title)
     star = Line2D([], [], marker="*", markersize=10, color="black", linestyle="", label="α = 1")
-    legend_below(fig, [*handles[: len(paths)], star])
+    methods = method_handles([p.config.train.method for p in paths], lines=True)
+    legend_below(fig, [*methods, star])
+    for ax in axes[0]:
+        label_line_ends(ax)
     fig.suptitle("WiSE-FT frontier: α from the pre-trained (0) to the fine-tuned (1) weights")
     return fig
 
@@ -186,18 +196,21 @@ def metrics_along_alpha(paths: list[RunPath]) -> Figure:
     """Each metric's layer mean against α (2×2 panels), one line per run, with the straight
     line between its ends (dotted) for reference."""
     fig, axes = new_figure(ncols=2, nrows=2, width=4.2, height=3.0)
-    handles: list[Line2D] = []
     for ax, metric in zip(axes.ravel(), METRICS, strict=True):
-        for path in paths:
+        for path, style in zip(paths, _styles(paths), strict=True):
             table = path.table.sort_values("alpha")
-            (line,) = ax.plot(table["alpha"], table[metric], marker=".", label=path.label)
-            handles.append(line)
+            ax.plot(table["alpha"], table[metric], **style, markersize=4)
             ends = table.iloc[[0, -1]]
-            ax.plot(ends["alpha"], ends[metric], linestyle=":", color=line.get_color())
+            ax.plot(ends["alpha"], ends[metric], linestyle=":", color=style["color"])
         ax.set(xlabel="α", ylabel=metric_label(metric))
-    legend_below(fig, handles[: len(paths)])
+    legend_below(fig, method_handles([p.config.train.method for p in paths], lines=True))
+    label_line_ends(axes[0, 0])
     fig.suptitle("Attention metrics along the path (dotted: straight line between the ends)")
     return fig
+
+
+def _styles(paths: list[RunPath]) -> list[dict]:
+    return labelled_styles([p.config.train.method for p in paths], [p.label for p in paths])
 
 
 def layer_delta_heatmaps(paths: list[RunPath]) -> Figure:

@@ -15,7 +15,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 from matplotlib.figure import Figure
 
-from collapse_utils.book.figures import show_figure
+from collapse_utils.book.figures import show_figure, watermark_of
 from collapse_utils.book.tables import show_table
 from collapse_utils.config import profile_about
 
@@ -92,7 +92,9 @@ class Page:
         self.figures[name] = fig
         self.captions[name] = caption
         if self.show:
-            show_figure(fig, self.output_root, name, caption)
+            # published numbers (``source``) are not the profile's runs: no smoke watermark
+            mark = "" if self.source else watermark_of(self.profile)
+            show_figure(fig, self.output_root, name, caption, mark)
 
     def note(self, text: str) -> None:
         self.notes.append(text)

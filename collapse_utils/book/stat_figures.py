@@ -33,18 +33,21 @@ from collapse_utils.analysis.stats import (
     entropy_velocity,
 )
 from collapse_utils.book.figures import (
+    bars_by_method,
     empty_panel,
     label_points,
     legend_below,
     method_handles,
     new_figure,
+    runs_legend,
 )
 from collapse_utils.book.style import (
     DATASET_NAMES,
     METHOD_COLORS,
     METHOD_NAMES,
-    curve_labels,
     delta_label,
+    method_style,
+    run_styles,
     seed_labels,
 )
 from collapse_utils.book.tables import format_p
@@ -206,12 +209,12 @@ def fig12_training_dynamics(
         for ax in axes.ravel():
             empty_panel(ax, "no run with two or more evals")
         return fig
-    for h, label in zip(usable, curve_labels(usable), strict=True):
+    for h, style in zip(usable, run_styles(usable), strict=True):
         c = _curves(h)
         velocity = entropy_velocity(c["fraction"], c["raw_entropy"])
-        (line,) = velocity_ax.plot(velocity.midpoints, velocity.rate, marker=".", label=label)
-        color = line.get_color()
-        entropy_ax.plot(c["fraction"], c["entropy"], marker=".", color=color, label=label)
+        velocity_ax.plot(velocity.midpoints, velocity.rate, **style, markersize=4)
+        color = style["color"]
+        entropy_ax.plot(c["fraction"], c["entropy"], **style, markersize=4)
         onset = collapse_onset(c["fraction"], c["raw_entropy"], threshold)
         if onset is not None:
             at = int(np.flatnonzero(c["fraction"] == onset)[0])
@@ -223,13 +226,13 @@ def fig12_training_dynamics(
                 color=color,
                 linestyle="none",
             )
-        erf_ax.plot(c["entropy"], c["erf"], marker=".", color=color, label=label)
-        gini_ax.plot(c["entropy"], c["gini"], marker=".", color=color, label=label)
+        erf_ax.plot(c["entropy"], c["erf"], **style, markersize=4)
+        gini_ax.plot(c["entropy"], c["gini"], **style, markersize=4)
     velocity_ax.axhline(0, color="black", linewidth=0.7)
     velocity_ax.set_xlabel("Training fraction")
     velocity_ax.set_ylabel("Entropy velocity (nats / training)")
     velocity_ax.set_title("Entropy velocity")
-    legend_below(fig, velocity_ax.lines)
+    runs_legend(fig, usable, entropy_ax)
     entropy_ax.axhline(-100 * threshold, color="gray", linestyle="--", linewidth=0.8)
     entropy_ax.set_xlabel("Training fraction")
     entropy_ax.set_ylabel(delta_label("d_entropy_pct"))
@@ -288,17 +291,17 @@ def fig14_convergence(histories: Sequence[RunRecord]) -> Figure:
     if not families:
         empty_panel(flat[0], "no run with epochs")
         return fig
-    labels = dict(zip(((h.id, h.seed) for h in runs), curve_labels(runs), strict=True))
+    styles = dict(zip(((h.id, h.seed) for h in runs), run_styles(runs), strict=True))
     for ax, family in zip(flat, families, strict=False):
         for h in (h for h in runs if h.family == family):
             epochs = [e.epoch for e in h.epochs]
-            acc = [e.val_acc for e in h.epochs]
-            ax.plot(epochs, acc, marker="o", markersize=3, label=labels[(h.id, h.seed)])
+            acc = [100 * e.val_acc for e in h.epochs]
+            ax.plot(epochs, acc, **styles[(h.id, h.seed)], markersize=3)
         ax.set_title(family.replace("_", " "))
         ax.set_xlabel("Epoch")
-        ax.set_ylabel("Accuracy per epoch")
+        ax.set_ylabel("Accuracy per epoch (%)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize="x-small", ncols=2)
+    runs_legend(fig, runs, *flat[: len(families)])
     for ax in flat[len(families) :]:
         ax.remove()
     return fig
@@ -322,11 +325,10 @@ def fig16_dashboard(
         for ax in axes.ravel():
             empty_panel(ax, "no trained run")
         return fig
-    colors = [METHOD_COLORS.get(m, "tab:gray") for m in runs["method"]]
     dent = runs["d_entropy_pct"]
 
     ax = axes[0, 0]
-    ax.barh(range(len(runs)), dent, color=colors)
+    bars_by_method(ax, list(runs.index), dent, runs["method"], horizontal=True)
     ax.set_yticks(range(len(runs)), list(runs.index), fontsize=7 if len(runs) > 12 else 9)
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.7)
@@ -338,7 +340,8 @@ def fig16_dashboard(
         (axes[0, 1], "d_gini_pct", "Concentration vs entropy"),
         (axes[0, 2], "best_acc", "Task accuracy vs entropy"),
     ):
-        ax.scatter(dent, runs[column], c=colors)
+        _scatter_by_method(ax, dent, 100 * runs[column] if column == "best_acc" else
+                           runs[column], runs["method"])  # fmt: skip
         ax.set_xlabel(delta_label("d_entropy_pct"))
         ax.set_ylabel(delta_label(column))
         ax.set_title(title)
@@ -346,7 +349,7 @@ def fig16_dashboard(
     ax = axes[1, 0]
     zeroshot = zeroshot_datasets(runs)
     if zeroshot:
-        ax.scatter(dent, zeroshot_change(runs, zeroshot[0]), c=colors)
+        _scatter_by_method(ax, dent, zeroshot_change(runs, zeroshot[0]), runs["method"])
         ax.axhline(0, color="black", linewidth=0.7)
         ax.set_xlabel(delta_label("d_entropy_pct"))
         ax.set_ylabel(f"Δ zero-shot {DATASET_NAMES.get(zeroshot[0], zeroshot[0])} (points)")
@@ -356,6 +359,14 @@ def fig16_dashboard(
     _method_layers_panel(axes[1, 1], summary[summary["run"].isin(method_runs)], delta)
     _lr_line_panel(axes[1, 2], lr_points)
     return fig
+
+
+def _scatter_by_method(ax: Axes, x: pd.Series, y: pd.Series, methods: pd.Series) -> None:
+    """One scatter per method, in its colour (gid: the saved figure records it)."""
+    for method in dict.fromkeys(methods):
+        chosen = (methods == method).to_numpy()
+        style = method_style(method)
+        ax.scatter(x[chosen], y[chosen], color=style["color"], gid=style["gid"])
 
 
 def _method_layers_panel(ax: Axes, compared: pd.DataFrame, delta: pd.DataFrame) -> None:
@@ -368,7 +379,7 @@ def _method_layers_panel(ax: Axes, compared: pd.DataFrame, delta: pd.DataFrame) 
                 layers.mean(axis=0),
                 marker="o",
                 markersize=3,
-                color=METHOD_COLORS[method],
+                **method_style(method),
                 label=f"{METHOD_NAMES[method]} ({len(layers)} runs)",
             )
     if not ax.lines:

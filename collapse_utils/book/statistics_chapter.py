@@ -27,7 +27,7 @@ from collapse_utils.analysis.results import (
 )
 from collapse_utils.analysis.stats import EXACT_MAX_N, metric_correlations
 from collapse_utils.book import stat_figures
-from collapse_utils.book.figures import show_figure
+from collapse_utils.book.figures import show_figure, watermark_of
 from collapse_utils.book.page import Page
 from collapse_utils.book.style import DATASET_NAMES
 from collapse_utils.book.tables import NUMBER, Column, format_p, show_table
@@ -150,7 +150,7 @@ class StatisticsChapter:
         self.table_b = self.table_c = pd.DataFrame()
 
     def show(self, fig, name: str, caption: str) -> None:
-        show_figure(fig, self.output_root, name, caption)
+        show_figure(fig, self.output_root, name, caption, watermark_of(self.profile))
 
     def overview(self) -> pd.DataFrame:
         glue("n_histories", len(self.histories), display=False)
