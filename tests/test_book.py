@@ -71,3 +71,5 @@ def test_study_b_pages_of_a_tiny_grid_fold_under_their_analysis(book):
     assert "CKA to pre-trained" in summary and "Zero-shot retention CIFAR-10" in summary
     toc = (paths.root / "_toc.yml").read_text()
     assert "sections:" in toc and "Bt_lora_lr1e-2_s11" in toc
+    assert "Every run of this comparison has its own page" in summary  # linked, not trapped
+    assert "Bt_lora_lr1e-2_s11" in (html / "runs.html").read_text()

@@ -385,11 +385,18 @@ def test_a_grid_runs_one_page_per_point_and_seed_grouped_under_its_comparison(tm
 
     toc = yaml.safe_load(paths.toc.read_text())
     part = next(p for p in toc["parts"] if p["caption"] == FAMILIES["study_b"].title)
-    [chapter] = part["chapters"]  # one entry in the sidebar, the pages fold under it
-    assert chapter["file"] == "book/executed/13_study_b/summary"
-    assert [s["file"].rsplit("/", 1)[1] for s in chapter["sections"]] == [
+    [chapter] = part["chapters"]  # the analysis alone: "Next" from it leaves the family
+    assert chapter == {"file": "book/executed/13_study_b/summary",
+                       "title": f"{FAMILIES['study_b'].title}: the runs compared"}  # fmt: skip
+    assert toc["parts"][-1]["caption"] == "Run pages"  # the grid's pages, listed last
+    [index] = toc["parts"][-1]["chapters"]
+    assert index["file"] == "book/executed/13_study_b/runs"
+    assert [s["file"].rsplit("/", 1)[1] for s in index["sections"]] == [
         "G_lr1e-3_s7", "G_lr1e-3_s11", "G_lr1e-2_s7", "G_lr1e-2_s11"
     ]  # fmt: skip
+    listing = (paths.root / "book/executed/13_study_b/runs.md").read_text()
+    assert "[G_lr1e-2_s11: a small grid](G_lr1e-2_s11.ipynb)" in listing
+    assert "(summary.ipynb)" in listing
 
 
 def test_only_takes_a_run_name_or_every_seed_of_an_id_and_seeds_override(tmp_path):

@@ -74,7 +74,7 @@ from collapse_utils.config import (
     profile_output_root,
     run_name,
 )
-from collapse_utils.families import load_families
+from collapse_utils.families import Family, load_families
 from collapse_utils.run_record import RecordError, RunFiles, find_runs, read_record
 from collapse_utils.storage import LockedError, locked
 from collapse_utils.training.data import prepare_datasets
@@ -636,11 +636,14 @@ def built_with(parameters: dict[str, str]) -> str:
     return f"{{.built-with}}\nBuilt with {values} (papermill parameters)."
 
 
-def page_heading(execution: Execution, original: str, family_page: str | None) -> str:
+def page_heading(
+    execution: Execution, original: str, family_page: str | None, run_index: str | None = None
+) -> str:
     """The first markdown cell of a page. A run page: ``# <id>: <description>``, the built-with
     line and a link to its family's page (``family_page``: that page's file and title, if it is
     in the book). Any other page: the notebook's own heading and intro with the built-with line
-    under the heading."""
+    under the heading, and on a comparison page whose runs are listed apart (``run_index``, a
+    link to :func:`write_run_index`'s page) the link to them."""
     line = built_with(execution.parameters)
     if execution.config_id:
         text = f"# {execution.title}\n\n{line}"
@@ -648,12 +651,19 @@ def page_heading(execution: Execution, original: str, family_page: str | None) -
             text += f"\n\nOne run of the family compared on {family_page}."
         return text
     heading, _, rest = original.partition("\n")
+    if run_index:
+        line += f"\n\nEvery run of this comparison has its own page: {run_index}."
     if not heading.startswith("# "):
         return f"{line}\n\n{original}"
     return f"{heading}\n\n{line}\n\n{rest.lstrip()}".rstrip()
 
 
-def dress_page(nb: nbformat.NotebookNode, execution: Execution, family_page: str | None) -> bool:
+def dress_page(
+    nb: nbformat.NotebookNode,
+    execution: Execution,
+    family_page: str | None,
+    run_index: str | None = None,
+) -> bool:
     """Hide the injected parameters cell and set the page heading (:func:`page_heading`) of an
     executed notebook, in place: the notebook's first markdown cell (not papermill's error
     banner, which the heading goes above). Idempotent: the heading is rebuilt from the cell's
@@ -674,7 +684,7 @@ def dress_page(nb: nbformat.NotebookNode, execution: Execution, family_page: str
     if title is not None:
         kept = title.metadata.setdefault(METADATA_KEY, {})
         original = kept.setdefault("source", title.source)
-        title.source = page_heading(execution, original, family_page)
+        title.source = page_heading(execution, original, family_page, run_index)
         nb.cells.remove(title)
         nb.cells.insert(0, title)
     return nbformat.writes(nb) != before
@@ -686,14 +696,17 @@ def dress_pages(plan: Sequence[Execution], paths: BookPaths) -> None:
     listed = listed_pages(plan)
     families = load_families(paths.params)
     summaries = {e.family: e for e in listed if e.phase == "summary"}
+    grouped = {e.family for e in listed if e.grouped}
     for execution in listed:
-        family_page = None
+        family_page = run_index = None
         summary = summaries.get(execution.family)
         if execution.config_id and summary is not None:
             title = families[execution.family].title
             family_page = f"[{title}]({summary.output.name})"
+        if execution.phase == "summary" and execution.family in grouped:
+            run_index = f"[the runs of {families[execution.family].title}]({RUN_INDEX})"
         nb = nbformat.read(execution.output, as_version=4)
-        if dress_page(nb, execution, family_page):
+        if dress_page(nb, execution, family_page, run_index):
             nbformat.write(nb, execution.output)
 
 
@@ -717,24 +730,46 @@ def write_toc(plan: Sequence[Execution], paths: BookPaths) -> Path:
     cross = [e for e in listed if e.phase == "profile"]
     first = [entry(e) for e in cross if e.source.stem in AFTER_METHOD]
     parts: list[dict[str, Any]] = [{"caption": "The study", "chapters": [method, *first]}]
+    indexes = []
     for family in load_families(paths.params).values():
         pages = [e for e in listed if e.family == family.name]
         pages.sort(key=lambda e: e.phase != "summary")  # summary first, then plan order
-        chapters = [entry(e) for e in pages if not (e.grouped and pages[0].phase == "summary")]
-        grouped = [entry(e) for e in pages if e.grouped and pages[0].phase == "summary"]
-        if grouped:  # a grid's run pages fold under the family's comparison page
-            chapters[0]["sections"] = grouped
+        apart = bool(pages) and pages[0].phase == "summary"
+        chapters = [entry(e) for e in pages if not (e.grouped and apart)]
+        grouped = [e for e in pages if e.grouped and apart]
+        if grouped:  # a grid's run pages: listed at the end, so that "Next" is not trapped
+            index = write_run_index(family, pages[0], grouped)
+            indexes.append({"file": _docname(index, paths.root),
+                            "sections": [entry(e) for e in grouped]})  # fmt: skip
         if chapters:
             parts.append({"caption": family.title, "chapters": chapters})
     across = [entry(e) for e in cross if e.source.stem not in AFTER_METHOD]
     if across:
         parts.append({"caption": "Across the study", "chapters": across})
+    if indexes:
+        parts.append({"caption": "Run pages", "chapters": indexes})
     toc = {"format": "jb-book", "root": _docname(paths.book / "intro", paths.root), "parts": parts}
     paths.toc.write_text(
         "# Generated by collapse_utils.book.runner; do not edit.\n"
         + yaml.safe_dump(toc, sort_keys=False, allow_unicode=True)
     )
     return paths.toc
+
+
+RUN_INDEX = "runs.md"  # beside a family's pages: the list of its grouped run pages
+
+
+def write_run_index(family: Family, summary: Execution, runs: Sequence[Execution]) -> Path:
+    """``runs.md`` beside the family's pages: a page listing its run pages (each a section of
+    it in the toc, in the book's last part), linked from the comparison page."""
+    path = summary.output.parent / RUN_INDEX
+    links = "\n".join(f"- [{e.title}]({e.output.name})" for e in runs)
+    path.write_text(
+        f"# {family.title}: every run\n\n"
+        f"Each run of [{family.title}]({summary.output.name}) has its own page: its settings, "
+        f"its training and how its attention changed.\n\n{links}\n"
+    )
+    return path
 
 
 def write_build_config(profile: str, paths: BookPaths) -> Path:
