@@ -188,8 +188,8 @@ MOVE_CONTROLS = r"""
   const run = root.querySelector('[data-control="run"]');
   // the last configuration trained (several steps); the first may be a baseline (one step)
   await move("run", run.options[run.options.length - 1].value, "change");
-  await move("layer", root.querySelector('[data-control="layer"]').max, "input");
-  await move("step", root.querySelector('[data-control="step"]').max, "input");
+  await move("layer", "1", "input");  // it opens on the last layer and step
+  await move("step", "0", "input");
   await move("head", "1", "change");
   await move("image", "1", "change");
   return seen;
@@ -209,6 +209,9 @@ def test_the_static_explorer_redraws_when_a_control_moves_without_a_kernel(book)
         seen = browser.evaluate(MOVE_CONTROLS)
     assert seen is not None, "the explore page has no static explorer"
     states = [state for state, _ in seen]
+    run, step, image, layer, head = states[0].split("|")
+    assert (run, image, head) == ("E2", "0", "0")  # the widget explorer's start: E2, image 1
+    assert int(step) > 0 and int(layer) > 0  # …its last step and layer
     pictures = [picture for _, picture in seen]
     assert len(set(states)) == len(states) == 6  # each move drew a new view
     # Switching run at step 0 may show the same pre-trained attention; every later move within

@@ -30,3 +30,6 @@ def test_the_page_embeds_every_run_step_layer_and_the_head_mean_as_levels(tmp_pa
     embedded = re.search(r"const data = (\{.*?\});\n", page).group(1)
     assert json.loads(embedded) == json.loads(json.dumps(data))
     assert 'id="x1"' in page and "<option>E5</option>" in page
+    assert "<option selected>E2</option>" in page  # no start named: the first run
+    assert "<option selected>E5</option>" in explorer_html(output_root, "x2", initial="E5")
+    assert e2["title"] == maps.history.label  # the run's name above the map

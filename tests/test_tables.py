@@ -187,7 +187,7 @@ def test_a_value_that_rounds_to_zero_shows_no_minus_sign():
 def test_a_table_is_captioned_long_ones_fold_and_a_blank_is_explained_once():
     frame = pd.DataFrame({"best_acc": [0.5, np.nan]}, index=pd.Index(["E2", "E3"], name="run"))
     html = table_html(frame, caption="Table 1. Two runs.")
-    assert "<caption>Table 1. Two runs.</caption>" in html
+    assert '<p class="table-caption">Table 1. Two runs.</p>' in html
     assert html.count(BLANK_NOTE) == 1 and "<details" not in html
     long = pd.DataFrame({"best_acc": np.linspace(0, 1, FOLD_ROWS + 1)})
     folded = table_html(long, caption="Many rows.")

@@ -21,7 +21,7 @@ import torch
 from IPython.display import display
 from safetensors.torch import load_file
 
-from collapse_utils.book.figures import attention_overlay, new_figure
+from collapse_utils.book.figures import attention_overlay, attention_scale, new_figure
 from collapse_utils.book.style import metric_label, seed_labels
 from collapse_utils.config import METRICS
 from collapse_utils.measurement.metrics import cls_to_patch
@@ -74,9 +74,10 @@ def image_grid(run: RunMaps, step_index: int, layer: int):
     fig, axes = new_figure(ncols=count, width=2.0, height=2.2)
     for image, ax in enumerate(axes[0]):
         patches = run.patches(step_index, image, layer, None)
-        attention_overlay(ax, run.images[image], patches, f"image {image}")
+        attention_overlay(ax, run.images[image], patches, f"image {image + 1}")
+    attention_scale(fig, list(axes[0]))
     step = int(run.steps[step_index])
-    fig.suptitle(f"{run.history.id}, layer {layer + 1}, mean of heads, step {step}")
+    fig.suptitle(f"{run.history.label}: layer {layer + 1}, mean of heads, step {step}")
     return fig
 
 
@@ -86,13 +87,15 @@ def draw(run: RunMaps, step_index: int, image: int, layer: int, head: int | None
     fig = plt.figure(figsize=(11, 4.6), layout="constrained")
     plt.close(fig)
     left, right = fig.subfigures(1, 2, width_ratios=(1, 1.35))
-    head_name = "mean of heads" if head is None else f"head {head}"
+    head_name = "mean of heads" if head is None else f"head {head + 1}"
+    picture = left.add_subplot()
     attention_overlay(
-        left.add_subplot(),
+        picture,
         run.images[image],
         run.patches(step_index, image, layer, head),
-        f"layer {layer + 1}, {head_name}, step {int(run.steps[step_index])}",
+        f"image {image + 1}, layer {layer + 1}, {head_name}, step {int(run.steps[step_index])}",
     )
+    attention_scale(left, picture)
     evals = run.history.evals
     steps = [e.step for e in evals]
     for ax, metric in zip(right.subplots(2, 2).flat, METRICS, strict=True):
@@ -112,7 +115,9 @@ def png_output(fig) -> dict:
 
 
 class AttentionExplorer:
-    """Widgets: configuration, layer, head, image and training step → :func:`draw`."""
+    """Widgets: configuration, layer, head, image and training step → :func:`draw`. It opens as
+    the static viewer does (``static_explorer``): run ``initial``, last layer, mean of the heads,
+    image 1, last step; layers, heads and images are numbered from 1 in both."""
 
     def __init__(self, output_root: Path | str, initial: str | None = None):
         self.paths = available_runs(output_root)
@@ -127,7 +132,7 @@ class AttentionExplorer:
         )
         self.layer = widgets.IntSlider(min=1, max=1, description="layer")
         self.head = widgets.Dropdown(description="head")
-        self.image = widgets.IntSlider(min=0, max=0, description="image")
+        self.image = widgets.IntSlider(min=1, max=1, description="image")
         self.step = widgets.SelectionSlider(options=[0], description="step")
         self.output = widgets.Output()
         self._quiet = False
@@ -143,9 +148,10 @@ class AttentionExplorer:
         _, images, layers, heads, _ = self.run.maps.shape
         self.layer.max = layers
         self.layer.value = layers
-        self.head.options = [("mean", -1)] + [(str(h), h) for h in range(heads)]
+        self.head.options = [("mean of heads", -1)] + [(f"head {h + 1}", h) for h in range(heads)]
         self.head.value = -1
-        self.image.max = images - 1
+        self.image.max = images
+        self.image.value = 1
         self.step.options = [int(s) for s in self.run.steps]
         self.step.value = int(self.run.steps[-1])
         self._quiet = False
@@ -160,7 +166,7 @@ class AttentionExplorer:
             return
         step_index = int(np.searchsorted(self.run.steps, self.step.value))
         head = None if self.head.value == -1 else self.head.value
-        fig = draw(self.run, step_index, self.image.value, self.layer.value - 1, head)
+        fig = draw(self.run, step_index, self.image.value - 1, self.layer.value - 1, head)
         # Set the Output's state directly instead of capturing display() inside `with output:`:
         # headless clients (papermill/nbclient) intermittently hang on that capture protocol.
         self.output.outputs = (png_output(fig),)

@@ -25,7 +25,8 @@ import pandas as pd
 from IPython.display import display
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import to_hex
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LinearSegmentedColormap, Normalize, to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -84,7 +85,7 @@ def save_figure(fig: Figure, output_root: Path | str, name: str, watermark: str 
     mark = None
     if watermark:
         mark = fig.text(0.5, 0.5, watermark, transform=fig.transFigure, ha="center",
-                        va="center", rotation=25, fontsize=28, color="tab:gray", alpha=0.18,
+                        va="center", rotation=25, fontsize=28, color="tab:gray", alpha=0.3,
                         zorder=10)  # fmt: skip
     metadata = {METHODS_KEY: json.dumps(method_colors(fig), sort_keys=True)}
     fig.savefig(path, dpi=DPI, bbox_inches="tight", metadata=metadata)
@@ -397,7 +398,8 @@ def layer_heatmaps(histories: list[RunRecord], metric: str = "entropy") -> Figur
     nrows = math.ceil(len(histories) / ncols)
     fig, axes = new_figure(ncols=ncols, nrows=nrows, width=3.0, height=2.8)
     flat = axes.ravel()
-    labels = curve_labels(histories)
+    labels = [f"{label} ({METHOD_NAMES.get(h.method, h.method)})"
+              for h, label in zip(histories, curve_labels(histories), strict=True)]  # fmt: skip
     for ax, label, grid in zip(flat, labels, grids, strict=False):
         image = ax.imshow(
             grid,
@@ -544,20 +546,39 @@ def bars_by_method(
         bar.set_gid(method_style(method)["gid"])
 
 
+# How both explorers shade attention over an image: this red, opaque in proportion to a patch's
+# weight relative to the strongest patch (the static viewer's script uses the same numbers).
+ATTENTION_RGB = (220, 20, 20)
+ATTENTION_ALPHA = 0.75
+ATTENTION_SCALE = "[CLS]→patch weight relative to the strongest patch"
+
+
 def attention_overlay(ax: Axes, image: np.ndarray, patches: np.ndarray, title: str = "") -> None:
     """Draw [CLS]→patch weights ``patches`` (patches,), CLS→CLS already dropped and renormalised
-    (``measurement.metrics.cls_to_patch``), as a heat map over ``image`` (3, S, S) uint8."""
+    (``measurement.metrics.cls_to_patch``), over ``image`` (3, S, S) uint8: each patch in
+    :data:`ATTENTION_RGB`, its opacity its weight over the strongest patch's."""
     grid = int(round(np.sqrt(len(patches))))
     size = image.shape[-1]
     ax.imshow(np.transpose(image, (1, 2, 0)))
-    ax.imshow(
-        patches.reshape(grid, grid),
-        cmap="inferno",
-        alpha=0.55,
-        extent=(0, size, size, 0),
-        interpolation="nearest",
-    )
+    relative = patches / max(float(patches.max()), 1e-12)
+    shade = np.zeros((grid, grid, 4))
+    shade[..., :3] = np.array(ATTENTION_RGB) / 255
+    shade[..., 3] = ATTENTION_ALPHA * relative.reshape(grid, grid)
+    ax.imshow(shade, extent=(0, size, size, 0), interpolation="nearest")
     ax.set(title=title, xticks=[], yticks=[])
+
+
+def attention_scale(fig: Figure, axes: Axes | list[Axes]) -> None:
+    """The colour bar of :func:`attention_overlay`: from none to the strongest patch."""
+    colours = LinearSegmentedColormap.from_list(
+        "attention",
+        [
+            (*np.array(ATTENTION_RGB) / 255, 0.0),
+            (*np.array(ATTENTION_RGB) / 255, ATTENTION_ALPHA),
+        ],  # fmt: skip
+    )
+    mappable = ScalarMappable(norm=Normalize(0, 1), cmap=colours)
+    fig.colorbar(mappable, ax=axes, label=ATTENTION_SCALE, shrink=0.8)
 
 
 FLAG_COLORS = {"within tolerance": "tab:green", "differs": "tab:red"}

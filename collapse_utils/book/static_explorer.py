@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from collapse_utils.book.explore import RunMaps, available_runs
+from collapse_utils.book.figures import ATTENTION_ALPHA, ATTENTION_RGB, ATTENTION_SCALE
 
 IMAGES = 2
 HEADS = 1
@@ -59,7 +60,8 @@ def _run_entry(run: RunMaps, pictures: dict[str, str]) -> dict[str, Any]:
          for i in range(n_images)]
         for s in range(len(run.steps))
     ]  # fmt: skip
-    return {"steps": run.steps.tolist(), "images": keys, "heads": n_heads, "weights": weights}
+    return {"steps": run.steps.tolist(), "images": keys, "heads": n_heads, "weights": weights,
+            "title": run.history.label}  # fmt: skip
 
 
 def explorer_data(output_root: Path | str, ids: Collection[str] | None = None) -> dict[str, Any]:
@@ -73,13 +75,24 @@ def explorer_data(output_root: Path | str, ids: Collection[str] | None = None) -
 
 
 def explorer_html(
-    output_root: Path | str, element_id: str = "cls-explorer", ids: Collection[str] | None = None
+    output_root: Path | str,
+    element_id: str = "cls-explorer",
+    ids: Collection[str] | None = None,
+    initial: str | None = None,
 ) -> str:
     """A self-contained viewer (controls, a canvas and the data) for a static page, of every
-    run or of the runs of ``ids``."""
+    run or of the runs of ``ids``. It opens as the widget explorer does: run ``initial`` (else
+    the first), last layer, mean of the heads, image 1, last step."""
     data = json.dumps(explorer_data(output_root, ids), separators=(",", ":"))
-    options = "".join(f"<option>{html.escape(r)}</option>" for r in json.loads(data)["runs"])
-    page = _TEMPLATE.replace("__CX_ID__", element_id).replace("__CX_OPTIONS__", options)
+    runs = json.loads(data)["runs"]
+    chosen = initial if initial in runs else next(iter(runs), None)
+    options = "".join(
+        f"<option{' selected' if r == chosen else ''}>{html.escape(r)}</option>" for r in runs
+    )
+    red = ",".join(str(c) for c in ATTENTION_RGB)
+    page = (_TEMPLATE.replace("__CX_ID__", element_id).replace("__CX_OPTIONS__", options)
+            .replace("__CX_RGB__", red).replace("__CX_ALPHA__", str(ATTENTION_ALPHA))
+            .replace("__CX_SCALE__", html.escape(ATTENTION_SCALE)))  # fmt: skip
     return page.replace("__CX_DATA__", data)
 
 
@@ -90,10 +103,11 @@ _TEMPLATE = """
  <label>head <select data-control="head"></select></label><br>
  <label>layer <input data-control="layer" type="range" min="1" value="1"></label>
  <label>step <input data-control="step" type="range" min="0" value="0"></label>
- <span data-control="label"></span><br>
+ <div data-control="label" style="font-weight:bold"></div>
  <canvas width="336" height="336" style="border:1px solid #ccc"></canvas>
- <div style="font-size:0.85em;color:#555">Red: where the [CLS] token attends on the patch grid
- (CLS→CLS dropped, renormalised, shaded relative to the strongest patch).</div>
+ <div style="font-size:0.85em;color:#555">0 <span style="display:inline-block;width:10em;
+ height:0.8em;background:linear-gradient(to right,rgba(__CX_RGB__,0),
+ rgba(__CX_RGB__,__CX_ALPHA__))"></span> 1: __CX_SCALE__ (CLS→CLS dropped, renormalised).</div>
 </div>
 <script>
 (function () {
@@ -109,21 +123,24 @@ _TEMPLATE = """
     const heads = [...Array(run.heads).keys()].map((h) => `head ${h + 1}`);
     $("head").innerHTML = ["mean of heads", ...heads].map(option).join("");
     $("layer").max = run.weights[0][0].length;
+    $("layer").value = run.weights[0][0].length;
     $("step").max = run.steps.length - 1;
-    $("step").value = Math.min($("step").value, run.steps.length - 1);
+    $("step").value = run.steps.length - 1;
   }
   function draw() {
     const run = data.runs[$("run").value];
     const s = +$("step").value, i = +$("image").value, l = +$("layer").value - 1;
     const w = run.weights[s][i][l][+$("head").value];
     const key = run.images[i];
-    $("label").textContent = `layer ${l + 1}, step ${run.steps[s]}`;
+    const head = +$("head").value ? `head ${$("head").value}` : "mean of heads";
+    $("label").textContent =
+      `${run.title}: image ${i + 1}, layer ${l + 1}, ${head}, step ${run.steps[s]}`;
     const picture = pictures[key] || (pictures[key] = new Image());
     const paint = () => {
       ctx.drawImage(picture, 0, 0, canvas.width, canvas.height);
       const side = Math.round(Math.sqrt(w.length)), cell = canvas.width / side;
       w.forEach((v, p) => {
-        ctx.fillStyle = `rgba(220,20,20,${(0.75 * v / 255).toFixed(3)})`;
+        ctx.fillStyle = `rgba(__CX_RGB__,${(__CX_ALPHA__ * v / 255).toFixed(3)})`;
         ctx.fillRect((p % side) * cell, Math.floor(p / side) * cell, cell, cell);
       });
       canvas.dataset.drawn = `${$("run").value}|${s}|${i}|${l}|${$("head").value}`;

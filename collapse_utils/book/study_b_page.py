@@ -77,7 +77,8 @@ def _in_points(frame: pd.DataFrame) -> pd.DataFrame:
 def cells(page: Page, frame: pd.DataFrame, target: str) -> str:
     """Mean over seeds per dataset × method × lr (SD of Δ entropy and retention)."""
     accuracy = next(iter(study_b.present(frame, ["test_acc", "best_acc"])), "")
-    values = study_b.present(frame, [accuracy, ENTROPY, target, "cka_mean_sel",
+    # the page's two key outcomes first: readable without scrolling sideways
+    values = study_b.present(frame, [ENTROPY, target, accuracy, "cka_mean_sel",
                                      "corruption_mean_acc"])  # fmt: skip
     table = study_b.cell_table(frame, values, sd=[ENTROPY, target])
     page.table(

@@ -448,9 +448,8 @@ def table_html(
             f'<td class="{a}">{escape(v)}</td>' for a, v in zip(align, values, strict=True)
         )
         body.append(f"<tr>{cells}</tr>")
-    title = f"<caption>{escape(caption)}</caption>" if caption else ""
     table = (
-        f'<table class="book-table">{title}<thead><tr>{head}</tr></thead>'
+        f'<table class="book-table"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table>"
     )
     blank = (shown == "").to_numpy().any()
@@ -458,8 +457,10 @@ def table_html(
     block = f'<div class="table-scroll">{table}</div>{note}'
     if len(shown) > FOLD_ROWS:
         summary = escape(f"{caption} ({len(shown)} rows: open to read)")
-        block = f'<details class="table-fold"><summary>{summary}</summary>{block}</details>'
-    return block
+        return f'<details class="table-fold"><summary>{summary}</summary>{block}</details>'
+    # The caption sits above the scrolling block, so that a wide table never scrolls it away.
+    title = f'<p class="table-caption">{escape(caption)}</p>' if caption else ""
+    return f'<div class="table-block">{title}{block}</div>'
 
 
 def show_table(
