@@ -1,7 +1,7 @@
 """The built smoke book (the session fixture ``book``) as a reader sees it, in headless Chromium:
 every page of the toc is opened at 1280 × 900 and measured in the browser (headings, figures,
-table headers and cells, widths as laid out); screenshots of a run page, a family page and the
-statistics chapter, and the measurements, are kept under ``outputs/browser/``.
+table headers and cells, tables' captions and key columns, widths as laid out); a screenshot of
+each kind of page, and the measurements, are kept under ``outputs/browser/``.
 
 Needs a Chromium (Debian's ``chromium`` package; ``make test`` installs it where apt-get can run
 as root; ``CHROMIUM=/path`` picks another); without one the check skips and says so."""
@@ -15,7 +15,11 @@ from typing import Any
 
 import pytest
 import yaml
+from matplotlib.colors import to_hex
+from PIL import Image
 
+from collapse_utils.book.figures import METHODS_KEY
+from collapse_utils.book.style import METHOD_COLORS
 from tests.chromium import Chromium, find_chromium
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,7 +29,15 @@ SCREENSHOTS = {
     "family_page": "book/executed/02_full_ft_vs_lora/summary",
     "statistics": "book/executed/08_statistics",
     "study_b": "book/executed/13_study_b/summary",
+    "findings": "book/executed/00_findings",
+    "zero_shot": "book/executed/07_zero_shot",
+    "reproduction_check": "book/executed/12_reproduction_check",
+    "explore": "book/executed/09_explore",
 }
+# A table's row labels and this many columns after them are what a reader compares first: they
+# must be in view without scrolling the table sideways.
+KEY_COLUMNS = 3
+NUMBERED_HEADING = re.compile(r"^\d+(\.\d+)*\.\s*")  # "7. " before a chapter's title
 SNAKE_CASE = re.compile(r"(?<![A-Za-z0-9])[a-z][a-z0-9]*_[a-z0-9_]+")
 RAW_CELLS = {"nan", "NaN", "-nan", "<NA>", "None", "NaT", "0.0000", "-0.0000"}
 # What the page shows, measured after layout. Images inside live widgets (the explorer) are the
@@ -61,6 +73,22 @@ PROBE = r"""
       return {src: img.getAttribute("src"), figure: !!figure,
               caption: caption ? caption.textContent.trim() : ""};
     });
+  // Folded long tables are opened to be measured; each table of the book's formatter: its
+  // caption, and which of its first header cells end beyond its scrolling block's right edge.
+  article.querySelectorAll("details").forEach((d) => { d.open = true; });
+  const tables = [...article.querySelectorAll("table.book-table")].map((table) => {
+    const block = table.closest(".table-block");
+    const caption = block ? block.querySelector("p.table-caption")
+      : table.closest("details.table-fold")?.querySelector("summary");
+    const scroll = table.closest(".table-scroll");
+    scroll.scrollLeft = 0;
+    const edge = scroll.getBoundingClientRect().right + 1;
+    const heads = [...table.querySelectorAll("thead th")];
+    const index = heads.filter((th) => th.classList.contains("index")).length;
+    const hidden = heads.slice(0, index + __KEY__)
+      .filter((th) => th.getBoundingClientRect().right > edge).map(text);
+    return {caption: caption ? text(caption) : "", hidden: hidden};
+  });
   const main = document.querySelector(".bd-main") || article;
   const page = document.documentElement;
   return {
@@ -75,9 +103,10 @@ PROBE = r"""
       page: page.scrollWidth - page.clientWidth,
     },
     clipped: clipped,
+    tables: tables,
   };
 })()
-"""
+""".replace("__KEY__", str(KEY_COLUMNS))
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +164,8 @@ def test_each_run_page_is_headed_by_its_id_and_description(seen):
     assert {Path(f).stem for f in pages} == {"E1_eurosat", "E2", "E9_broken", *grid}
     for file, page in pages.items():
         run = Path(file).stem
-        assert len(page["h1"]) == 1 and page["h1"][0].startswith(f"{run}: "), (file, page["h1"])
+        heading = [NUMBERED_HEADING.sub("", h) for h in page["h1"]]
+        assert len(heading) == 1 and heading[0].startswith(f"{run}: "), (file, page["h1"])
         assert page["title"].startswith(f"{run}: "), page["title"]
 
 
@@ -147,7 +177,8 @@ def test_every_image_on_study_pages_is_a_numbered_captioned_figure(seen):
     for file, page in pages.items():
         for image in page["images"]:
             assert image["figure"], (file, image["src"])
-            assert re.match(r"Fig\. \d+ \S", image["caption"]), (file, image["caption"])
+            # numbered within its chapter: Fig. 7.2
+            assert re.match(r"Fig\. \d+\.\d+ \S", image["caption"]), (file, image["caption"])
 
 
 @pytest.mark.slow
@@ -217,3 +248,30 @@ def test_the_static_explorer_redraws_when_a_control_moves_without_a_kernel(book)
     # Switching run at step 0 may show the same pre-trained attention; every later move within
     # the trained run changes the picture.
     assert all(a != b for a, b in zip(pictures[1:], pictures[2:], strict=False))
+
+
+@pytest.mark.slow
+def test_every_table_is_captioned_and_its_key_columns_need_no_scrolling(seen):
+    tables = {f: p["tables"] for f, p in seen.items() if p["tables"]}
+    assert len(tables) >= 5
+    uncaptioned = {f: len([t for t in ts if not t["caption"]]) for f, ts in tables.items()}
+    assert not {f: n for f, n in uncaptioned.items() if n}
+    assert all(re.match(r"Table \d+\. \S", t["caption"]) for ts in tables.values() for t in ts)
+    hidden = {f: [t["hidden"] for t in ts if t["hidden"]] for f, ts in tables.items()}
+    assert not {f: h for f, h in hidden.items() if h}
+
+
+@pytest.mark.slow
+def test_each_method_has_one_colour_in_every_figure_of_the_book(seen, book):
+    paths, _ = book
+    html = paths.build / "html"
+    colours: dict[str, set[str]] = {}
+    for file, page in seen.items():
+        for image in page["images"]:
+            path = ((html / file).parent / image["src"]).resolve()
+            with Image.open(path) as png:
+                recorded = json.loads(png.text.get(METHODS_KEY, "{}"))
+            for method, colour in recorded.items():
+                colours.setdefault(method, set()).update(colour.split(","))
+    assert {"full", "lora"} <= set(colours)  # read from the figures' own metadata
+    assert colours == {m: {to_hex(METHOD_COLORS[m])} for m in colours}

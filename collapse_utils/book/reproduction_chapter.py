@@ -61,15 +61,15 @@ QUANTITY_NAMES = {
     "layer": "Most affected layer",
     "p_asymptotic": "p (asymptotic)",
 }
-SHOWN = {
+SHOWN = {  # what a reader compares first (the two values) comes first
     "row": Column("Row"),
-    "flag": Column("Flag"),
     "quantity": Column("Quantity"),
-    "unit": Column("Unit"),
     "report": Column("Report", TEXT),
     "ours": Column("This build", TEXT),
+    "flag": Column("Flag"),
     "difference": Column("Difference", TEXT),
     "tolerance": Column("Tolerance", TEXT),
+    "unit": Column("Unit"),
 }
 KIND_COLUMNS = {
     "kind": Column("Kind"),
@@ -356,17 +356,17 @@ class ReproductionChapter:
         return pd.DataFrame(
             {
                 "row": [row_name(t, r) for t, r in zip(rows["table"], rows["row"], strict=True)],
-                "flag": rows["flag"],
                 "quantity": [quantity_name(c) for c in rows["column"]],
-                "unit": [k.unit for k in kinds],
                 "report": [
                     format_quantity(v, k, rel)
                     for v, k, rel in zip(rows["report"], kinds, rows["relation"], strict=True)
                 ],
                 "ours": [format_quantity(v, k) for v, k in zip(rows["ours"], kinds, strict=True)],
+                "flag": rows["flag"],
                 "difference": [
                     format_difference(v, k) for v, k in zip(rows["difference"], kinds, strict=True)
                 ],
                 "tolerance": [format_quantity(k.tolerance, k) for k in kinds],
+                "unit": [k.unit for k in kinds],
             }
         ).set_index("row")
