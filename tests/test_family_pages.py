@@ -57,10 +57,13 @@ def write_runs(params: Path, ids: list[str], seeds: tuple[int, ...] = (42,)) -> 
 
 
 def titles(fig) -> list[str]:
-    return [ax.get_title() for ax in fig.axes]
+    """Panel titles without the method after the run: ``E5_r32 (LoRA)`` → ``E5_r32``."""
+    return [ax.get_title().split(" (")[0] for ax in fig.axes]
 
 
 def legend(fig) -> set[str]:
+    """The runs a figure draws: its lines' labels (written at their ends; the legend under the
+    figure names the methods)."""
     return {line.get_label() for ax in fig.axes for line in ax.lines}
 
 

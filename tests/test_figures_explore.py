@@ -58,16 +58,18 @@ def test_attention_overlay_shows_the_renormalised_patch_grid():
     row = torch.tensor(np.r_[0.5, np.full(49, 0.5 / 49)])
     patches = cls_to_patch(row).numpy()  # the one CLS→patch slicing, as the explorer uses it
     figures.attention_overlay(axes[0, 0], np.zeros((3, 224, 224), np.uint8), patches)
-    overlay = axes[0, 0].images[1].get_array()
-    assert overlay.shape == (7, 7)
-    assert overlay.sum() == pytest.approx(1.0)
+    overlay = axes[0, 0].images[1].get_array()  # RGBA: one red, opacity by relative weight
+    assert overlay.shape == (7, 7, 4)
+    relative = np.asarray(overlay[..., 3]) / figures.ATTENTION_ALPHA
+    assert relative.max() == pytest.approx(1.0)  # the strongest patch
+    np.testing.assert_allclose(relative.ravel(), patches / patches.max(), rtol=1e-6)
 
 
 def test_explorer_loads_maps_switches_configuration_and_draws(runs):
     root, _ = runs
     assert set(available_runs(root)) == {"E2", "E5"}
     explorer = AttentionExplorer(root, initial="E2")
-    assert explorer.layer.max == 3 and explorer.head.options[0] == ("mean", -1)
+    assert explorer.layer.max == 3 and explorer.head.options[0] == ("mean of heads", -1)
     assert len(explorer.output.outputs) == 1  # the figure lives in the widget's own state
     assert "image/png" in explorer.output.outputs[0]["data"]
     explorer.config.value = "E5"
@@ -80,8 +82,8 @@ def test_explorer_loads_maps_switches_configuration_and_draws(runs):
     assert patches.shape == (49,) and patches.sum() == pytest.approx(1.0, abs=1e-5)
     row = run.row(0, 0, 2, 1)
     np.testing.assert_allclose(run.patches(0, 0, 2, 1), row[1:] / row[1:].sum(), rtol=1e-5)
-    assert len(draw(run, 0, 0, 2, 1).axes) == 5
-    assert len(image_grid(run, -1, 0).axes) == run.images.shape[0]
+    assert len(draw(run, 0, 0, 2, 1).axes) == 5 + 1  # the map, its colour bar, four metrics
+    assert len(image_grid(run, -1, 0).axes) == run.images.shape[0] + 1  # and one colour bar
 
 
 def test_explorer_without_runs_says_what_to_do(tmp_path):

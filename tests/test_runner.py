@@ -181,7 +181,7 @@ def test_an_edit_to_a_pages_module_reruns_that_page_and_no_other(tmp_path):
         shutil.copy(REPO / "notebooks" / f"{stem}.ipynb", paths.notebooks)
     fake_run(paths)
     page = library / "book" / "interpolation_page.py"
-    page.write_text(page.read_text().replace("frontier(paths),", "frontier(paths),  # edited"))
+    page.write_text(page.read_text().replace("frontier(runs.paths),", "frontier(runs.paths),  # x"))
     _, calls = fake_run(paths)
     assert calls == ["11_interpolation"]
     metrics = library / "measurement" / "metrics.py"  # training code: its runs go stale instead

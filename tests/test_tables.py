@@ -128,7 +128,7 @@ def test_every_table_the_book_shows_has_human_headers_and_no_raw_numbers():
 
 def test_tables_sit_in_a_block_that_scrolls_sideways_with_numbers_aligned_right():
     html = table_html(pd.DataFrame({"best_acc": [0.5], "method": ["lora"]}))
-    assert html.startswith('<div class="table-scroll"><table class="book-table">')
+    assert html.startswith('<div class="table-block"><div class="table-scroll"><table class=')
     assert "<th>0</th>" not in html  # no meaningless 0, 1, 2 row labels
     assert '<th class="num">Best accuracy (%)</th><th class="text">Method</th>' in html
     assert '<td class="num">50.00</td><td class="text">LoRA</td>' in html

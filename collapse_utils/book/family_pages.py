@@ -24,7 +24,7 @@ from collapse_utils.analysis.results import (
     zeroshot_datasets,
 )
 from collapse_utils.book import figures
-from collapse_utils.book.page import Page, show_step
+from collapse_utils.book.page import STATISTICS_LINK, Page, show_step
 from collapse_utils.book.run_pages import code_warning
 from collapse_utils.book.study_b_page import study_b_page
 from collapse_utils.book.style import (
@@ -207,7 +207,7 @@ def axis_effect(page: Page, runs: FamilyRuns) -> str:
     ]
     return (
         f"Averaged over runs, layer-mean entropy changed {' and '.join(changes)}. Whether that "
-        "difference is more than noise is tested in the statistics chapter."
+        f"difference is more than noise is tested in {STATISTICS_LINK}."
     )
 
 
@@ -235,7 +235,7 @@ def lr_sweep(page: Page, runs: FamilyRuns) -> str:
         f"Across {len(rows)} learning rates from {rows[axis].min():g} to {rows[axis].max():g}, "
         f"the largest entropy drop is {format_change(steepest['d_entropy_pct'])} % at lr "
         f"{steepest[axis]:g}. The correlation with log learning rate, with exact p-values, is in "
-        "the statistics chapter."
+        f"{STATISTICS_LINK}."
     )
 
 
@@ -291,7 +291,7 @@ def regularization(page: Page, runs: FamilyRuns) -> str:
     clauses.append(f"the setting that kept it highest is {best} ({kept} %)")
     text = "; ".join(clauses) + "."
     if references:
-        text += f" Paired tests against {', '.join(references)} are in the statistics chapter."
+        text += f" Paired tests against {', '.join(references)} are in {STATISTICS_LINK}."
     return text[0].upper() + text[1:]
 
 

@@ -130,7 +130,8 @@ def figure_markdown(path: Path, name: str, caption: str) -> str:
 def figure_html(path: Path, name: str, caption: str) -> str:
     """The same figure for Jupyter: the PNG inline, with its caption."""
     data = base64.b64encode(Path(path).read_bytes()).decode()
-    text = html.escape(figure_caption(name, caption))
+    # the caption's `name` as code, as the book renders it (no literal backticks in Jupyter)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(figure_caption(name, caption)))
     return (
         f'<figure><img src="data:image/png;base64,{data}" style="max-width:100%" '
         f'alt="{html.escape(caption)}"><figcaption>{text}</figcaption></figure>'

@@ -34,7 +34,7 @@ from collapse_utils.analysis.results import (
     zeroshot_datasets,
 )
 from collapse_utils.analysis.verdicts import Verdict
-from collapse_utils.book.page import Page
+from collapse_utils.book.page import EXECUTED, Page, doc_link
 from collapse_utils.book.style import SETTING_NAMES
 from collapse_utils.book.tables import (
     CHANGE,
@@ -60,18 +60,11 @@ from collapse_utils.families import (
     report_ids,
 )
 
-EXECUTED = "/book/executed"
-"""Where the runner writes executed pages (``runner.BookPaths.executed``), as a docname root."""
 STATISTICS = ("08_statistics", "Statistics")
 PUBLISHED = ("14_study_b_published", "Study B on the authors' published runs")
 PUBLISHED_LINK = f"{{doc}}`the authors' published runs <{EXECUTED}/{PUBLISHED[0]}>`"
 ZERO_SHOT = ("07_zero_shot", "Zero-shot transfer")
 REPRODUCTION = ("12_reproduction_check", "Reproduction check")
-
-
-def doc_link(stem: str, title: str) -> str:
-    """A MyST link to the executed page ``book/executed/<stem>``."""
-    return f"{{doc}}`{title} <{EXECUTED}/{stem}>`"
 
 
 def run_settings(profile: str, params_dir: Path | str = PARAMS_DIR) -> pd.DataFrame:

@@ -19,6 +19,17 @@ from collapse_utils.book.figures import show_figure, watermark_of
 from collapse_utils.book.tables import show_table
 from collapse_utils.config import profile_about
 
+EXECUTED = "/book/executed"
+"""Where the runner writes executed pages (``runner.BookPaths.executed``), as a docname root."""
+
+
+def doc_link(stem: str, title: str) -> str:
+    """A MyST link to the executed page ``book/executed/<stem>`` (in a page's Markdown)."""
+    return f"{{doc}}`{title} <{EXECUTED}/{stem}>`"
+
+
+STATISTICS_LINK = doc_link("08_statistics", "the statistics chapter")
+
 # Said once, in the line that opens a smoke page's conclusion (the banner says it on every page).
 SMOKE_CLAUSE = "; its numbers are not findings"
 
