@@ -27,7 +27,7 @@ def _rows() -> list[tuple[str, str, str]]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         field = re.search(r"\(`([a-z_.]+)`\)", cells[0]) if len(cells) == 5 else None
         if field:
-            rows.append((field.group(1), cells[3], cells[4]))
+            rows.append((field.group(1), cells[1], cells[2]))  # the profiles, after the choice
     return rows
 
 

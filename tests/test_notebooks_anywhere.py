@@ -28,9 +28,9 @@ def params(tmp_path_factory) -> Path:
 
 
 def _findings(output: Path) -> str:
+    """The notebook's finding and conclusion, as Jupyter shows them (Markdown outputs)."""
     notebook = nbformat.read(output, as_version=4)
-    glued = "application/papermill.record/text/markdown"  # what myst-nb's glue stores
-    texts = [o.get("data", {}).get(glued, "") for c in notebook.cells
+    texts = [o.get("data", {}).get("text/markdown", "") for c in notebook.cells
              for o in c.get("outputs", [])]  # fmt: skip
     return "".join(t for t in texts if "runs of the smoke profile" in t)
 

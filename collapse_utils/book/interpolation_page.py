@@ -30,6 +30,7 @@ from collapse_utils.book.figures import (
     HEATMAP_COLUMNS,
     empty_panel,
     label_line_ends,
+    label_points,
     legend_below,
     method_handles,
     new_figure,
@@ -173,21 +174,24 @@ def frontier(paths: list[RunPath]) -> Figure:
         (axes[0, 0], "task_acc", "trained head"),
         (axes[0, 1], "task_acc_zeroshot_head", "zero-shot text head"),
     ):
+        marks: dict[tuple[float, float], str] = {}
         for path, style in zip(paths, styles, strict=True):
             table = path.table.sort_values("alpha")
             x, y = 100 * path.transfer.loc[table.index], 100 * table[column]
             ax.plot(x, y, **style, markersize=4)
             ax.plot(x.iloc[-1:], y.iloc[-1:], marker="*", markersize=10, color=style["color"])
-            for alpha, xi, yi in zip(table["alpha"], x, y, strict=True):
-                if any(math.isclose(alpha, m) for m in MARKED):
-                    ax.annotate(f"{alpha:g}", (xi, yi), fontsize=7, xytext=(3, 3),
-                                textcoords="offset points")  # fmt: skip
+            # the fine-tuned end (α = 1, star) is named by its run
+            marks.update({(round(xi, 6), round(yi, 6)): path.label if alpha == 1 else
+                          f"α {alpha:g}" for alpha, xi, yi in zip(table["alpha"], x, y,
+                          strict=True) if any(math.isclose(alpha, m) for m in MARKED)})  # fmt: skip
         ax.set(xlabel="zero-shot accuracy (%)", ylabel="task accuracy (%)", title=title)
+        # α once per point (every run starts at the same pre-trained point), placed clear of
+        # each other by label_points
+        label_points(ax, [p[0] for p in marks], [p[1] for p in marks], list(marks.values()))
     star = Line2D([], [], marker="*", markersize=10, color="black", linestyle="", label="α = 1")
     methods = method_handles([p.config.train.method for p in paths], lines=True)
     legend_below(fig, [*methods, star])
-    for ax in axes[0]:
-        label_line_ends(ax)
+
     fig.suptitle("WiSE-FT frontier: α from the pre-trained (0) to the fine-tuned (1) weights")
     return fig
 
@@ -321,9 +325,9 @@ def frontier_step(page: Page, runs: Paths) -> str:
         "extra_interpolation_frontier",
         frontier(runs.paths),
         "Task accuracy against zero-shot accuracy as the weights move from the pre-trained "
-        "model (α = 0) to the fine-tuned one (α = 1, star), one curve per run: with the run's "
-        "trained head (left) and a zero-shot text head (right); a curve that bulges up and to "
-        "the right beats both ends.",
+        "model (α = 0) to the fine-tuned one (α = 1, star, named by its run), one curve per run: "
+        "with the run's trained head (left) and a zero-shot text head (right); a curve that "
+        "bulges up and to the right beats both ends.",
     )
     return ""
 

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from collapse_utils.analysis.study_b import CORE_METHODS
 from collapse_utils.book.figures import MAX_WIDTH_IN, empty_panel, legend_below, new_figure
-from collapse_utils.book.style import DATASET_NAMES, METHOD_COLORS, METHOD_NAMES
+from collapse_utils.book.style import DATASET_NAMES, METHOD_NAMES, method_style
 from collapse_utils.book.tables import ACC, column_spec
 
 
@@ -29,11 +29,12 @@ def dose_response(frame: pd.DataFrame, outcomes: Sequence[str]) -> Figure:
             ax = axes[row, col]
             runs = frame[frame["dataset"] == dataset]
             for method, points in runs.groupby("method", sort=False):
-                color = METHOD_COLORS.get(method, "tab:gray")
+                style = method_style(method)
                 values = shown(points, outcome)
-                ax.scatter(points["lr"], values, color=color, s=12, alpha=0.5)
+                ax.scatter(points["lr"], values, color=style["color"], gid=style["gid"], s=12,
+                           alpha=0.5)  # fmt: skip
                 means = values.groupby(points["lr"]).mean()
-                ax.plot(means.index, means.values, color=color, marker="o", markersize=4,
+                ax.plot(means.index, means.values, **style, marker="o", markersize=4,
                         label=METHOD_NAMES.get(method, method))  # fmt: skip
             ax.set_xscale("log")
             ax.set_title(DATASET_NAMES.get(dataset, dataset), fontsize=10)
@@ -54,9 +55,9 @@ def retention_vs_entropy(frame: pd.DataFrame, retention: str, signal: str) -> Fi
     for col, dataset in enumerate(datasets):
         ax = axes[0, col]
         for method, points in runs[runs["dataset"] == dataset].groupby("method", sort=False):
-            ax.scatter(points[signal], shown(points, retention), s=16,
-                       color=METHOD_COLORS.get(method, "tab:gray"),
-                       label=METHOD_NAMES.get(method, method))  # fmt: skip
+            style = method_style(method)
+            ax.scatter(points[signal], shown(points, retention), s=16, color=style["color"],
+                       gid=style["gid"], label=METHOD_NAMES.get(method, method))  # fmt: skip
         ax.axhline(100.0, color="black", linewidth=0.8, linestyle="--", label="_pre-trained")
         ax.axvline(0.0, color="gray", linewidth=0.6, linestyle=":", label="_no change")
         ax.set(title=DATASET_NAMES.get(dataset, dataset), xlabel=column_spec(signal).label)
@@ -105,8 +106,9 @@ def frontier(cells: pd.DataFrame, retention: str, accuracy: str = "test_acc") ->
     for col, dataset in enumerate(datasets):
         ax, block = axes[0, col], cells.xs(dataset, level="dataset")
         for method, points in block.groupby(level="method", sort=False):
+            style = method_style(method)
             ax.scatter(100 * points[retention], 100 * points[accuracy], s=24,
-                       color=METHOD_COLORS.get(method, "tab:gray"),
+                       color=style["color"], gid=style["gid"],
                        label=METHOD_NAMES.get(method, method))  # fmt: skip
         edge = block[block["on_frontier"]].sort_values(retention)
         ax.plot(100 * edge[retention], 100 * edge[accuracy], color="black", linewidth=0.8,

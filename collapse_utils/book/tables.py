@@ -205,6 +205,14 @@ COLUMNS: dict[str, Column] = {
     "wall_time_s": Column("Wall time (s)", NUMBER, 1),
     "package": Column("Package"),
     "version": Column("Version"),
+    # the WiSE-FT path (book.interpolation_page.recovery)
+    "zs_loss": Column("Zero-shot accuracy lost, α = 0 → 1 (points)", ACC),
+    "alpha_half": Column("α½: half the loss back", NUMBER, 2),
+    **{
+        f"{m}_back": Column(f"{name} change back at α½ (%)", NUMBER, 0)
+        for m, name in METRIC_NAMES.items()
+    },  # fmt: skip
+    "linear_back": Column("A straight line at α½ (%)", NUMBER, 0),
 }
 
 
