@@ -1,5 +1,6 @@
 # `make test`, `make book` and `make lab` create .venv on first use and install the package with
-# its extras (dev: tests and lint; lab: JupyterLab with the ipywidgets extension; cluster: Ray).
+# its extras (dev: tests and lint; cluster: Ray); `make lab` adds JupyterLab with the ipywidgets
+# extension (extra `lab`) the first time it runs, since nothing else needs it.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# A current pip resolves this install in 1 m 45 s here; the venv's bundled one took ~3 min.
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,lab,cluster]"
+	$(BIN)/python -m pip install -q -e ".[dev,cluster]"
 	# Only for its CLIP BPE vocabulary (the rehearsal's real tokenizer): no dependencies.
 	$(BIN)/python -m pip install -q --no-deps "open_clip_torch>=2.20"
 	touch $@
@@ -93,7 +94,11 @@ bench: venv
 
 # The exploration notebook in JupyterLab, served from the repository root; it reads the runs of
 # `make book`. On a remote box: make lab LAB_ARGS="--no-browser --port 8888" and forward the port.
-lab: venv
+$(BIN)/.lab-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install -q -e ".[lab]"
+	touch $@
+
+lab: $(BIN)/.lab-installed
 	$(BIN)/jupyter lab --ServerApp.root_dir=$(CURDIR) $(LAB_ARGS) notebooks/09_explore.ipynb
 
 clean:
