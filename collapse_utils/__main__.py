@@ -1,5 +1,6 @@
-"""``python -m collapse_utils run --profile smoke|full [--only IDS] [--jobs N] [--seeds S,S]
-[--gpus auto|N|0,1,…] [--runs-per-gpu K] [--ray [ADDRESS]] [--no-build]``;
+"""``python -m collapse_utils run --profile smoke|full [--only ID …] [--jobs N] [--seeds S …]
+[--gpus auto|N|ID …] [--runs-per-gpu K] [--ray [ADDRESS]] [--no-build]`` (every list flag takes
+its items with spaces, commas or both);
 ``python -m collapse_utils doctor --profile full [--jobs N] [--allow-cpu]`` (preflight, see
 doctor.py); ``python -m collapse_utils rehearse [--only IDS] [--no-build]`` (the full profile's
 code path on full-size fixtures, see rehearsal.py)."""
@@ -10,6 +11,28 @@ import argparse
 import sys
 
 from collapse_utils.config import ConfigError, available_profiles
+
+
+class ListOption(argparse.Action):
+    """A list flag, one syntax for all: ``--x a b``, ``--x a,b`` and ``--x a,b c`` give the same
+    items (one trailing comma is allowed: ``--gpus 3,`` is device 3); an empty item
+    (``--x ""``, ``--x a,,b``) is a usage error. ``const`` parses the items, joined by commas,
+    into the option's value (default: the list of items), raising ``ValueError`` with the
+    reason."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, nargs="+", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parts = [value.strip() for value in values]
+        text = ",".join(p.removesuffix(",") for p in parts) + ("," if parts[-1][-1:] == "," else "")
+        if not all(item.strip() for item in text.removesuffix(",").split(",")):
+            parser.error(f"argument {option_string}: an empty item in {' '.join(values)!r}")
+        try:
+            value = self.const(text) if self.const else text.removesuffix(",").split(",")
+        except ValueError as err:
+            parser.error(f"argument {option_string}: {err}")
+        setattr(namespace, self.dest, value)
 
 
 def _positive(text: str) -> int:
@@ -41,14 +64,16 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--seeds",
-        type=_seeds,
-        metavar="S,S,…",
+        action=ListOption,
+        const=_seeds,
+        metavar="S",
         help="run every configuration with these seeds instead of its own (params seeds:)",
     )
     r.add_argument(
         "--gpus",
-        type=_gpus,
-        metavar="auto|N|0,1,…",
+        action=ListOption,
+        const=_gpus,
+        metavar="auto|N|ID",
         help="one training page per GPU at a time, each kernel seeing only its GPU: every "
         "visible GPU (auto), the first N, or these device ids; --jobs pages at a time for the "
         "rest, and for everything where auto finds no GPU",
@@ -101,9 +126,9 @@ def parser() -> argparse.ArgumentParser:
 def _execution_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--only",
-        nargs="+",
+        action=ListOption,
         metavar="ID",
-        help="run only these experiment ids (comma or space separated) and their families' "
+        help="run only these experiment ids and their families' "
         "summaries; other pages stay as they are",
     )
     p.add_argument("--jobs", type=_positive, help="parallel executions (default 1)")
@@ -113,10 +138,7 @@ def _execution_options(p: argparse.ArgumentParser) -> None:
 def _gpus(text: str) -> str | tuple[str, ...]:
     from collapse_utils.book.dispatch import parse_gpus
 
-    try:
-        return parse_gpus(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    return parse_gpus(text)
 
 
 def _check_dispatch(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -134,14 +156,10 @@ def _check_dispatch(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def _seeds(text: str) -> tuple[int, ...]:
-    try:
-        seeds = tuple(int(s) for s in text.split(",") if s)
-    except ValueError:
-        message = f"must be integers separated by commas, got {text!r}"
-        raise argparse.ArgumentTypeError(message) from None
-    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) < len(seeds):
-        raise argparse.ArgumentTypeError(f"must be distinct integers >= 0, got {text!r}")
-    return seeds
+    items = [item.strip() for item in text.removesuffix(",").split(",")]
+    if not all(item.isdigit() for item in items) or len(set(items)) < len(items):
+        raise ValueError(f"must be distinct integers >= 0, got {text!r}")
+    return tuple(int(item) for item in items)
 
 
 def doctor(profile: str, jobs: int, allow_cpu: bool = False) -> int:
@@ -169,13 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     from collapse_utils.rehearsal import RehearsalError, rehearse
     from collapse_utils.storage import LockedError
 
-    only = [i for item in args.only or [] for i in item.split(",") if i] or None
     try:
         if args.command == "rehearse":
             check = lambda: doctor("rehearsal", args.jobs, allow_cpu=True)  # noqa: E731
-            report = rehearse(only=only, jobs=args.jobs, build=not args.no_build, check=check)
+            report = rehearse(only=args.only, jobs=args.jobs, build=not args.no_build, check=check)
         else:
-            report = run_book(args.profile, only=only, jobs=args.jobs, build=not args.no_build,
+            report = run_book(args.profile, only=args.only, jobs=args.jobs, build=not args.no_build,
                               force=STALE if args.stale else args.force, seeds=args.seeds,
                               gpus=args.gpus, ray=args.ray,
                               runs_per_gpu=args.runs_per_gpu)  # fmt: skip

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from collapse_utils.storage import locked
+from collapse_utils.storage import locked, verify, write_json
 
 SCHEMA_VERSION = 1
 STATUSES = ("running", "complete", "failed")
@@ -239,9 +239,7 @@ class RunRecord:
         return record
 
     def write(self, path: Path) -> None:
-        """Atomically write ``history.json``."""
-        from collapse_utils.storage import write_json
-
+        """Atomically write ``history.json`` (with its checksum)."""
         write_json(path, self.to_dict())
 
 
@@ -250,8 +248,13 @@ def _is_required(f: dataclasses.Field) -> bool:
 
 
 def read_record(path: Path | str) -> RunRecord:
-    """The record in ``path`` (a ``history.json``)."""
+    """The record in ``path`` (a ``history.json``), after checking it against the checksum
+    written with it: a changed, truncated or hand-written history is never read as a result
+    (:class:`RecordError` names it; training retrains the run, a page fails naming it)."""
     path = Path(path)
+    if not verify(path):
+        what = "missing" if not path.exists() else "damaged or altered (checksum missing or wrong)"
+        raise RecordError(f"{path.resolve()}: {what}")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:

@@ -7,7 +7,14 @@ import torch
 
 from collapse_utils.analysis.results import run_summary
 from collapse_utils.book import figures
-from collapse_utils.book.explore import AttentionExplorer, RunMaps, available_runs, draw, image_grid
+from collapse_utils.book.explore import (
+    AttentionExplorer,
+    RunMaps,
+    available_runs,
+    concentration_sentence,
+    draw,
+    image_grid,
+)
 from collapse_utils.measurement.metrics import cls_to_patch
 from collapse_utils.training.experiment import run_experiment
 from tests.test_train import small
@@ -119,3 +126,13 @@ def test_zero_shot_bars_have_a_legend_for_every_colour():
     )
     legend = figures.zeroshot_bars(summary).axes[0].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["Full FT", "LoRA", "pre-trained model"]
+
+
+def test_the_explorers_conclusion_reads_the_strongest_patch_share_from_the_maps(runs):
+    root, _ = runs
+    run = RunMaps.load(available_runs(root)["E2"])
+    text = concentration_sentence(run, 2)
+    last = len(run.steps) - 1
+    top = np.mean([run.patches(last, i, 2, None).max() for i in range(run.images.shape[0])])
+    assert f"{100 * top:.1f} % at step {int(run.steps[-1])}" in text
+    assert text.startswith(f"In {run.history.label}, layer 3 (mean of the heads")

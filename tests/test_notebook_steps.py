@@ -18,7 +18,6 @@ STEPS = {
     "07_zero_shot": study_pages.ZEROSHOT_STEPS,
     "11_interpolation": interpolation_page.INTERPOLATION_STEPS,
 }
-NOT_A_PAGE = {"09_explore"}  # the explorer: controls and a figure, no conclusion
 
 
 def cells(stem: str) -> list:
@@ -33,9 +32,7 @@ def test_the_notebook_calls_the_librarys_steps_in_order(stem):
     assert sum(h.startswith("## ") for h in headings) == len(STEPS[stem]) + 2  # runs, conclusion
 
 
-@pytest.mark.parametrize(
-    "stem", sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb") if p.stem not in NOT_A_PAGE)
-)
+@pytest.mark.parametrize("stem", sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")))
 def test_every_page_ends_on_its_conclusion_and_pastes_no_paragraph(stem):
     notebook = cells(stem)
     assert not [c for c in notebook if "{glue:md}" in c.source], stem

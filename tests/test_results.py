@@ -22,6 +22,7 @@ from collapse_utils.analysis.results import (
 from collapse_utils.analysis.stats import collapse_onset
 from collapse_utils.config import LoraSpec, RegSpec, RunConfig, TrainSpec
 from collapse_utils.run_record import RecordError, RunRecord, find_runs, read_record
+from collapse_utils.storage import write_json
 from tests.fake_records import history as fake_history
 
 LAYERS = 3
@@ -121,7 +122,7 @@ def root(tmp_path):
     for history in histories():
         run_dir = tmp_path / "runs" / history["id"] / f"seed{history['seed']}"
         run_dir.mkdir(parents=True)
-        (run_dir / "history.json").write_text(json.dumps(history, default=list))
+        write_json(run_dir / "history.json", history)  # with its checksum, as a run writes it
     (tmp_path / "runs" / "E2" / "seed42" / "metrics.jsonl").write_text("{}")
     return tmp_path
 
@@ -163,7 +164,7 @@ def test_load_histories_of_some_runs_reads_only_their_folders(root):
 
 def test_read_record_names_the_file_when_a_key_is_missing(tmp_path):
     path = tmp_path / "history.json"
-    path.write_text(json.dumps({"id": "E2"}))
+    write_json(path, {"id": "E2"})
     with pytest.raises(RecordError, match="history.json.*lacks"):
         read_record(path)
 
@@ -199,7 +200,8 @@ def test_load_histories_refuses_the_same_run_under_two_profiles(root, tmp_path_f
     for profile in ("smoke", "full"):
         run_dir = other / profile / "runs" / "E2" / "seed42"
         run_dir.mkdir(parents=True)
-        (run_dir / "history.json").write_text((root / "runs/E2/seed42/history.json").read_text())
+        write_json(run_dir / "history.json", json.loads((root / "runs/E2/seed42/history.json")
+                                                        .read_text()))  # fmt: skip
     with pytest.raises(ValueError, match="found twice"):
         load_histories(other)
     assert len(load_histories(other / "smoke")) == 1

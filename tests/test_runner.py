@@ -607,3 +607,23 @@ def test_pages_share_a_warm_kernel_with_a_fresh_namespace_and_a_failure_replaces
     cells = nbformat.read(second.output, as_version=4).cells
     counts = [c.execution_count for c in cells if c.cell_type == "code"]
     assert counts == list(range(1, len(counts) + 1))  # numbered as in a fresh kernel
+
+
+def test_every_list_flag_takes_spaces_commas_or_both_and_refuses_an_empty_item(capsys):
+    from collapse_utils.__main__ import parser as cli
+
+    parser = cli()
+    for seeds in (["3"], ["1", "2"], ["1,2"], ["1,", "2"]):
+        args = parser.parse_args(["run", "--profile", "smoke", "--seeds", *seeds])
+        assert args.seeds == ((3,) if seeds == ["3"] else (1, 2))  # --seeds 3 runs seed 3
+    args = parser.parse_args(["run", "--profile", "smoke", "--only", "E2", "E4,E5"])
+    assert args.only == ["E2", "E4", "E5"]
+    args = parser.parse_args(["run", "--profile", "smoke", "--gpus", "0", "1"])
+    assert args.gpus == ("0", "1")
+    assert parser.parse_args(["run", "--profile", "smoke", "--gpus", "3,"]).gpus == ("3",)
+    assert parser.parse_args(["run", "--profile", "smoke", "--gpus", "3"]).gpus == ("#3",)
+    for bad in (["--only", ""], ["--only", "E2,,E4"], ["--gpus", "-1,"], ["--seeds", "1", "x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(["run", "--profile", "smoke", *bad])
+        assert exit_info.value.code == 2
+        assert f"argument {bad[0]}" in capsys.readouterr().err

@@ -6,6 +6,8 @@ import sys
 import pytest
 import torch
 
+from collapse_utils.analysis.results import load_histories
+from collapse_utils.run_record import RecordError
 from collapse_utils.storage import (
     DamagedFileError,
     LockedError,
@@ -83,8 +85,24 @@ def test_garbage_history_is_named_and_the_run_trained_again(tmp_path):
     config = small(tmp_path, train={"epochs": 1})
     run_experiment(config, progress=False)
     (config.run_dir / "history.json").write_text('{"id": "E2", "evals": [')
-    with pytest.warns(UserWarning, match="history.json: not valid JSON"):
+    with pytest.warns(UserWarning, match="history.json: damaged or altered"):
         assert run_experiment(config, progress=False).history.status == "complete"
+
+
+def test_one_changed_character_in_a_history_is_never_read_as_a_result(tmp_path):
+    config = small(tmp_path, train={"epochs": 1})
+    first = run_experiment(config, progress=False).history
+    history = config.run_dir / "history.json"
+    text = history.read_text()
+    digit = next(i for i, c in enumerate(text) if c.isdigit() and text[i - 1] == ".")
+    history.write_text(text[:digit] + str((int(text[digit]) + 1) % 10) + text[digit + 1 :])
+    with pytest.raises(RecordError, match="history.json: damaged or altered"):
+        load_histories(config.output_root)  # a page fails naming the file
+    with pytest.warns(UserWarning, match="history.json: damaged or altered.*training this run"):
+        again = run_experiment(config, progress=False).history  # the run retrains
+    assert [e.metrics for e in again.evals] == [e.metrics for e in first.evals]
+    history.unlink()  # a deleted history: the run is not complete, and trains again
+    assert run_experiment(config, progress=False).history.status == "complete"
 
 
 def test_damaged_resume_state_restarts_the_run_from_the_start(tmp_path):

@@ -97,7 +97,7 @@ def parse_gpus(text: str) -> str | tuple[str, ...]:
             raise ValueError(f"a GPU count must be >= 1, got {text!r} (device 0 alone: '0,')")
         return (f"#{int(text)}",)
     ids = tuple(i.strip() for i in text.rstrip(",").split(","))
-    if not all(ids) or len(set(ids)) < len(ids) or any(i.startswith("#") for i in ids):
+    if not all(ids) or len(set(ids)) < len(ids) or any(i.startswith(("#", "-")) for i in ids):
         raise ValueError(f"expected auto, a count or distinct device ids like 0,1, got {text!r}")
     return ids
 

@@ -81,6 +81,28 @@ def image_grid(run: RunMaps, step_index: int, layer: int):
     return fig
 
 
+def concentration_sentence(run: RunMaps, layer: int) -> str:
+    """What the saved maps of ``run`` say at ``layer`` (0-based), mean of the heads, over its
+    saved images, from its first to its last tracking point: the strongest patch's share of the
+    [CLS] attention and how many patches hold half of it (both means over images)."""
+
+    def at(step_index: int) -> tuple[float, float]:
+        rows = [np.sort(run.patches(step_index, i, layer, None))[::-1]
+                for i in range(run.images.shape[0])]  # fmt: skip
+        top = float(np.mean([r[0] for r in rows]))
+        half = float(np.mean([np.searchsorted(np.cumsum(r), 0.5) + 1 for r in rows]))
+        return top, half
+
+    (top0, half0), (top1, half1) = at(0), at(len(run.steps) - 1)
+    first, last = int(run.steps[0]), int(run.steps[-1])
+    return (
+        f"In {run.history.label}, layer {layer + 1} (mean of the heads, {run.images.shape[0]} "
+        f"saved images): the strongest patch holds {100 * top0:.1f} % of the [CLS] attention at "
+        f"step {first} and {100 * top1:.1f} % at step {last}; half of the attention sits on "
+        f"{half0:.1f} patches on average at step {first} and on {half1:.1f} at step {last}."
+    )
+
+
 def draw(run: RunMaps, step_index: int, image: int, layer: int, head: int | None):
     """The explorer's figure: attention over the image (large, left), and the layer's four
     metrics over training with the chosen step marked (2 × 2, right)."""
