@@ -627,3 +627,10 @@ def test_every_list_flag_takes_spaces_commas_or_both_and_refuses_an_empty_item(c
             parser.parse_args(["run", "--profile", "smoke", *bad])
         assert exit_info.value.code == 2
         assert f"argument {bad[0]}" in capsys.readouterr().err
+
+
+def test_one_seed_given_on_the_command_line_is_the_seed_its_pages_train_and_show(tmp_path):
+    paths = make_book(tmp_path)
+    pages = [e for e in build_plan("smoke", paths, seeds=[3]) if e.phase == "config"]
+    assert pages and all(e.parameters["seed"] == 3 for e in pages)
+    assert all(e.output.stem == e.config_id for e in pages)  # one seed: the page keeps its name

@@ -260,7 +260,9 @@ def build_plan(
                     phase="config",
                     source=source,
                     output=paths.executed / stem / f"{name}.ipynb",
-                    parameters=parameters | ({"seed": c.seed} if c.id in several else {}),
+                    # the seed is a parameter whenever it is not the configuration's own (several
+                    # seeds, or --seeds): the page must train and show that seed
+                    parameters=parameters | ({"seed": c.seed} if c.id in several or seeds else {}),
                     key=key(source, [c]),
                     title=f"{name}: {c.description}" if c.description else name,
                     family=family,
