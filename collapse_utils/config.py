@@ -742,18 +742,53 @@ def _check_family(family: Any, source: Path, params_dir: Path | str) -> None:
     _choice(family, family_names(params_dir), "family", {}, source)
 
 
+# YAML 1.1 numbers a reader would not mean: 010 (octal 8), 1:30 (sexagesimal 90).
+_SURPRISING_NUMBER = re.compile(r"[-+]?(0[0-9_]+|[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)")
+_NUMBER_TAGS = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+MAX_YAML_DEPTH = 32  # a params file nests a few levels; 20 000 brackets are an attack
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """A YAML loader that rejects a key given twice in one mapping (PyYAML keeps the last)."""
+    """The params files' YAML loader: it rejects a key given twice in one mapping (PyYAML keeps
+    the last), a number YAML 1.1 would read as octal or sexagesimal (``010`` → 8,
+    ``1:30`` → 90: quote it or write it plainly), anchors and aliases (a "billion laughs" file
+    expands past any memory) and nesting deeper than :data:`MAX_YAML_DEPTH`; each error names
+    the field or the line."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in params files: write the value",
+                self.peek_event().start_mark)  # fmt: skip
+        self.depth += 1
+        if self.depth > MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_YAML_DEPTH} levels",
+                self.peek_event().start_mark)  # fmt: skip
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node, deep=False):
         seen = set()
-        for key_node, _ in node.value:
+        for key_node, value_node in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"field {key!r} is given twice", key_node.start_mark
                 )
             seen.add(key)
+            items = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for item in items:
+                if (isinstance(item, yaml.ScalarNode) and item.tag in _NUMBER_TAGS
+                        and _SURPRISING_NUMBER.fullmatch(item.value)):  # fmt: skip
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"field {key!r}: {item.value} reads as a different number "
+                        "under YAML 1.1 (octal or base 60); write it without a leading zero or "
+                        "colon, or quote it", item.start_mark)  # fmt: skip
         return super().construct_mapping(node, deep)
 
 

@@ -405,3 +405,24 @@ def test_a_profiles_model_is_read_without_an_experiment_file():
     assert profile_model("full").name == "openai/clip-vit-base-patch32"
     with pytest.raises(ConfigError, match="unknown profile 'nope'"):
         profile_model("nope")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "id: X\nfamily: full_vs_lora\ndescription: &a [1, 2]\ntrain: {method: *a}\n",
+            "aliases (*name) are not allowed",
+        ),
+        (
+            "id: X\nfamily: full_vs_lora\ndescription: " + "[" * 20000 + "]" * 20000 + "\n",
+            "nested deeper than",
+        ),
+    ],  # fmt: skip
+)
+def test_hostile_yaml_is_refused_at_once_naming_the_file(tmp_path: Path, text: str, expected):
+    shutil.copytree(PARAMS_DIR, tmp_path / "params")
+    (tmp_path / "params" / "experiments" / "X.yaml").write_text(text)
+    with pytest.raises(ConfigError) as err:  # no expansion, no RecursionError
+        load_config("smoke", "X", params_dir=tmp_path / "params")
+    assert "X.yaml" in str(err.value) and expected in str(err.value)
