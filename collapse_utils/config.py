@@ -321,18 +321,26 @@ def profile_sources(profile: str, params_dir: Path | str = PARAMS_DIR) -> list[S
     """The profile's file and the profiles it ``extends``, base first (later ones override)."""
     chain: list[Source] = []
     name: Any = profile
+    referrer: Path | None = None  # the profile file whose ``extends`` names ``name``
     while name is not None:
-        _check_name(name, "profile")
+        where = f"{referrer}: field 'extends': " if referrer else ""
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}must be one profile name, got {name!r}")
+        try:
+            _check_name(name, "profile")
+        except ConfigError as err:
+            raise ConfigError(f"{where}{err}") from None
         path = Path(params_dir) / "profiles" / f"{name}.yaml"
         if not path.exists():
             raise ConfigError(
-                f"{path}: unknown profile {name!r}; available: {available_profiles(params_dir)}"
+                f"{where or str(path) + ': '}unknown profile {name!r}; available: "
+                f"{available_profiles(params_dir)}"
             )
         if any(path == seen for seen, _ in chain):
             raise ConfigError(f"{path}: field 'extends' makes a cycle")
         raw = _read_yaml(path, _PROFILE_KEYS)
         chain.insert(0, (path, raw))
-        name = raw.get("extends")
+        name, referrer = raw.get("extends"), path
     return chain
 
 

@@ -426,3 +426,12 @@ def test_hostile_yaml_is_refused_at_once_naming_the_file(tmp_path: Path, text: s
     with pytest.raises(ConfigError) as err:  # no expansion, no RecursionError
         load_config("smoke", "X", params_dir=tmp_path / "params")
     assert "X.yaml" in str(err.value) and expected in str(err.value)
+
+
+@pytest.mark.parametrize("extends", ["nosuch", "[smoke]", "../x"])
+def test_a_bad_extends_names_the_profile_file_that_says_it(tmp_path: Path, extends: str):
+    shutil.copytree(PARAMS_DIR, tmp_path / "params")
+    profile = tmp_path / "params" / "profiles" / "rehearsal.yaml"
+    profile.write_text(profile.read_text().replace("extends: full", f"extends: {extends}"))
+    with pytest.raises(ConfigError, match=r"rehearsal\.yaml: field 'extends'"):
+        load_config("rehearsal", "E2", params_dir=tmp_path / "params")
