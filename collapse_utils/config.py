@@ -305,13 +305,32 @@ def available_profiles(params_dir: Path = PARAMS_DIR) -> list[str]:
 
 
 def experiment_files(params_dir: Path | str = PARAMS_DIR) -> list[str]:
-    """Stems of ``params/experiments/*.yaml``: one configuration each, or a grid of them."""
-    return sorted(p.stem for p in (Path(params_dir) / "experiments").glob("*.yaml"))
+    """Stems of ``params/experiments/*.yaml``: one configuration each, or a grid of them. A
+    ``.yml`` file there is an error (it would be ignored: its configurations would never run)."""
+    folder = Path(params_dir) / "experiments"
+    ignored = sorted(folder.glob("*.yml"))
+    if ignored:
+        raise ConfigError(f"{ignored[0]}: experiment files end in .yaml; rename it")
+    return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
 def available_experiments(params_dir: Path | str = PARAMS_DIR) -> list[str]:
-    """Every configuration id: a plain experiment's id, or each point of a grid file."""
-    return [i for stem in experiment_files(params_dir) for i in _file_ids(stem, params_dir)]
+    """Every configuration id: a plain experiment's id, or each point of a grid file. A grid
+    point whose id is also an experiment file's is an error naming both (the file would
+    silently take the point's place)."""
+    stems = experiment_files(params_dir)
+    ids = []
+    for stem in stems:
+        points = _file_ids(stem, params_dir)
+        clash = [i for i in points if i != stem and i in stems]
+        if clash:
+            grid = Path(params_dir) / "experiments" / f"{stem}.yaml"
+            raise ConfigError(
+                f"{grid}: grid point {clash[0]!r} has the id of the experiment file "
+                f"{clash[0]}.yaml; rename one of them"
+            )
+        ids += points
+    return ids
 
 
 Source = tuple[Path, dict[str, Any]]  # a params file and its fields

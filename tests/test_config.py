@@ -435,3 +435,19 @@ def test_a_bad_extends_names_the_profile_file_that_says_it(tmp_path: Path, exten
     profile.write_text(profile.read_text().replace("extends: full", f"extends: {extends}"))
     with pytest.raises(ConfigError, match=r"rehearsal\.yaml: field 'extends'"):
         load_config("rehearsal", "E2", params_dir=tmp_path / "params")
+
+
+def test_a_yml_file_and_a_grid_point_named_like_a_file_are_errors(tmp_path: Path):
+    shutil.copytree(PARAMS_DIR, tmp_path / "params")
+    experiments = tmp_path / "params" / "experiments"
+    (experiments / "E2.yml").write_text((experiments / "E2.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"E2\.yml: experiment files end in \.yaml"):
+        available_experiments(tmp_path / "params")
+    (experiments / "E2.yml").unlink()
+    grid = next(p for p in experiments.glob("*.yaml") if "grid:" in p.read_text())
+    point = next(i for i in available_experiments(tmp_path / "params")
+                 if i.startswith(grid.stem + "_"))  # fmt: skip
+    (experiments / f"{point}.yaml").write_text((experiments / "E2.yaml").read_text()
+                                               .replace("id: E2", f"id: {point}"))  # fmt: skip
+    with pytest.raises(ConfigError, match=f"grid point '{point}' has the id of the experiment"):
+        available_experiments(tmp_path / "params")
