@@ -68,7 +68,17 @@ def load_families(params_dir: Path | str = PARAMS_DIR) -> dict[str, Family]:
     block = raw["families"]
     if not isinstance(block, dict) or not block:
         raise ConfigError(f"{path}: field 'families' must be a non-empty mapping")
-    return {name: _family(path, name, fields) for name, fields in block.items()}
+    families = {name: _family(path, name, fields) for name, fields in block.items()}
+    seen: dict[str, str] = {}
+    for family in families.values():  # one page folder and one comparison page per notebook
+        if family.notebook in seen:
+            raise ConfigError(
+                f"{path}: field 'families.{family.name}.notebook' is {family.notebook!r}, "
+                f"already the notebook of family {seen[family.notebook]!r}; one family per "
+                "notebook"
+            )
+        seen[family.notebook] = family.name
+    return families
 
 
 def load_statistics_runs(params_dir: Path | str = PARAMS_DIR) -> StatisticsRuns:

@@ -116,6 +116,10 @@ def edit_families(params: Path, change) -> None:
         (lambda raw: raw["statistics"].pop("dynamics"), "statistics.dynamics"),
         (lambda raw: raw["statistics"].update(lr_sweep="lr"), "statistics.lr_sweep"),
         (lambda raw: raw.update(extra=1), "top level"),
+        (
+            lambda raw: raw["families"]["lr_sweep"].update(notebook="02_full_ft_vs_lora"),
+            "families.lr_sweep.notebook",
+        ),  # a second family on one notebook
     ],
 )
 def test_a_bad_families_file_fails_naming_the_file_and_the_field(params, change, field):
