@@ -71,6 +71,17 @@ def test_a_table_without_its_section_is_rejected_naming_the_field(tmp_path):
         rp.load_report_numbers(path)
 
 
+@pytest.mark.parametrize("tolerance", [float("nan"), -1, "tight", True])
+def test_a_tolerance_that_is_not_a_finite_non_negative_number_is_rejected(tmp_path, tolerance):
+    raw = yaml.safe_load(rp.REPORT_NUMBERS.read_text())
+    kind = next(iter(raw["kinds"]))
+    raw["kinds"][kind]["tolerance"] = tolerance
+    path = tmp_path / "numbers.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    with pytest.raises(ConfigError, match=f"kinds.{kind}.tolerance.*finite number >= 0"):
+        rp.load_report_numbers(path)
+
+
 def test_a_printed_bound_keeps_its_relation():
     values = rp.report_values(NUMBERS).set_index(["table", "row", "column"])
     spearman = values.loc[("lr_correlation", "spearman", "p_asymptotic")]

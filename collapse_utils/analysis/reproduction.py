@@ -126,10 +126,17 @@ def load_report_numbers(path: Path | str = REPORT_NUMBERS) -> ReportNumbers:
     for name, fields in (raw.get("kinds") or {}).items():
         if not isinstance(fields, dict) or sorted(fields) != sorted(_KIND_FIELDS):
             raise fail(f"kinds.{name}", f"must have exactly the fields {list(_KIND_FIELDS)}")
+        tolerance = fields["tolerance"]
+        # NaN would flag every comparison "within tolerance", a negative one every "differs"
+        if (isinstance(tolerance, bool) or not isinstance(tolerance, int | float)
+                or not math.isfinite(tolerance) or tolerance < 0):  # fmt: skip
+            raise fail(
+                f"kinds.{name}.tolerance", f"must be a finite number >= 0, got {tolerance!r}"
+            )
         kinds[name] = Kind(
             name,
             str(fields["unit"]),
-            float(fields["tolerance"]),
+            float(tolerance),
             int(fields["decimals"]),
             str(fields["why"]),
         )

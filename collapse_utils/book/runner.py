@@ -47,6 +47,7 @@ import nbformat
 import yaml
 from tqdm import tqdm
 
+from collapse_utils.analysis.reproduction import load_report_numbers
 from collapse_utils.book.dispatch import (
     LocalSlots,
     RayCluster,
@@ -233,6 +234,8 @@ def build_plan(
     if missing:
         raise RunnerError(f"missing notebook source(s) in {paths.notebooks}: {missing}")
     configs = plan_runs(profile, paths.params, tuple(seeds) if seeds else None)
+    # read now, so that a malformed report file fails the plan, not its page after training
+    load_report_numbers()
     by_family = {f: [c for c in configs if c.family == f] for f in families}
     runs_root = profile_output_root(profile, paths.params)
     files = set(experiment_files(paths.params))
