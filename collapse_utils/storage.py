@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,10 @@ CHECKSUM_SUFFIX = ".sha256"
 
 class DamagedFileError(RuntimeError):
     """A file's content does not match its checksum (or it has none); the message names it."""
+
+
+class StorageError(RuntimeError):
+    """A result could not be written (the message names the folder and its free space)."""
 
 
 class LockedError(RuntimeError):
@@ -121,11 +126,21 @@ def read_json(path: Path) -> Any:
 
 
 def write_torch(path: Path, payload: Any) -> None:
-    """``torch.save`` via a temp file and rename, with its checksum."""
+    """``torch.save`` via a temp file and rename, with its checksum; a failed write (a full
+    disk: torch says only ``enforce fail at inline_container.cc``) leaves no temp file and
+    raises :class:`StorageError` naming the folder and its free space."""
     import torch  # lazily: analysis code writes JSON through this module without torch
 
     tmp = _temp_for(path)
-    torch.save(payload, tmp)
+    try:
+        torch.save(payload, tmp)
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        raise StorageError(
+            f"{path.parent}: could not write {path.name} ({free / 2**30:.2f} GiB free there; a "
+            f"full disk?): {err}"
+        ) from err
     _replace(tmp, path)
 
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from collapse_utils.run_record import RecordError
 from collapse_utils.storage import (
     DamagedFileError,
     LockedError,
+    StorageError,
     cached,
     checksum_path,
     read_json,
@@ -141,3 +143,14 @@ def test_a_second_process_on_the_same_run_is_refused_with_a_clear_message(tmp_pa
         holder.kill()
         holder.wait()
     assert run_experiment(config, progress=False).history.status == "complete"
+
+
+def test_a_full_disk_is_named_with_the_folder_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    def full_disk(payload, file):
+        Path(file).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(StorageError, match=f"{tmp_path}: could not write resume.pt .*GiB free"):
+        write_torch(tmp_path / "resume.pt", {"step": 1})
+    assert list(tmp_path.iterdir()) == []  # no temp file, no half-written result
