@@ -181,7 +181,7 @@ def test_history_without_a_version_loads_and_a_newer_one_fails_clearly(root):
     path = root / "runs" / "E2" / "seed42" / "history.json"
     assert "schema_version" not in json.loads(path.read_text())  # written as before versioning
     assert read_record(path).schema_version == 1
-    path.write_text(json.dumps(json.loads(path.read_text()) | {"schema_version": 2}))
+    write_json(path, json.loads(path.read_text()) | {"schema_version": 2})
     with pytest.raises(RecordError, match="seed42/history.json: history schema_version 2"):
         read_record(path)
 
