@@ -237,9 +237,9 @@ TWO_SEEDS = {
     "data: {dataset: eurosat}\ntrain: {method: full, epochs: 1}\nseeds: [1, 2]\n",
     "E4": "id: E4\nfamily: full_vs_lora\ndescription: LoRA r=4 EuroSAT\n"
     "data: {dataset: eurosat}\ntrain: {method: lora, epochs: 1}\nlora: {rank: 4, alpha: 8}\n"
-    "seeds: [1, 2]\n",
+    "seeds: [1]\n",
 }
-RUNS = [("E2", 1), ("E2", 2), ("E4", 1), ("E4", 2)]
+RUNS = [("E2", 1), ("E2", 2), ("E4", 1)]  # three training pages share two GPUs
 # Trained here too, as the reference: one seed of each method (what differs between seeds is
 # only the seed, which the config carries to the worker like any other setting).
 REFERENCE_RUNS = [("E2", 2), ("E4", 1)]
@@ -290,8 +290,9 @@ def kill_one_training_worker(paths: BookPaths, log: Path, stop: threading.Event)
     while not stop.is_set():
         for attempt in log.glob("E*.json"):
             record = json.loads(attempt.read_text())
-            run_id, seed = record["name"].rsplit("_s", 1)
-            if (runs / run_id / f"seed{seed}" / ".lock").exists() and "end" not in record:
+            run_id, _, seed = record["name"].partition("_s")  # E4: its one seed's folder
+            lock = (runs / run_id).glob(f"seed{seed or '*'}/.lock")
+            if next(lock, None) is not None and "end" not in record:
                 os.kill(record["pid"], signal.SIGKILL)
                 return record | {"end": time.time()}
         time.sleep(0.1)
@@ -315,7 +316,7 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def studies(ray_cluster, tmp_path_factory):
     """:data:`REFERENCE_RUNS` trained here, one thread as a Ray worker's kernel has, and the plan
-    (E2, E4 × seeds 1, 2 with their family page) through Ray, one Ray worker killed
+    (E2 × seeds 1, 2 and E4, with their family page) through Ray, one Ray worker killed
     mid-training: (local, ray paths, ray report, attempts, killed)."""
     local = study_book(tmp_path_factory.mktemp("local"))
     threads = torch.get_num_threads()
@@ -408,11 +409,11 @@ def test_each_gpu_task_saw_a_distinct_cuda_visible_devices(studies):
 def test_a_killed_worker_is_retried_and_leaves_every_run_complete_once(studies):
     _, paths, report, attempts, killed = studies
     assert sorted(e.name for e in report.executed) == sorted(
-        f"02_full_ft_vs_lora/{name}" for name in ("E2_s1", "E2_s2", "E4_s1", "E4_s2", "summary")
+        f"02_full_ft_vs_lora/{name}" for name in ("E2_s1", "E2_s2", "E4", "summary")
     )
     names = sorted(a["name"] for a in attempts)  # the killed page twice, every other once
-    assert names == sorted([killed["name"], "E2_s1", "E2_s2", "E4_s1", "E4_s2", "summary"])
-    assert len(load_histories(paths.root / "outputs" / "smoke")) == 4  # each (id, seed) once
+    assert names == sorted([killed["name"], "E2_s1", "E2_s2", "E4", "summary"])
+    assert len(load_histories(paths.root / "outputs" / "smoke")) == 3  # each (id, seed) once
     leftovers = [*paths.executed.rglob(".*partial*"), *(paths.root / "outputs").rglob("*.tmp")]
     assert leftovers == []
     for page in report.executed:
