@@ -76,6 +76,11 @@ class RunFiles:
     def final(self) -> Path:
         return self.run_dir / "final.safetensors"
 
+    def results(self, method: str) -> list[Path]:
+        """The files a complete run of ``method`` leaves beside its history (the pre-trained
+        baseline saves no weights)."""
+        return [self.maps] if method == "none" else [self.maps, self.best, self.final]
+
     @property
     def tensorboard(self) -> Path:
         return self.run_dir / "tensorboard"

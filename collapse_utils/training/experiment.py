@@ -548,8 +548,7 @@ def completed_record(config: RunConfig) -> RunRecord | None:
             f"{config.run_dir}: made by other training code; training it again", stacklevel=2
         )
         return None
-    written = [files.maps] if record.method == "none" else [files.maps, files.best, files.final]
-    damaged = [path for path in written if not verify(path)]
+    damaged = [path for path in files.results(record.method) if not verify(path)]
     if damaged:
         names = ", ".join(str(p.resolve()) for p in damaged)
         warnings.warn(f"{names}: missing or damaged; training this run again", stacklevel=2)
