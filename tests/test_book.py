@@ -7,6 +7,8 @@ from __future__ import annotations
 import nbformat
 import pytest
 
+from collapse_utils.book.page import profile_note
+
 
 @pytest.mark.slow
 def test_broken_configuration_fails_alone_and_the_book_still_builds(book):
@@ -32,6 +34,24 @@ def test_executed_notebooks_have_no_error_cells_except_the_broken_one(book):
             view = "application/vnd.jupyter.widget-view+json"
             outputs = [o for c in notebook.cells for o in c.get("outputs", [])]
             assert not [o for o in outputs if view in o.get("data", {})], execution.name
+
+
+@pytest.mark.slow
+def test_every_executed_page_ends_on_its_conclusion_as_jupyter_shows_it(book):
+    # What a reader sees opening the executed notebook in Jupyter: the last cell's output is
+    # the profile note and a conclusion in words (not a glue directive only the book renders).
+    _, report = book
+    for execution in report.executed:
+        if execution.config_id == "E9_broken":
+            continue  # stops at its error cell
+        notebook = nbformat.read(execution.output, as_version=4)
+        last = [c for c in notebook.cells if c.cell_type == "code"][-1]
+        shown = "".join(o.get("data", {}).get("text/markdown", "") for o in last.outputs)
+        note, _, conclusion = shown.partition("\n\n")
+        # the published runs' page names its real-model source instead of the profile
+        published = execution.source.stem == "14_study_b_published"
+        assert note.startswith("*Real-model data") if published else note == profile_note("smoke")
+        assert len(conclusion.strip()) > 40, execution.name
 
 
 @pytest.mark.slow

@@ -8,10 +8,8 @@ import math
 import shutil
 from pathlib import Path
 
-import nbformat
 import numpy as np
 import pandas as pd
-import papermill
 import pytest
 import torch
 import yaml
@@ -26,7 +24,7 @@ from collapse_utils.book.interpolation_page import (
     recovery,
     recovery_sentence,
 )
-from collapse_utils.config import METRICS, PARAMS_DIR, PARAMS_ENV, REPO_ROOT, load_config
+from collapse_utils.config import METRICS, PARAMS_DIR, load_config
 from collapse_utils.run_record import RunFiles, read_record
 from collapse_utils.storage import read_safetensors, verify
 from collapse_utils.training.experiment import run_experiment
@@ -38,7 +36,6 @@ from collapse_utils.training.interpolation import (
 )
 from tests.test_train import SMALL, small
 
-NOTEBOOK = REPO_ROOT / "notebooks" / "11_interpolation.ipynb"
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}
 
 
@@ -258,19 +255,3 @@ def test_the_page_without_runs_says_so(tmp_path):
     assert page.notes[0].startswith("**Not measured, left out:** E2 (not complete)")
     assert page.findings.startswith("No full fine-tuning or LoRA run")
     assert not page.figures
-
-
-def test_the_notebook_executes_with_papermill(study, tmp_path, monkeypatch):
-    monkeypatch.setenv(PARAMS_ENV, str(study))
-    output = tmp_path / "11_interpolation.ipynb"
-    papermill.execute_notebook(NOTEBOOK, output, parameters={"profile": "smoke"}, cwd=REPO_ROOT,
-                               progress_bar=False, kernel_name="python3")  # fmt: skip
-    texts = "".join(o.get("data", {}).get("text/markdown", "") for c in nbformat.read(output, 4)
-                    .cells for o in c.get("outputs", []))  # fmt: skip
-    assert "**E2** (Full FT EuroSAT)" in texts and "**E5** (LoRA r=8 EuroSAT)" in texts
-    assert "2 runs measured at 5 values of α" in texts  # the conclusion, shown in Jupyter too
-    assert "Not measured, left out:" in "".join(
-        str(o.get("data", {})) for c in nbformat.read(output, 4).cells for o in c.get("outputs", [])
-    )
-    figures = Path(load_config("smoke", "E2", study).output_root) / "figures"
-    assert (figures / "extra_interpolation_frontier.png").is_file()
