@@ -35,7 +35,6 @@ from PIL import Image
 from collapse_utils.analysis.results import per_layer_delta, trajectory, zeroshot_change
 from collapse_utils.book.style import (
     DATASET_NAMES,
-    METHOD_COLORS,
     METHOD_GID,
     METHOD_NAMES,
     METRIC_NAMES,
@@ -490,15 +489,7 @@ def zeroshot_vs_collapse(summary: pd.DataFrame, dataset: str = "cifar100") -> Fi
     change = zeroshot_change(runs, dataset)
     fig, axes = new_figure(width=6.4, height=4.4)
     ax = axes[0, 0]
-    for method in dict.fromkeys(runs["method"]):
-        chosen = runs["method"] == method
-        ax.scatter(
-            runs.loc[chosen, "d_entropy_pct"],
-            change[chosen],
-            color=METHOD_COLORS[method],
-            gid=method_style(method)["gid"],
-            label=METHOD_NAMES[method],
-        )
+    scatter_by_method(ax, runs["d_entropy_pct"], change, runs["method"])
     ax.axhline(0, color="black", linewidth=0.8)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set(
@@ -531,6 +522,16 @@ def zeroshot_bars(summary: pd.DataFrame, dataset: str = "cifar100") -> Figure:
     return fig
 
 
+def scatter_by_method(ax: Axes, x: pd.Series, y: pd.Series, methods: pd.Series) -> None:
+    """One scatter per method, in its colour and labelled by its name (the gid records the
+    method)."""
+    for method in dict.fromkeys(methods):
+        chosen = (methods == method).to_numpy()
+        style = method_style(method)
+        ax.scatter(x[chosen], y[chosen], color=style["color"], gid=style["gid"],
+                   label=METHOD_NAMES.get(method, method))  # fmt: skip
+
+
 def bars_by_method(
     ax: Axes,
     names: Sequence,
@@ -543,8 +544,9 @@ def bars_by_method(
     positions = range(len(names)) if horizontal else list(names)
     bars = draw(positions, list(values))
     for bar, method in zip(bars, methods, strict=True):
-        bar.set_color(METHOD_COLORS.get(method, "tab:gray"))
-        bar.set_gid(method_style(method)["gid"])
+        style = method_style(method)
+        bar.set_color(style["color"])
+        bar.set_gid(style["gid"])
 
 
 # How both explorers shade attention over an image: this red, opaque in proportion to a patch's

@@ -349,8 +349,10 @@ class FindingsChapter:
         if self.page.show:
             show_table(
                 table.set_index("family"),
-                "Table 1. Per family: the range of layer-mean entropy change over its runs, in "
-                "the report and in this build.",
+                self.page.numbered(
+                    "Per family: the range of layer-mean entropy change over its runs, in the "
+                    "report and in this build."
+                ),
                 KNOB_COLUMNS,
             )
         return table

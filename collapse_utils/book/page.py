@@ -6,7 +6,7 @@ cell, and the runner marks the page failed."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,7 +16,7 @@ from IPython.display import Markdown, display
 from matplotlib.figure import Figure
 
 from collapse_utils.book.figures import show_figure, watermark_of
-from collapse_utils.book.tables import show_table
+from collapse_utils.book.tables import Column, show_table
 from collapse_utils.config import profile_about
 
 EXECUTED = "/book/executed"
@@ -86,15 +86,27 @@ class Page:
     sentences: list[str] = field(default_factory=list)
     table_count: int = 0
 
-    def table(self, name: str, frame: pd.DataFrame, caption: str) -> pd.DataFrame:
-        """Record ``frame`` (raw column names and numbers) and show it formatted, numbered on
-        the page, under ``caption`` (one sentence: what a row is, what to read)."""
+    def table(
+        self,
+        name: str,
+        frame: pd.DataFrame,
+        caption: str,
+        columns: Mapping[str, Column] | None = None,
+    ) -> pd.DataFrame:
+        """Record ``frame`` (raw column names and numbers) and show it formatted (``columns``:
+        labels of its own, beside the formatter's), numbered on the page, under ``caption`` (one
+        sentence: what a row is, what to read); an empty frame shows nothing."""
         self.tables[self.prefix + name] = frame
         self.captions[self.prefix + name] = caption
         if self.show and not frame.empty:
-            self.table_count += 1
-            show_table(frame, f"Table {self.table_count}. {caption}")
+            show_table(frame, self.numbered(caption), columns)
         return frame
+
+    def numbered(self, caption: str) -> str:
+        """``caption`` as the page's next table, ``Table n. …`` (for a table shown through
+        :func:`~collapse_utils.book.tables.show_table` with its own columns)."""
+        self.table_count += 1
+        return f"Table {self.table_count}. {caption}"
 
     def figure(self, name: str, fig: Figure, caption: str) -> None:
         """``name`` is also the file name under ``figures/`` (the report's figure index) and the

@@ -328,7 +328,7 @@ class ReproductionChapter:
         if self.page.show:
             show_table(
                 table.set_index("kind"),
-                self._numbered(
+                self.page.numbered(
                     "How close a number of this build must come to the report's, per kind of "
                     "quantity, and why."
                 ),
@@ -345,18 +345,13 @@ class ReproductionChapter:
         if self.page.show:
             show_table(
                 self.shown(rows),
-                self._numbered(
+                self.page.numbered(
                     f"{report_table.title} (report {report_table.section}): every published "
                     "number beside this build's, their difference and the kind's tolerance."
                 ),
                 SHOWN,
             )
         return rows
-
-    def _numbered(self, caption: str) -> str:
-        """``caption`` as the page's next table: ``Table n. …``."""
-        self.page.table_count += 1
-        return f"Table {self.page.table_count}. {caption}"
 
     def shown(self, rows: pd.DataFrame) -> pd.DataFrame:
         """The comparison rows as the page shows them: every number as text in its kind's

@@ -40,6 +40,7 @@ from collapse_utils.book.figures import (
     method_handles,
     new_figure,
     runs_legend,
+    scatter_by_method,
 )
 from collapse_utils.book.style import (
     DATASET_NAMES,
@@ -340,7 +341,7 @@ def fig16_dashboard(
         (axes[0, 1], "d_gini_pct", "Concentration vs entropy"),
         (axes[0, 2], "best_acc", "Task accuracy vs entropy"),
     ):
-        _scatter_by_method(ax, dent, 100 * runs[column] if column == "best_acc" else
+        scatter_by_method(ax, dent, 100 * runs[column] if column == "best_acc" else
                            runs[column], runs["method"])  # fmt: skip
         ax.set_xlabel(delta_label("d_entropy_pct"))
         ax.set_ylabel(delta_label(column))
@@ -349,7 +350,7 @@ def fig16_dashboard(
     ax = axes[1, 0]
     zeroshot = zeroshot_datasets(runs)
     if zeroshot:
-        _scatter_by_method(ax, dent, zeroshot_change(runs, zeroshot[0]), runs["method"])
+        scatter_by_method(ax, dent, zeroshot_change(runs, zeroshot[0]), runs["method"])
         ax.axhline(0, color="black", linewidth=0.7)
         ax.set_xlabel(delta_label("d_entropy_pct"))
         ax.set_ylabel(f"Δ zero-shot {DATASET_NAMES.get(zeroshot[0], zeroshot[0])} (points)")
@@ -359,14 +360,6 @@ def fig16_dashboard(
     _method_layers_panel(axes[1, 1], summary[summary["run"].isin(method_runs)], delta)
     _lr_line_panel(axes[1, 2], lr_points)
     return fig
-
-
-def _scatter_by_method(ax: Axes, x: pd.Series, y: pd.Series, methods: pd.Series) -> None:
-    """One scatter per method, in its colour (gid: the saved figure records it)."""
-    for method in dict.fromkeys(methods):
-        chosen = (methods == method).to_numpy()
-        style = method_style(method)
-        ax.scatter(x[chosen], y[chosen], color=style["color"], gid=style["gid"])
 
 
 def _method_layers_panel(ax: Axes, compared: pd.DataFrame, delta: pd.DataFrame) -> None:

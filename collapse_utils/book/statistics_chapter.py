@@ -27,10 +27,9 @@ from collapse_utils.analysis.results import (
 )
 from collapse_utils.analysis.stats import EXACT_MAX_N, metric_correlations
 from collapse_utils.book import stat_figures
-from collapse_utils.book.figures import show_figure, watermark_of
 from collapse_utils.book.page import Page
 from collapse_utils.book.style import DATASET_NAMES
-from collapse_utils.book.tables import NUMBER, Column, format_p, show_table
+from collapse_utils.book.tables import NUMBER, Column, format_p
 from collapse_utils.config import PARAMS_DIR, load_config, profile_output_root
 from collapse_utils.families import (
     comparison_ids,
@@ -146,11 +145,12 @@ class StatisticsChapter:
         self.c_nats = reference.eval.c_statistic == "final_nats"
         self.c_layers = per_layer_final(self.trained) if self.c_nats else self.delta
         self.lr_points = tables.lr_sweep_points(self.summary, self.lr_runs)
+        self.page = Page(profile, self.output_root)
         self.comparisons: dict = {}
         self.table_b = self.table_c = pd.DataFrame()
 
     def show(self, fig, name: str, caption: str) -> None:
-        show_figure(fig, self.output_root, name, caption, watermark_of(self.profile))
+        self.page.figure(name, fig, caption)
 
     def overview(self) -> pd.DataFrame:
         glue("n_histories", len(self.histories), display=False)
@@ -158,9 +158,10 @@ class StatisticsChapter:
         glue("max_seeds", int(self.summary.groupby("run").size().max()), display=False)
         columns = ["run", "seed", "family", "method", "dataset", "lr", "best_acc", "d_entropy_pct"]
         table = self.summary[columns]
-        show_table(
+        self.page.table(
+            "overview",
             table,
-            "Table 1. Every run and seed the tests below draw on: its family, method, dataset, "
+            "Every run and seed the tests below draw on: its family, method, dataset, "
             "learning rate, best accuracy and layer-mean entropy change.",
         )
         return table
@@ -173,9 +174,10 @@ class StatisticsChapter:
         )
         table = tables.unit_comparison_table(self.comparisons)
         note(notes)
-        show_table(
+        self.page.table(
+            "full_vs_lora",
             table,
-            "Table 2. Full FT against LoRA at each unit of analysis (layers pooled as the "
+            "Full FT against LoRA at each unit of analysis (layers pooled as the "
             "report, runs, seeds): group sizes, means, Welch t and Mann-Whitney p, effect sizes.",
         )
         display(Markdown(tables.supports_markdown(self.comparisons)))
@@ -195,13 +197,15 @@ class StatisticsChapter:
         self.table_b = tables.lr_correlations(self.lr_points)
         if self.table_b.empty:
             note([f"Correlation not run: it needs three runs, found {len(self.lr_points)}."])
-        show_table(
+        self.page.table(
+            "lr_points",
             self.lr_points,
-            "Table 3. The learning-rate sweep's runs: log10 learning rate and entropy change.",
+            "The learning-rate sweep's runs: log10 learning rate and entropy change.",
         )
-        show_table(
+        self.page.table(
+            "lr_correlations",
             self.table_b,
-            "Table 4. Correlation of entropy change with log10 learning rate: Pearson and "
+            "Correlation of entropy change with log10 learning rate: Pearson and "
             "Spearman, asymptotic and exact p, and which p the text uses.",
         )
         glue_cells(self.table_b, B_GLUE)
@@ -227,9 +231,10 @@ class StatisticsChapter:
             note([f"Regularizer tests not run: no regularized run or no complete {reference}."])
         else:
             unit = "nats" if self.c_nats else "points"
-            show_table(
+            self.page.table(
+                "regularizers",
                 table,
-                f"Table 5. Each regularized run against {reference}, paired over layers: the mean "
+                f"Each regularized run against {reference}, paired over layers: the mean "
                 "layer difference, paired t, Holm-corrected p and d_z.",
                 {"mean_diff": Column(f"Mean layer difference ({unit})", NUMBER, 4)},
             )
@@ -255,9 +260,10 @@ class StatisticsChapter:
         ]
         text = "; ".join(sentences) if sentences else "no run of the ANOVA is complete"
         glue("d_results", text[0].upper() + text[1:] + ".", display=False)
-        show_table(
+        self.page.table(
+            "layer_anova",
             table,
-            "Table 6. One-way ANOVA of per-layer entropy change over early, middle and late "
+            "One-way ANOVA of per-layer entropy change over early, middle and late "
             "layers, per run: F, p and Holm-corrected p.",
         )
         return table
@@ -282,9 +288,10 @@ class StatisticsChapter:
             )
         else:
             table = tables.correlation_pairs(matrix)
-            show_table(
+            self.page.table(
+                "correlations",
                 table,
-                "Table 7. Every pair of metric changes (and best accuracy) across runs: "
+                "Every pair of metric changes (and best accuracy) across runs: "
                 "correlation, p and Holm-corrected p.",
             )
             self.show(
@@ -309,10 +316,10 @@ class StatisticsChapter:
         present = {h.id for h in shown}
         note([f"{r} is not complete and is missing from the figure." for r in runs
               if r not in present])  # fmt: skip
-        show_table(
+        self.page.table(
+            "dynamics",
             table,
-            "Table 8. Per run: when entropy first fell past the onset threshold and how fast it "
-            "moved.",
+            "Per run: when entropy first fell past the onset threshold and how fast it moved.",
         )
         self.show(
             stat_figures.fig12_training_dynamics(shown),
@@ -330,9 +337,10 @@ class StatisticsChapter:
         glue("conv_epochs", tables.CONVERGENCE_EPOCHS, display=False)
         glue("conv_n_converged", int(table["converged"].sum()), display=False)
         glue("conv_n_runs", len(table), display=False)
-        show_table(
+        self.page.table(
+            "convergence",
             table,
-            "Table 9. Per run: the SD of validation accuracy over the last epochs, and whether "
+            "Per run: the SD of validation accuracy over the last epochs, and whether "
             "it is under the convergence criterion.",
         )
         self.show(
@@ -371,8 +379,7 @@ class StatisticsChapter:
 
     def conclusion(self) -> None:
         """The chapter's answer in words, from the tables of sections A–C (run them first)."""
-        page = Page(self.profile, self.output_root)
-        page.conclusion(" ".join(self.conclusion_sentences()))
+        self.page.conclusion(" ".join(self.conclusion_sentences()))
 
     def conclusion_sentences(self) -> list[str]:
         a = tables.unit_comparison_table(self.comparisons) if self.comparisons else pd.DataFrame()
