@@ -83,8 +83,9 @@ def explorer_html(
     """A self-contained viewer (controls, a canvas and the data) for a static page, of every
     run or of the runs of ``ids``. It opens as the widget explorer does: run ``initial`` (else
     the first), last layer, mean of the heads, image 1, last step."""
-    data = json.dumps(explorer_data(output_root, ids), separators=(",", ":"))
-    runs = json.loads(data)["runs"]
+    content = explorer_data(output_root, ids)
+    data = json.dumps(content, separators=(",", ":"))
+    runs = content["runs"]
     chosen = initial if initial in runs else next(iter(runs), None)
     options = "".join(
         f"<option{' selected' if r == chosen else ''}>{html.escape(r)}</option>" for r in runs
